@@ -1,0 +1,32 @@
+"""The `trl-midalign` command line: `trl-midalign <command> --help` lists each command's options."""
+
+import sys
+
+from transformers import HfArgumentParser
+
+
+def _commands() -> dict:
+    # Imported lazily so that `trl-midalign --help` stays fast. Each entry: (arguments dataclass, run function, help).
+    commands = {}
+    return commands
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `trl-midalign` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = _commands()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        names = "\n".join(f"  {name:<8} {help_text}" for name, (_, _, help_text) in commands.items())
+        print(f"usage: trl-midalign <command> [options]\n\ncommands:\n{names}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+            raise SystemExit(2)
+        return
+    arguments_cls, run, _ = commands[argv[0]]
+    parser = HfArgumentParser(arguments_cls, prog=f"trl-midalign {argv[0]}")
+    (arguments,) = parser.parse_args_into_dataclasses(argv[1:])
+    run(arguments)
+
+
+if __name__ == "__main__":
+    main()
