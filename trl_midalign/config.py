@@ -1,0 +1,188 @@
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+
+_SCHEDULES = ("alternate", "joint", "alignment_only")
+_POOLINGS = ("mean", "mean_no_special", "last")
+_DIRECTIONS = ("source_to_target", "both")
+_STOP_GRADIENTS = (None, "target")
+_LAYER_KEYWORDS = ("middle", "auto")
+
+
+def _parse_layer(value: int | float | str) -> int | float | str:
+    """Turn a command-line string into an int or float where it holds one; keep keywords as they are."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in _LAYER_KEYWORDS:
+        return text
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    raise ValueError(
+        f"align_layer={value!r} is not understood: use 'middle', 'auto', an int layer index (negative counts from the "
+        "top, -1 = last layer), or a float fraction of the depth in (0, 1]."
+    )
+
+
+@dataclass
+class AlignmentConfig(SFTConfig):
+    r"""
+    Configuration class for the [`AlignmentTrainer`]: [`~trl.SFTConfig`] plus the settings of the middle-layer
+    alignment objective of Liu & Niehues (2025), https://huggingface.co/papers/2502.14830. Every new field starts with
+    `align_`; every field of [`~trl.SFTConfig`] keeps its meaning.
+
+    Parameters:
+        > Parameters that control where and how representations are aligned
+
+        align_layer (`int`, `float` or `str`, *optional*, defaults to `"middle"`):
+            Layer whose output is aligned, in transformers' `hidden_states` convention (layer 0 is the embedding
+            output, layer `L` the output of block `L - 1`; the paper uses 16 of 32 for Llama 3). An int, a negative
+            int counted from the top (`-1` is the last layer), a float in `(0, 1]` giving a fraction of the depth,
+            `"middle"` (`N // 2` for a model of `N` blocks), or `"auto"` (probe the base model on a sample of the
+            alignment pairs before training and take the layer with the best retrieval accuracy).
+        align_temperature (`float`, *optional*, defaults to `0.1`):
+            Temperature dividing the cosine similarities of the contrastive loss.
+        align_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the alignment loss.
+        align_pooling (`str`, *optional*, defaults to `"mean"`):
+            How a sentence's token states are pooled: `"mean"` over the attention mask (the reference, BOS
+            included), `"mean_no_special"` (mean leaving out special tokens such as BOS/EOS), or `"last"` (the last
+            token's state).
+        align_directions (`str`, *optional*, defaults to `"source_to_target"`):
+            `"source_to_target"`: each non-English sentence must retrieve its English translation among the batch
+            (the reference); `"both"`: the average with the reverse direction.
+        align_stop_gradient (`str` or `None`, *optional*, defaults to `None`):
+            `"target"` detaches the English side, so only the other languages move (the paper's unidirectional
+            variant); `None` trains both sides.
+        align_max_length (`int`, *optional*, defaults to `256`):
+            Maximum number of tokens of each parallel sentence; longer sentences are truncated (with a warning).
+
+        > Parameters that control the training schedule and the data
+
+        align_schedule (`str`, *optional*, defaults to `"alternate"`):
+            `"alternate"`: micro-batches alternate between a task step and an alignment step, starting with a task
+            step (the paper; double the epochs to see each example as often as with plain SFT); `"joint"`: one step
+            on `task_loss + align_weight * align_loss`; `"alignment_only"`: alignment steps only, for training an
+            alignment module on its own.
+        align_source_column (`str`, *optional*, defaults to `"parallel_source"`):
+            Column holding the non-English sentence of each pair (`"text_parallel_0"` in the reference's files).
+        align_target_column (`str`, *optional*, defaults to `"parallel_target"`):
+            Column holding the English sentence of each pair (`"text_parallel_1"` in the reference's files).
+        align_auto_num_pairs (`int`, *optional*, defaults to `256`):
+            With `align_layer="auto"`, how many alignment pairs the layer probe uses.
+    """
+
+    align_layer: str = field(
+        default="middle",
+        metadata={
+            "help": "Layer whose output is aligned (0 = embeddings, L = output of block L-1; 16 of 32 in the paper). "
+            "An int, a negative int counted from the top (-1 = last), a float fraction of the depth in (0, 1], "
+            "'middle' (N // 2) or 'auto' (probe the base model on the alignment pairs and take the best layer)."
+        },
+    )
+    align_temperature: float = field(
+        default=0.1, metadata={"help": "Temperature dividing the cosine similarities of the contrastive loss."}
+    )
+    align_weight: float = field(default=1.0, metadata={"help": "Weight of the alignment loss."})
+    align_pooling: str = field(
+        default="mean",
+        metadata={
+            "help": "Pooling of a sentence's token states: 'mean' over the attention mask (reference, BOS "
+            "included), 'mean_no_special' (leaves out special tokens) or 'last' (last token).",
+            "choices": list(_POOLINGS),
+        },
+    )
+    align_directions: str = field(
+        default="source_to_target",
+        metadata={
+            "help": "'source_to_target': each non-English sentence retrieves its English translation (reference); "
+            "'both': averaged with the reverse direction.",
+            "choices": list(_DIRECTIONS),
+        },
+    )
+    align_stop_gradient: str | None = field(
+        default=None,
+        metadata={
+            "help": "'target' detaches the English side (the paper's unidirectional variant); None trains both.",
+        },
+    )
+    align_max_length: int = field(
+        default=256,
+        metadata={"help": "Maximum tokens per parallel sentence; longer ones are truncated with a warning."},
+    )
+    align_schedule: str = field(
+        default="alternate",
+        metadata={
+            "help": "'alternate': task and alignment micro-batches alternate, task first (the paper); 'joint': "
+            "task_loss + align_weight * align_loss in one step; 'alignment_only': no task loss.",
+            "choices": list(_SCHEDULES),
+        },
+    )
+    align_source_column: str = field(
+        default="parallel_source",
+        metadata={"help": "Column of the non-English sentence of each pair (reference files: text_parallel_0)."},
+    )
+    align_target_column: str = field(
+        default="parallel_target",
+        metadata={"help": "Column of the English sentence of each pair (reference files: text_parallel_1)."},
+    )
+    align_auto_num_pairs: int = field(
+        default=256,
+        metadata={"help": "With align_layer='auto', the number of alignment pairs the layer probe uses."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.align_layer = _parse_layer(self.align_layer)
+        if isinstance(self.align_layer, bool):
+            raise ValueError(f"align_layer must be 'middle', 'auto', an int or a float, got {self.align_layer!r}.")
+        if isinstance(self.align_layer, float) and not 0 < self.align_layer <= 1:
+            raise ValueError(
+                f"align_layer={self.align_layer}: a float is a fraction of the model's depth and must lie in (0, 1]; "
+                "pass an int for a layer index."
+            )
+        if self.align_layer == 0:
+            raise ValueError(
+                "align_layer=0 is the embedding output, which has nothing below it to align; use a layer >= 1, "
+                "'middle' (the paper's choice) or 'auto'."
+            )
+        if self.align_temperature <= 0:
+            raise ValueError(f"align_temperature must be > 0, got {self.align_temperature}.")
+        if self.align_weight < 0:
+            raise ValueError(f"align_weight must be >= 0, got {self.align_weight}.")
+        if isinstance(self.align_stop_gradient, str) and self.align_stop_gradient.lower() in ("none", "null", ""):
+            self.align_stop_gradient = None
+        for name, value, allowed in (
+            ("align_pooling", self.align_pooling, _POOLINGS),
+            ("align_directions", self.align_directions, _DIRECTIONS),
+            ("align_stop_gradient", self.align_stop_gradient, _STOP_GRADIENTS),
+            ("align_schedule", self.align_schedule, _SCHEDULES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
+        if self.align_max_length < 2:
+            raise ValueError(f"align_max_length must be >= 2 tokens, got {self.align_max_length}.")
+        if self.align_auto_num_pairs < 2:
+            raise ValueError(f"align_auto_num_pairs must be >= 2, got {self.align_auto_num_pairs}.")
+        if self.align_source_column == self.align_target_column:
+            raise ValueError(
+                f"align_source_column and align_target_column are both {self.align_source_column!r}; they must name "
+                "the two different sides of each pair."
+            )
+        if self.packing or self.padding_free:
+            setting = "packing=True" if self.packing else "padding_free=True"
+            raise ValueError(
+                f"{setting} is not supported with alignment pairs: packed and padding-free batches keep only "
+                "input_ids and labels, so the parallel sentences would be lost. Set packing=False and "
+                "padding_free=False."
+            )
+        if self.per_device_train_batch_size < 2:
+            raise ValueError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size}: the contrastive alignment loss uses "
+                "the other pairs of a batch as negatives, so each device needs at least 2 rows per batch. Raise it "
+                "to 2 or more (use gradient_accumulation_steps for memory)."
+            )

@@ -1,0 +1,191 @@
+"""Finding the decoder block stack of a causal LM, and the truncated forward that stops after block L.
+
+Layer numbers follow the `hidden_states` convention of transformers: layer 0 is the embedding output (the input of
+block 0) and layer `L` (1 <= L <= N) is the output of block `L - 1`. Layer `N` is, like `hidden_states[N]`, taken
+after the final norm.
+"""
+
+import torch
+from torch import nn
+
+
+_LAYER_KEYWORDS = ("middle",)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the requested layer is computed, to skip the blocks above it and the LM head."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP / DeepSpeed engines keep the model in `.module`; PEFT models expose the transformers model as the base model
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def get_decoder(model: nn.Module) -> nn.Module:
+    """
+    Return the module that owns the decoder block stack of a causal LM (for example `LlamaModel`).
+
+    Calling it with `input_ids` and `attention_mask` runs the embeddings and the blocks but never the LM head.
+
+    Args:
+        model (`torch.nn.Module`):
+            A causal LM: a [`~transformers.PreTrainedModel`], a [`~peft.PeftModel`], or either of them wrapped by
+            DDP or a DeepSpeed engine.
+
+    Returns:
+        `torch.nn.Module`: The decoder, whose `layers` attribute is the block stack.
+    """
+    base = _unwrap(model)
+    candidates = []
+    if hasattr(base, "get_decoder"):
+        try:
+            candidates.append(base.get_decoder())
+        except (AttributeError, NotImplementedError):
+            pass
+    candidates.append(base)
+    candidates.extend(module for _, module in base.named_modules())
+    for module in candidates:
+        if isinstance(getattr(module, "layers", None), nn.ModuleList) and len(module.layers) > 0:
+            return module
+    raise ValueError(
+        f"Could not find the decoder block stack of {type(base).__name__}: trl-midalign supports decoder-only models "
+        "whose blocks sit in a `layers` ModuleList (Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3, OLMo, ...). Models "
+        "that name their stack differently (for example GPT-2's `h`) are not supported."
+    )
+
+
+def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """
+    Return the block stack (`nn.ModuleList`) of a causal LM, see [`get_decoder`].
+
+    Args:
+        model (`torch.nn.Module`):
+            A causal LM, possibly PEFT-, DDP- or DeepSpeed-wrapped.
+
+    Returns:
+        `torch.nn.ModuleList`: The decoder blocks, in order.
+    """
+    return get_decoder(model).layers
+
+
+def num_decoder_layers(model: nn.Module) -> int:
+    """Number of decoder blocks `N` of a causal LM (the last valid layer index)."""
+    return len(get_decoder_layers(model))
+
+
+def resolve_layer(spec: int | float | str, num_layers: int) -> int:
+    """
+    Turn an `align_layer` setting into a layer index `1 <= L <= num_layers`.
+
+    Args:
+        spec (`int`, `float` or `str`):
+            `"middle"` (`num_layers // 2`), a positive int (the layer itself), a negative int counted from the top
+            (`-1` is the last layer, `num_layers`), or a float in `(0, 1]` giving a fraction of the depth (rounded).
+            Strings holding an int or a float are accepted, as they come from the command line.
+        num_layers (`int`):
+            Number of decoder blocks `N` of the model.
+
+    Returns:
+        `int`: The layer index, in the `hidden_states` convention (layer `L` is the output of block `L - 1`).
+    """
+    value = spec
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "middle":
+            return max(1, num_layers // 2)
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(
+                    f"align_layer={spec!r} is not understood: use 'middle', an int in [1, {num_layers}], a negative "
+                    f"int counted from the top (-1 = {num_layers}), or a fraction of the depth in (0, 1]."
+                ) from None
+    if isinstance(value, bool):
+        raise ValueError(f"align_layer must be 'middle', an int or a float, got {spec!r}.")
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise ValueError(
+                f"align_layer={spec!r}: a float is a fraction of the model's depth and must lie in (0, 1]; for a "
+                f"layer index pass an int in [1, {num_layers}]."
+            )
+        return max(1, round(value * num_layers))
+    layer = value + num_layers + 1 if value < 0 else value
+    if not 1 <= layer <= num_layers:
+        raise ValueError(
+            f"align_layer={spec!r} is outside the model: it has {num_layers} decoder blocks, so the layer must be in "
+            f"[1, {num_layers}] (or [-{num_layers}, -1] counted from the top). Layer 0 is the embedding output, which "
+            "the alignment loss cannot use."
+        )
+    return layer
+
+
+def layer_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int,
+) -> torch.Tensor:
+    """
+    Hidden states of `layer` (`hidden_states[layer]` in transformers' convention), computed by running only the
+    embeddings and blocks `0 .. layer - 1`: the blocks above and the LM head are never executed.
+
+    A forward hook on block `layer - 1` (or the final norm for `layer == N`) captures its output and stops the
+    forward by raising a private exception. The states keep their autograd graph, so gradients flow to the blocks
+    below `layer` (and their adapters). The caller is responsible for distributed wrappers: under DDP or DeepSpeed
+    call this inside one forward of the wrapper (as [`AlignmentTrainer`] does), since it calls the inner decoder.
+
+    Args:
+        model (`torch.nn.Module`):
+            A causal LM, possibly PEFT-, DDP- or DeepSpeed-wrapped.
+        input_ids (`torch.Tensor`):
+            Token ids of shape `(batch, seq_len)`.
+        attention_mask (`torch.Tensor`):
+            Attention mask of shape `(batch, seq_len)`.
+        layer (`int`):
+            Layer index in `[0, N]`; 0 returns the embedding output.
+
+    Returns:
+        `torch.Tensor`: States of shape `(batch, seq_len, hidden)`.
+    """
+    decoder = get_decoder(model)
+    blocks = decoder.layers
+    num_layers = len(blocks)
+    if not 0 <= layer <= num_layers:
+        raise ValueError(f"layer={layer} is outside the model: it has {num_layers} blocks, valid layers are 0..{num_layers}.")
+    captured = {}
+
+    if layer == 0:
+
+        def hook(module, args, kwargs):
+            captured["states"] = args[0] if args else kwargs["hidden_states"]
+            raise _StopForward
+
+        handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    else:
+        final_norm = getattr(decoder, "norm", None)
+        stop_module = final_norm if layer == num_layers and isinstance(final_norm, nn.Module) else blocks[layer - 1]
+
+        def hook(module, args, output):
+            captured["states"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = stop_module.register_forward_hook(hook)
+    try:
+        decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "states" not in captured:
+        raise RuntimeError(
+            f"The forward of {type(decoder).__name__} finished without running the module that produces layer "
+            f"{layer}; its block stack is not used the way trl-midalign expects."
+        )
+    return captured["states"]

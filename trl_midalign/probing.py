@@ -1,0 +1,639 @@
+"""Per-layer cross-lingual alignment probing (the analysis of Liu & Niehues, 2025, Section 3).
+
+For every layer of a causal LM (0 = embedding output .. N = last block, transformers' `hidden_states`
+convention), parallel sentences are mean-pooled and compared by cosine similarity: how often is the nearest
+sentence on the other side the true translation (retrieval accuracy), and how much more similar are true pairs
+than non-pairs (similarity gap). Parallel sentences are most similar in the middle layers, which is where
+[`AlignmentTrainer`] adds its alignment loss.
+"""
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import TrainerCallback
+
+from .layers import get_decoder
+from .losses import masked_mean_pool
+
+
+_PLOT_INSTALL_HINT = 'Plotting needs matplotlib: `pip install "trl-midalign[plot]"` (or `pip install matplotlib`).'
+_MEAN = "mean"
+_ALL_PAIRS = "all"
+_JSON_FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Result object
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeResult:
+    r"""
+    Per-layer, per-language alignment scores returned by [`probe_layers`].
+
+    Every score dictionary maps each language, and `"mean"` (the unweighted average over the languages), to a list
+    with one value per entry of `layers`.
+
+    Args:
+        layers (`list[int]`):
+            Layer indices, `0` (embedding output) to `N` (output of the last block, after the final norm as in
+            transformers' `hidden_states[N]`).
+        languages (`list[str]`):
+            Languages that were probed (at least 2 pairs each).
+        retrieval_accuracy (`dict[str, list[float]]`):
+            Mean of the two directional retrieval accuracies below.
+        source_to_target_accuracy (`dict[str, list[float]]`):
+            Fraction of source sentences whose nearest target sentence (cosine, within the language's pairs) is
+            strictly more similar than every other target and is their translation.
+        target_to_source_accuracy (`dict[str, list[float]]`):
+            The same with the roles swapped.
+        similarity_gap (`dict[str, list[float]]`):
+            Mean cosine similarity of the true pairs minus the mean cosine similarity of all non-pairs.
+        num_pairs (`dict[str, int]`):
+            Number of pairs probed per language.
+        model_name (`str` or `None`, *optional*, defaults to `None`):
+            Name or path of the probed model.
+        recommended_layer (`int` or `None`, *optional*, defaults to `None`):
+            Layer to align, see [`recommend_layer`]. Computed from `retrieval_accuracy["mean"]` when not given.
+    """
+
+    layers: list[int]
+    languages: list[str]
+    retrieval_accuracy: dict[str, list[float]]
+    source_to_target_accuracy: dict[str, list[float]]
+    target_to_source_accuracy: dict[str, list[float]]
+    similarity_gap: dict[str, list[float]]
+    num_pairs: dict[str, int]
+    model_name: str | None = None
+    recommended_layer: int | None = field(default=None)
+
+    def __post_init__(self):
+        if self.recommended_layer is None:
+            self.recommended_layer = recommend_layer(self.retrieval_accuracy[_MEAN], self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        The result as a JSON-serialisable dict, in the stable `probe.json` layout.
+
+        Returns:
+            `dict`: Keys `layers`, `languages`, `retrieval_accuracy` (`{language: [one value per layer], ...,
+            "mean": [...]}`), `recommended_layer`, `model_name`, `num_pairs`, plus `source_to_target_accuracy`,
+            `target_to_source_accuracy`, `similarity_gap` (same layout as `retrieval_accuracy`) and
+            `format_version`.
+        """
+        return {
+            "format_version": _JSON_FORMAT_VERSION,
+            "model_name": self.model_name,
+            "layers": list(self.layers),
+            "languages": list(self.languages),
+            "num_pairs": dict(self.num_pairs),
+            "recommended_layer": self.recommended_layer,
+            "retrieval_accuracy": {k: list(v) for k, v in self.retrieval_accuracy.items()},
+            "source_to_target_accuracy": {k: list(v) for k, v in self.source_to_target_accuracy.items()},
+            "target_to_source_accuracy": {k: list(v) for k, v in self.target_to_source_accuracy.items()},
+            "similarity_gap": {k: list(v) for k, v in self.similarity_gap.items()},
+        }
+
+    def to_json(self, path: str | os.PathLike) -> str:
+        """
+        Write [`~ProbeResult.to_dict`] to `path` (parent directories are created).
+
+        Args:
+            path (`str` or `os.PathLike`):
+                File to write, conventionally `probe.json`.
+
+        Returns:
+            `str`: The path written.
+        """
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ProbeResult":
+        """
+        Rebuild a result from [`~ProbeResult.to_dict`] output.
+
+        Args:
+            data (`Mapping[str, Any]`):
+                A dict in the `probe.json` layout.
+
+        Returns:
+            [`ProbeResult`]
+        """
+        required = ("layers", "languages", "retrieval_accuracy", "num_pairs")
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise ValueError(f"Not a probe result: the keys {missing} are missing (expected the probe.json layout).")
+        empty = {language: [] for language in [*data["languages"], _MEAN]}
+        return cls(
+            layers=[int(layer) for layer in data["layers"]],
+            languages=list(data["languages"]),
+            retrieval_accuracy={k: list(v) for k, v in data["retrieval_accuracy"].items()},
+            source_to_target_accuracy=dict(data.get("source_to_target_accuracy", empty)),
+            target_to_source_accuracy=dict(data.get("target_to_source_accuracy", empty)),
+            similarity_gap=dict(data.get("similarity_gap", empty)),
+            num_pairs={k: int(v) for k, v in data["num_pairs"].items()},
+            model_name=data.get("model_name"),
+            recommended_layer=data.get("recommended_layer"),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ProbeResult":
+        """
+        Read a result written by [`~ProbeResult.to_json`].
+
+        Args:
+            path (`str` or `os.PathLike`):
+                Path of a `probe.json` file.
+
+        Returns:
+            [`ProbeResult`]
+        """
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_markdown(self, metric: str = "retrieval_accuracy") -> str:
+        """
+        A Markdown table with one row per layer and one column per language plus the mean; the recommended layer is
+        marked with `*`.
+
+        Args:
+            metric (`str`, *optional*, defaults to `"retrieval_accuracy"`):
+                `"retrieval_accuracy"`, `"source_to_target_accuracy"`, `"target_to_source_accuracy"` or
+                `"similarity_gap"`.
+
+        Returns:
+            `str`: The table.
+        """
+        scores = self._metric(metric)
+        columns = [*self.languages, _MEAN]
+        header = "| layer | " + " | ".join(f"{c} (n={self.num_pairs[c]})" if c in self.num_pairs else c for c in columns)
+        lines = [header + " |", "|" + "---:|" * (len(columns) + 1)]
+        for i, layer in enumerate(self.layers):
+            mark = "*" if layer == self.recommended_layer else ""
+            values = " | ".join(_format(scores[c][i]) for c in columns)
+            lines.append(f"| {layer}{mark} | {values} |")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+    def plot(self, output_dir: str | os.PathLike, prefix: str = "probe") -> list[str]:
+        """
+        Save a heatmap (languages x layers, retrieval accuracy) and a curve (retrieval accuracy and similarity gap
+        per layer, one thin line per language and a thick mean) as PNG files.
+
+        Needs matplotlib (`pip install "trl-midalign[plot]"`); uses the non-interactive Agg backend.
+
+        Args:
+            output_dir (`str` or `os.PathLike`):
+                Directory to write into (created if needed).
+            prefix (`str`, *optional*, defaults to `"probe"`):
+                File name prefix: the files are `{prefix}_heatmap.png` and `{prefix}_curve.png`.
+
+        Returns:
+            `list[str]`: The paths written (heatmap first).
+        """
+        plt = _pyplot()
+        output_dir = os.fspath(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        title = f"{self.model_name or 'model'}: retrieval accuracy of mean-pooled states"
+        rows = [*self.languages, _MEAN]
+        matrix = [self.retrieval_accuracy[row] for row in rows]
+
+        width = max(6.0, 0.45 * len(self.layers) + 2.0)
+        fig, ax = plt.subplots(figsize=(width, 0.45 * len(rows) + 2.0))
+        image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_xticks(range(len(self.layers)), [str(layer) for layer in self.layers])
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_title(title, fontsize=10)
+        if len(self.layers) * len(rows) <= 600:
+            for r, values in enumerate(matrix):
+                for c, value in enumerate(values):
+                    if not math.isnan(value):
+                        color = "black" if value > 0.6 else "white"
+                        ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=6, color=color)
+        fig.colorbar(image, ax=ax, label="retrieval accuracy")
+        fig.tight_layout()
+        heatmap_path = os.path.join(output_dir, f"{prefix}_heatmap.png")
+        fig.savefig(heatmap_path, dpi=120)
+        plt.close(fig)
+
+        fig, (acc_ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for axis, scores, label in (
+            (acc_ax, self.retrieval_accuracy, "retrieval accuracy"),
+            (gap_ax, self.similarity_gap, "similarity gap (pairs - non-pairs)"),
+        ):
+            for language in self.languages:
+                if scores.get(language):
+                    axis.plot(self.layers, scores[language], linewidth=1, alpha=0.6, label=language)
+            if scores.get(_MEAN):
+                axis.plot(self.layers, scores[_MEAN], linewidth=2.5, color="black", label=_MEAN)
+            if self.recommended_layer is not None:
+                axis.axvline(self.recommended_layer, color="red", linestyle="--", linewidth=1)
+            axis.set_xlabel("layer (0 = embeddings)")
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+        acc_ax.set_ylim(0.0, 1.0)
+        acc_ax.set_title(f"recommended layer: {self.recommended_layer} (dashed)", fontsize=10)
+        acc_ax.legend(fontsize=7, ncol=2)
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        curve_path = os.path.join(output_dir, f"{prefix}_curve.png")
+        fig.savefig(curve_path, dpi=120)
+        plt.close(fig)
+        return [heatmap_path, curve_path]
+
+    def _metric(self, metric: str) -> dict[str, list[float]]:
+        names = ("retrieval_accuracy", "source_to_target_accuracy", "target_to_source_accuracy", "similarity_gap")
+        if metric not in names:
+            raise ValueError(f"Unknown metric {metric!r}; choose one of {list(names)}.")
+        return getattr(self, metric)
+
+
+def _format(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(_PLOT_INSTALL_HINT) from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def recommend_layer(mean_retrieval_accuracy: list[float], layers: list[int] | None = None) -> int:
+    """
+    The layer with the highest mean retrieval accuracy, layer 0 excluded.
+
+    Layer 0 (the embedding output) is context-free and no block can be trained to change it, so it is never
+    recommended. Ties go to the lower layer: the alignment step only runs the blocks below the aligned layer, so a
+    lower layer is cheaper, and it leaves more blocks above it free for the task.
+
+    Args:
+        mean_retrieval_accuracy (`list[float]`):
+            One value per layer (`ProbeResult.retrieval_accuracy["mean"]`).
+        layers (`list[int]` or `None`, *optional*, defaults to `None`):
+            The layer index of each value; `0 .. len - 1` when `None`.
+
+    Returns:
+        `int`: The recommended layer index.
+    """
+    layers = list(range(len(mean_retrieval_accuracy))) if layers is None else list(layers)
+    candidates = [(value, layer) for layer, value in zip(layers, mean_retrieval_accuracy) if layer > 0]
+    if not candidates:
+        raise ValueError("Cannot recommend a layer: the probe has no layer above 0 (the embedding output).")
+    best = max(value for value, _ in candidates)
+    return min(layer for value, layer in candidates if value >= best - 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data preparation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _group_pairs(
+    pairs,
+    *,
+    source_column: str,
+    target_column: str,
+    language_column: str,
+    languages: list[str] | None,
+    max_pairs_per_language: int | None,
+) -> dict[str, tuple[list[str], list[str]]]:
+    """Validate the pairs and group them by language: {language: (sources, targets)}, in order of appearance."""
+    if max_pairs_per_language is not None and max_pairs_per_language < 2:
+        raise ValueError(
+            f"max_pairs_per_language={max_pairs_per_language}: retrieval needs at least 2 pairs per language; pass "
+            "a value >= 2 or None for all pairs."
+        )
+    if isinstance(pairs, Mapping):
+        raise ValueError(
+            "pairs must be a datasets.Dataset or a list of dicts (one pair per row), got a single dict. For a dict "
+            "of columns use datasets.Dataset.from_dict(...)."
+        )
+    column_names = getattr(pairs, "column_names", None)
+    rows: Iterable[Mapping[str, Any]]
+    if column_names is not None:  # datasets.Dataset: read whole columns, which is much faster than rows
+        if isinstance(column_names, dict):
+            raise ValueError(
+                "pairs is a DatasetDict; pass one split, for example pairs['train'] (splits: "
+                f"{list(column_names)})."
+            )
+        for name in (source_column, target_column):
+            if name not in column_names:
+                raise ValueError(
+                    f"The pairs have no column {name!r} (columns: {column_names}). Rename the column or pass "
+                    "source_column= / target_column= (CLI: --source_column / --target_column)."
+                )
+        sources, targets = pairs[source_column], pairs[target_column]
+        langs = pairs[language_column] if language_column in column_names else [_ALL_PAIRS] * len(sources)
+    else:
+        rows = list(pairs)
+        sources, targets, langs = [], [], []
+        for index, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise ValueError(f"pairs[{index}] is a {type(row).__name__}, expected a dict with the pair's columns.")
+            for name in (source_column, target_column):
+                if name not in row:
+                    raise ValueError(
+                        f"pairs[{index}] has no key {name!r} (keys: {sorted(row)}). Rename the key or pass "
+                        "source_column= / target_column= (CLI: --source_column / --target_column)."
+                    )
+            sources.append(row[source_column])
+            targets.append(row[target_column])
+            langs.append(row.get(language_column, _ALL_PAIRS))
+
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    dropped = 0
+    for source, target, language in zip(sources, targets, langs):
+        language = _ALL_PAIRS if language is None else str(language)
+        if language == _MEAN:
+            raise ValueError(
+                f"A language is named {_MEAN!r}, which is reserved for the average over languages; rename it."
+            )
+        source_ok = isinstance(source, str) and source.strip()
+        target_ok = isinstance(target, str) and target.strip()
+        if not (source_ok and target_ok):
+            dropped += 1
+            continue
+        group = groups.setdefault(language, ([], []))
+        group[0].append(source)
+        group[1].append(target)
+    if dropped:
+        warnings.warn(
+            f"Dropped {dropped} pair(s) whose {source_column!r} or {target_column!r} is empty, whitespace or not a "
+            "string.",
+            stacklevel=3,
+        )
+
+    if languages is not None:
+        languages = [str(language) for language in languages]
+        unknown = [language for language in languages if language not in groups]
+        if unknown:
+            raise ValueError(
+                f"Unknown language(s) {unknown}: the pairs' {language_column!r} column has {sorted(groups)} "
+                "(after dropping empty sentences). Pass languages from that list, or None for all."
+            )
+        groups = {language: groups[language] for language in dict.fromkeys(languages)}
+
+    result = {}
+    too_small = []
+    for language, (language_sources, language_targets) in groups.items():
+        if max_pairs_per_language is not None:
+            language_sources = language_sources[:max_pairs_per_language]
+            language_targets = language_targets[:max_pairs_per_language]
+        if len(language_sources) < 2:
+            too_small.append(f"{language} ({len(language_sources)})")
+            continue
+        result[language] = (language_sources, language_targets)
+    if too_small:
+        warnings.warn(
+            f"Skipped language(s) with fewer than 2 pairs, where retrieval is meaningless: {', '.join(too_small)}.",
+            stacklevel=3,
+        )
+    if not result:
+        raise ValueError(
+            "No language has at least 2 usable pairs to probe. Check the data file and the "
+            f"{source_column!r} / {target_column!r} / {language_column!r} columns."
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoding and scoring
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _model_name(model: nn.Module) -> str | None:
+    config = getattr(get_decoder(model), "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return name or None
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for parameter in module.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def _encode(
+    model: nn.Module,
+    tokenizer,
+    sentences: list[str],
+    *,
+    batch_size: int,
+    max_length: int,
+    show_progress: bool | None,
+) -> torch.Tensor:
+    """Mean-pooled states of every sentence at every layer: float32 tensor (num_layers + 1, num_sentences, hidden)."""
+    from tqdm.auto import tqdm
+
+    decoder = get_decoder(model)
+    device = _device_of(decoder)
+    encoded = tokenizer(sentences, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    # Longest first: similar lengths share a batch (little padding), and an out-of-memory error shows up at once.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if show_progress is None:
+        show_progress = len(batches) > 8
+    pooled: torch.Tensor | None = None
+    for batch in tqdm(batches, desc="Probing layers", unit="batch", disable=not show_progress):
+        width = max(len(encoded[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # right padding
+            input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            attention_mask[row, : len(encoded[i])] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        outputs = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        )
+        hidden_states = outputs.hidden_states if hasattr(outputs, "hidden_states") else outputs[-1]
+        if hidden_states is None:
+            raise RuntimeError(f"{type(decoder).__name__} returned no hidden_states for output_hidden_states=True.")
+        states = torch.stack(
+            [masked_mean_pool(layer_states.float(), attention_mask) for layer_states in hidden_states]
+        )  # (num_layers + 1, batch, hidden)
+        if pooled is None:
+            pooled = torch.empty((states.shape[0], len(sentences), states.shape[-1]), dtype=torch.float32)
+        pooled[:, torch.tensor(batch)] = states.cpu()
+    return pooled
+
+
+def _retrieval_scores(source: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """
+    Scores of the aligned rows of `source` and `target`, both (layers, n, hidden); row i of each side is a pair.
+
+    Returns per-layer tensors (layers,): source->target and target->source accuracy and the similarity gap.
+    """
+    n = source.shape[1]
+    similarity = F.normalize(source.float(), dim=-1) @ F.normalize(target.float(), dim=-1).transpose(1, 2)  # (L, n, n)
+    diagonal = similarity.diagonal(dim1=1, dim2=2)  # (L, n)
+    off_diagonal = similarity.masked_fill(torch.eye(n, dtype=torch.bool), float("-inf"))  # (L, n, n)
+    # A hit needs the translation to be strictly nearer than every other candidate (a tie is a miss).
+    source_to_target = (diagonal > off_diagonal.amax(dim=2)).float().mean(dim=1)  # (L,)
+    target_to_source = (diagonal > off_diagonal.amax(dim=1)).float().mean(dim=1)  # (L,)
+    off_mean = (similarity.sum(dim=(1, 2)) - diagonal.sum(dim=1)) / (n * (n - 1))  # (L,)
+    return {
+        "source_to_target": source_to_target,
+        "target_to_source": target_to_source,
+        "gap": diagonal.mean(dim=1) - off_mean,
+    }
+
+
+def _probe_groups(
+    model: nn.Module,
+    tokenizer,
+    groups: dict[str, tuple[list[str], list[str]]],
+    *,
+    batch_size: int,
+    max_length: int,
+    show_progress: bool | None,
+    model_name: str | None = None,
+) -> ProbeResult:
+    if batch_size < 1 or max_length < 1:
+        raise ValueError(f"batch_size and max_length must be positive, got {batch_size} and {max_length}.")
+    # Each distinct sentence is encoded once (English sides are often shared between languages).
+    index: dict[str, int] = {}
+    for sources, targets in groups.values():
+        for sentence in (*sources, *targets):
+            index.setdefault(sentence, len(index))
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        pooled = _encode(
+            model, tokenizer, list(index), batch_size=batch_size, max_length=max_length, show_progress=show_progress
+        )
+    finally:
+        for module, training in modes:
+            module.training = training
+
+    scores: dict[str, dict[str, list[float]]] = {"s2t": {}, "t2s": {}, "acc": {}, "gap": {}}
+    for language, (sources, targets) in groups.items():
+        source = pooled[:, [index[s] for s in sources]]
+        target = pooled[:, [index[t] for t in targets]]
+        result = _retrieval_scores(source, target)
+        scores["s2t"][language] = result["source_to_target"].tolist()
+        scores["t2s"][language] = result["target_to_source"].tolist()
+        scores["acc"][language] = ((result["source_to_target"] + result["target_to_source"]) / 2).tolist()
+        scores["gap"][language] = result["gap"].tolist()
+    for per_language in scores.values():
+        per_language[_MEAN] = torch.tensor(list(per_language.values())).mean(dim=0).tolist()
+    return ProbeResult(
+        layers=list(range(pooled.shape[0])),
+        languages=list(groups),
+        retrieval_accuracy=scores["acc"],
+        source_to_target_accuracy=scores["s2t"],
+        target_to_source_accuracy=scores["t2s"],
+        similarity_gap=scores["gap"],
+        num_pairs={language: len(sources) for language, (sources, _) in groups.items()},
+        model_name=model_name if model_name is not None else _model_name(model),
+    )
+
+
+def probe_layers(
+    model: nn.Module,
+    tokenizer,
+    pairs,
+    *,
+    batch_size: int = 32,
+    max_length: int = 128,
+    languages: list[str] | None = None,
+    max_pairs_per_language: int | None = None,
+    source_column: str = "parallel_source",
+    target_column: str = "parallel_target",
+    language_column: str = "language",
+    show_progress: bool | None = None,
+) -> ProbeResult:
+    r"""
+    Measure how well parallel sentences are aligned at every layer of a causal LM.
+
+    Each sentence is tokenized as raw text with the tokenizer's own special tokens (no chat template), truncated to
+    `max_length` tokens, and run through the model's decoder (no LM head) with `output_hidden_states=True`: one
+    forward per batch gives all layers. The states of each layer are mean-pooled over the attention mask. Within
+    each language, with `s_i` and `t_i` the pooled source and target of pair `i` and `cos` the cosine similarity
+    (computed in float32):
+
+    - source->target accuracy: fraction of `i` with `cos(s_i, t_i) > cos(s_i, t_j)` for every `j != i`;
+    - target->source accuracy: fraction of `i` with `cos(t_i, s_i) > cos(t_i, s_j)` for every `j != i`;
+    - `retrieval_accuracy`: the mean of the two;
+    - `similarity_gap`: mean of `cos(s_i, t_i)` minus the mean of `cos(s_i, t_j)` over all `i != j`.
+
+    `"mean"` averages each score over the languages (unweighted). Runs under `torch.no_grad` on the model's device
+    and dtype; the train/eval mode of every submodule is restored afterwards. Chance level of the accuracy is about
+    `1 / num_pairs`.
+
+    Args:
+        model (`torch.nn.Module`):
+            A causal LM: a [`~transformers.PreTrainedModel`], a [`~peft.PeftModel`], or either of them wrapped by
+            DDP or a DeepSpeed engine (under ZeRO-3 call this on every rank).
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            The model's tokenizer.
+        pairs (`datasets.Dataset` or `list[dict]`):
+            One pair per row: the non-English side in `source_column`, its translation (usually English) in
+            `target_column` and the language code of the source in `language_column`. Without a language column
+            all pairs form one group named `"all"`. Pairs with an empty side are dropped with a warning; languages
+            with fewer than 2 pairs are skipped with a warning.
+        batch_size (`int`, *optional*, defaults to `32`):
+            Sentences per forward pass (sources and targets are batched together, sorted by length).
+        max_length (`int`, *optional*, defaults to `128`):
+            Maximum number of tokens per sentence; longer sentences are truncated.
+        languages (`list[str]` or `None`, *optional*, defaults to `None`):
+            Languages to probe, in this order; all languages of the data when `None`.
+        max_pairs_per_language (`int` or `None`, *optional*, defaults to `None`):
+            Probe only the first this many pairs of each language.
+        source_column (`str`, *optional*, defaults to `"parallel_source"`):
+            Column with the source (non-English) sentence.
+        target_column (`str`, *optional*, defaults to `"parallel_target"`):
+            Column with the target (English) sentence.
+        language_column (`str`, *optional*, defaults to `"language"`):
+            Column with the language of the pair.
+        show_progress (`bool` or `None`, *optional*, defaults to `None`):
+            Show a progress bar; `None` shows one when there are more than 8 batches.
+
+    Returns:
+        [`ProbeResult`]: Scores per layer (0 = embeddings .. N) and language, with the recommended layer.
+
+    Example:
+
+    ```python
+    >>> from trl_midalign import probe_layers
+    >>> result = probe_layers(model, tokenizer, pairs, languages=["de", "fr"], max_pairs_per_language=64)
+    >>> print(result.to_markdown())
+    >>> result.recommended_layer
+    11
+    ```
+    """
+    groups = _group_pairs(
+        pairs,
+        source_column=source_column,
+        target_column=target_column,
+        language_column=language_column,
+        languages=languages,
+        max_pairs_per_language=max_pairs_per_language,
+    )
+    return _probe_groups(
+        model, tokenizer, groups, batch_size=batch_size, max_length=max_length, show_progress=show_progress
+    )

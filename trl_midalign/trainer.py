@@ -1,0 +1,435 @@
+import json
+import logging
+import os
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset, concatenate_datasets
+from torch import nn
+from transformers import PreTrainedModel, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl import SFTTrainer
+from trl.models.utils import _ForwardRedirection
+
+from .collator import PAIR_KEYS, DataCollatorForAlignment, check_sentence
+from .config import AlignmentConfig
+from .layers import layer_hidden_states, num_decoder_layers, resolve_layer
+from .losses import contrastive_alignment_loss, last_token_pool, masked_mean_pool
+
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "alignment_state.json"
+
+
+def _check_pair_columns(dataset: Dataset | IterableDataset, args: AlignmentConfig, name: str) -> None:
+    """Fail early, naming the column, the row and the fix, when a dataset's alignment pairs are missing or empty."""
+    columns = dataset.column_names
+    missing = [c for c in (args.align_source_column, args.align_target_column) if c not in (columns or [])]
+    if columns is not None and missing:
+        raise ValueError(
+            f"The {name} dataset has no column {missing[0]!r} for the alignment pairs (its columns: {columns}). Give "
+            f"each row a non-English sentence in {args.align_source_column!r} and its English translation in "
+            f"{args.align_target_column!r}, pass the pairs separately as `alignment_dataset=`, or point "
+            "align_source_column / align_target_column at your columns (for the reference's files: "
+            "text_parallel_0 / text_parallel_1)."
+        )
+    if isinstance(dataset, Dataset):  # an IterableDataset is checked batch by batch in the collator
+        for column in (args.align_source_column, args.align_target_column):
+            for row, value in enumerate(dataset[column]):
+                check_sentence(value, column, f"{row} of the {name} dataset")
+
+
+class AlignmentTrainer(SFTTrainer):
+    """
+    [`~trl.SFTTrainer`] with the middle-layer representation alignment of Liu & Niehues (2025): alongside the task
+    loss, parallel sentences are pulled together at a middle layer by a contrastive loss, which improves transfer of
+    the task to languages without task data.
+
+    Swapping `SFTTrainer` for `AlignmentTrainer` in an SFT script is the only change needed, once every training row
+    carries a parallel pair (columns `parallel_source`, the non-English sentence, and `parallel_target`, its English
+    translation) or the pairs come as a separate `alignment_dataset`. Every dataset format of `SFTTrainer` works (text,
+    prompt-completion, conversational); packing and padding-free batches are refused, as they drop the pairs.
+
+    The pair's states at `align_layer` come from a forward that runs only the blocks below the layer and never the
+    LM head; both sides run in one batched forward. Under DDP or DeepSpeed that forward runs inside one forward of the
+    wrapped model, so every backward matches exactly one wrapper forward.
+
+    Example:
+
+    ```python
+    >>> from datasets import Dataset
+    >>> from trl_midalign import AlignmentConfig, AlignmentTrainer
+
+    >>> dataset = Dataset.from_list(
+    ...     [
+    ...         {
+    ...             "prompt": "Wake me up at seven",
+    ...             "completion": "time: seven",
+    ...             "parallel_source": "Weck mich um sieben",
+    ...             "parallel_target": "Wake me up at seven",
+    ...         },
+    ...         ...,
+    ...     ]
+    ... )
+    >>> trainer = AlignmentTrainer(
+    ...     model="Qwen/Qwen2.5-0.5B-Instruct", args=AlignmentConfig(output_dir="out"), train_dataset=dataset
+    ... )
+    >>> trainer.train()
+    ```
+
+    Args:
+        model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_loss_func, compute_metrics,
+        callbacks, optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config,
+        peft_config, formatting_func:
+            As in [`~trl.SFTTrainer`]. `args` may be an [`AlignmentConfig`], an [`~trl.SFTConfig`] or a
+            [`~transformers.TrainingArguments`] (converted to an [`AlignmentConfig`] with default `align_*`
+            settings). A `data_collator` is wrapped so that it still builds the task part of each batch.
+        alignment_dataset ([`~datasets.Dataset`], *optional*):
+            Parallel pairs kept apart from the task rows, with the columns named by `align_source_column` and
+            `align_target_column`. They are shuffled with `args.seed` and attached to the training rows in turn
+            (cycled when there are fewer pairs than rows). With `align_schedule="alignment_only"`, `train_dataset` may
+            be `None` and the pairs are the training data.
+    """
+
+    _tag_names = ["trl", "sft", "trl-midalign", "cross-lingual-alignment"]
+    _name = "Middle-Layer Alignment"
+    _paper = {
+        "title": "Middle-Layer Representation Alignment for Cross-Lingual Transfer in Fine-Tuned LLMs",
+        "id": "2502.14830",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{liu2025middle,
+                title        = {{Middle-Layer Representation Alignment for Cross-Lingual Transfer in Fine-Tuned LLMs}},
+                author       = {Danni Liu and Jan Niehues},
+                year         = 2025,
+                booktitle    = {Proceedings of the 63rd Annual Meeting of the Association for Computational Linguistics},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model: "str | PreTrainedModel",
+        args: AlignmentConfig | TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: Any = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        formatting_func: Callable[[dict], str] | None = None,
+        alignment_dataset: Dataset | None = None,
+    ):
+        # Args: anything else becomes an AlignmentConfig with default align_* settings
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = AlignmentConfig(f"{(model_name or 'model').split('/')[-1]}-MidAlign")
+        elif not isinstance(args, AlignmentConfig):
+            dict_args = args.to_dict()
+            dict_args["hub_token"] = args.hub_token  # to_dict hides the hub_token
+            args = AlignmentConfig(**{k: v for k, v in dict_args.items() if not k.startswith("_")})
+
+        # Training data: the task rows with their pairs, or the pairs alone for an alignment-only module
+        source, target = args.align_source_column, args.align_target_column
+        if alignment_dataset is not None:
+            if not isinstance(alignment_dataset, Dataset):
+                raise TypeError(
+                    f"`alignment_dataset` must be a datasets.Dataset, got {type(alignment_dataset).__name__}; load "
+                    "it with `datasets.load_dataset(...)` or `Dataset.from_list(...)`."
+                )
+            _check_pair_columns(alignment_dataset, args, "alignment")
+            if len(alignment_dataset) < 2:
+                raise ValueError(
+                    f"`alignment_dataset` has {len(alignment_dataset)} pair(s); the contrastive loss needs at least 2."
+                )
+            pairs = alignment_dataset.select_columns([source, target]).shuffle(seed=args.seed)
+        if train_dataset is None and alignment_dataset is not None and args.align_schedule == "alignment_only":
+            train_dataset = pairs
+            args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        elif alignment_dataset is not None:
+            if not isinstance(train_dataset, Dataset):
+                raise TypeError(
+                    "`alignment_dataset` is attached row by row to the training rows, which needs a map-style "
+                    f"`train_dataset` (datasets.Dataset), got {type(train_dataset).__name__}. Put the pairs in the "
+                    "training rows instead."
+                )
+            clash = [c for c in (source, target) if c in train_dataset.column_names]
+            if clash:
+                raise ValueError(
+                    f"The train dataset already has the pair column {clash[0]!r} and an `alignment_dataset` was passed "
+                    "too; keep the pairs in one place (drop the columns or the alignment_dataset)."
+                )
+            if len(pairs) > len(train_dataset):
+                logger.warning(
+                    f"alignment_dataset has {len(pairs)} pairs but the train dataset only {len(train_dataset)} rows: "
+                    f"each epoch uses the same {len(train_dataset)} pairs; the rest are never seen."
+                )
+            cycled = pairs.select([i % len(pairs) for i in range(len(train_dataset))])
+            train_dataset = concatenate_datasets([train_dataset, cycled], axis=1)
+        elif train_dataset is not None:
+            _check_pair_columns(train_dataset, args, "train")
+        if isinstance(train_dataset, Dataset) and not args.dataloader_drop_last:
+            if len(train_dataset) % args.per_device_train_batch_size == 1 and args.world_size == 1:
+                raise ValueError(
+                    f"With {len(train_dataset)} rows and per_device_train_batch_size="
+                    f"{args.per_device_train_batch_size}, the last batch of each epoch holds a single pair, which "
+                    "has no negative for the contrastive loss. Set dataloader_drop_last=True or change the batch size."
+                )
+
+        self._eval_has_pairs = {}
+        eval_datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+        for name, dataset in eval_datasets.items():
+            if dataset is None:
+                continue
+            has_pairs = source in (dataset.column_names or []) and target in (dataset.column_names or [])
+            self._eval_has_pairs[name] = has_pairs
+            if has_pairs:
+                _check_pair_columns(dataset, args, name)
+                if args.per_device_eval_batch_size < 2:
+                    raise ValueError(
+                        f"per_device_eval_batch_size={args.per_device_eval_batch_size}: evaluating the alignment loss "
+                        "needs at least 2 pairs per batch. Raise it to 2 or more."
+                    )
+            elif args.align_schedule == "alignment_only":
+                raise ValueError(
+                    f"align_schedule='alignment_only' evaluates the alignment loss, but the {name} dataset has no "
+                    f"{source!r}/{target!r} columns. Give it pairs or drop it."
+                )
+            else:
+                logger.warning(f"The {name} dataset has no alignment pairs; eval_align_loss is not computed on it.")
+
+        # An alignment step leaves the blocks above the aligned layer (and the LM head) without gradients, so DDP
+        # must look for unused parameters in every schedule that has alignment-only steps.
+        if args.align_schedule != "joint":
+            if args.ddp_find_unused_parameters is False:
+                raise ValueError(
+                    f"align_schedule={args.align_schedule!r} runs alignment steps that leave the blocks above the "
+                    "aligned layer unused, which DDP only accepts with ddp_find_unused_parameters=True. Leave it unset "
+                    "or set it to True (or use align_schedule='joint')."
+                )
+            args.ddp_find_unused_parameters = True
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+
+        self.num_layers = num_decoder_layers(self.model)
+        self.align_layer = resolve_layer(args.align_layer, self.num_layers)
+        self.data_collator = DataCollatorForAlignment(
+            tokenizer=self._tokenizer,
+            task_collator=self.data_collator,
+            source_column=source,
+            target_column=target,
+            max_length=args.align_max_length,
+            pooling=args.align_pooling,
+        )
+        # Number of training micro-batches seen: its parity is the phase of the alternate schedule. Saved in checkpoints.
+        self._align_micro_step = 0
+        self._window_align_steps = 1
+        logger.info(
+            f"Aligning layer {self.align_layer} of {self.num_layers} (align_layer={args.align_layer!r}) with the "
+            f"{args.align_schedule!r} schedule."
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Data
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in (self.args.align_source_column, self.args.align_target_column):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def _is_task_step(self, micro_step: int) -> bool:
+        schedule = self.args.align_schedule
+        return schedule == "joint" or (schedule == "alternate" and micro_step % 2 == 0)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.align_schedule == "alternate":
+            # Normalise the task loss over the task micro-batches of this accumulation window only, and the alignment
+            # loss over its alignment micro-batches, so both terms are means whatever the accumulation.
+            task_flags = [self._is_task_step(self._align_micro_step + i) for i in range(len(batch_samples))]
+            task_batches = [batch for batch, is_task in zip(batch_samples, task_flags) if is_task]
+            num_items_in_batch = self._get_num_items_in_batch(task_batches, device) if task_batches else None
+            self._window_align_steps = max(1, task_flags.count(False))
+        else:
+            self._window_align_steps = max(1, len(batch_samples))
+        return batch_samples, num_items_in_batch
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loss
+    def _alignment_loss(self, model: nn.Module, pair: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pool both sides of the pairs at the aligned layer (one truncated forward) and return the contrastive loss."""
+        args = self.args
+        states = layer_hidden_states(
+            model, pair["align_input_ids"], pair["align_attention_mask"], self.align_layer
+        )  # (2 * batch, seq, hidden)
+        if args.align_pooling == "last":
+            pooled = last_token_pool(states, pair["align_attention_mask"])
+        else:
+            pooled = masked_mean_pool(states, pair.get("align_pool_mask", pair["align_attention_mask"]))
+        source, target = pooled.chunk(2)  # (batch, hidden) each
+        return contrastive_alignment_loss(
+            source,
+            target,
+            temperature=args.align_temperature,
+            directions=args.align_directions,
+            stop_gradient=args.align_stop_gradient,
+            same_pair_mask=pair["align_same_pair"],
+        )
+
+    def _task_and_alignment_loss(self, model, inputs, pair, num_items_in_batch):
+        task_loss = SFTTrainer.compute_loss(self, model, inputs, num_items_in_batch=num_items_in_batch)
+        return task_loss, self._alignment_loss(model, pair)
+
+    def _in_one_forward(self, model: nn.Module, method: Callable, *args):
+        """Run `method(unwrapped_model, *args)` inside a single forward of the DDP/DeepSpeed wrapper, if any."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if model is unwrapped:
+            return method(unwrapped, *args)
+        return _ForwardRedirection()(model, unwrapped, method, unwrapped, *args)
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # Mirrors `Trainer.training_step`: when True, Trainer does not divide the returned loss by the accumulation
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def _task_loss_value(self, loss: torch.Tensor, inputs: dict, num_items_in_batch) -> torch.Tensor:
+        """The per-token task loss of this micro-batch, undoing the normalisation over the accumulation window."""
+        if num_items_in_batch is None:
+            return loss.detach()
+        local_tokens = inputs["labels"][..., 1:].ne(-100).sum().clamp(min=1)
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return loss.detach() * num_items_in_batch / (processes * local_tokens)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        pair = {key: inputs.pop(key) for key in PAIR_KEYS if key in inputs}
+        schedule = self.args.align_schedule
+        weight = self.args.align_weight
+        has_task = "input_ids" in inputs
+
+        if mode == "train":
+            is_task = self._is_task_step(self._align_micro_step)
+            is_align = schedule != "alternate" or not is_task
+            self._align_micro_step += 1
+        else:
+            is_task = has_task and schedule != "alignment_only"
+            is_align = bool(pair)
+        if is_align and not pair:
+            raise ValueError(
+                "This batch carries no alignment pairs. Give the rows the columns "
+                f"{self.args.align_source_column!r} and {self.args.align_target_column!r}, or pass `alignment_dataset`."
+            )
+        if is_task and not has_task:
+            raise ValueError(
+                f"align_schedule={schedule!r} needs task examples, but the batch only holds alignment pairs. Pass task "
+                "rows as `train_dataset`, or use align_schedule='alignment_only'."
+            )
+
+        outputs = None
+        task_loss = align_loss = None
+        if is_task and is_align and mode == "train":
+            task_loss, align_loss = self._in_one_forward(
+                model, self._task_and_alignment_loss, inputs, pair, num_items_in_batch
+            )
+        else:
+            if is_task:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                task_loss, outputs = result if return_outputs else (result, None)
+            if is_align:
+                align_loss = self._in_one_forward(model, self._alignment_loss, pair)
+
+        loss = 0.0
+        if task_loss is not None:
+            loss = task_loss
+            task_value = self._task_loss_value(task_loss, inputs, num_items_in_batch)
+            self._metrics[mode]["task_loss"].append(self.accelerator.gather_for_metrics(task_value).mean().item())
+        if align_loss is not None:
+            self._metrics[mode]["align_loss"].append(
+                self.accelerator.gather_for_metrics(align_loss.detach()).mean().item()
+            )
+            # In eval the alternate schedule reports the task loss as `eval_loss` (for early stopping), like the paper
+            if mode == "train" or schedule != "alternate":
+                scaled = weight * align_loss
+                if mode == "train" and self._loss_is_scaled_for_ga(num_items_in_batch):
+                    scaled = scaled / self._window_align_steps
+                loss = loss + scaled
+        return (loss, outputs) if return_outputs else loss
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Checkpoints and model card
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                json.dump({"align_micro_step": self._align_micro_step, "align_layer": self.align_layer}, f)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            path = os.path.join(checkpoint, STATE_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: {checkpoint} was not written by AlignmentTrainer, so the phase of the "
+                    "alignment schedule cannot be restored. Resume from a checkpoint of this trainer."
+                )
+            with open(path) as f:
+                state = json.load(f)
+            if state["align_layer"] != self.align_layer:
+                raise ValueError(
+                    f"{checkpoint} was trained with align_layer={state['align_layer']}, but this run aligns layer "
+                    f"{self.align_layer}; set align_layer={state['align_layer']} to resume it."
+                )
+            self._align_micro_step = state["align_micro_step"]
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+    ):
+        """Write the model card of [`~trl.SFTTrainer`] (with the paper and tags) plus the alignment settings."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        settings = {
+            name: getattr(self.args, name) for name in sorted(vars(self.args)) if name.startswith("align_")
+        }
+        rows = "\n".join(f"| `{name}` | `{value!r}` |" for name, value in settings.items())
+        section = (
+            "\n## Cross-lingual alignment\n\n"
+            f"Trained with trl-midalign's `AlignmentTrainer`: a contrastive loss aligns the representations of "
+            f"parallel sentences at layer {self.align_layer} of {self.num_layers} (Liu & Niehues, 2025, "
+            "https://huggingface.co/papers/2502.14830).\n\n"
+            f"| setting | value |\n|---|---|\n{rows}\n"
+        )
+        with open(os.path.join(self.args.output_dir, "README.md"), "a") as f:
+            f.write(section)
