@@ -8,6 +8,12 @@ from transformers import HfArgumentParser
 def _commands() -> dict:
     # Imported lazily so that `trl-midalign --help` stays fast. Each entry: (arguments dataclass, run function, help).
     commands = {}
+    from .probing import ProbeArguments, run_probe
+
+    commands["probe"] = (ProbeArguments, run_probe, "per-layer cross-lingual retrieval accuracy (choose align_layer)")
+    from .merging import MergeArguments, run_merge
+
+    commands["merge"] = (MergeArguments, run_merge, "combine LoRA adapters (task + alignment) into one, or into the base")
     return commands
 
 

@@ -181,7 +181,9 @@ class ProbeResult:
         """
         scores = self._metric(metric)
         columns = [*self.languages, _MEAN]
-        header = "| layer | " + " | ".join(f"{c} (n={self.num_pairs[c]})" if c in self.num_pairs else c for c in columns)
+        header = "| layer | " + " | ".join(
+            f"{c} (n={self.num_pairs[c]})" if c in self.num_pairs else c for c in columns
+        )
         lines = [header + " |", "|" + "---:|" * (len(columns) + 1)]
         for i, layer in enumerate(self.layers):
             mark = "*" if layer == self.recommended_layer else ""
@@ -336,8 +338,7 @@ def _group_pairs(
     if column_names is not None:  # datasets.Dataset: read whole columns, which is much faster than rows
         if isinstance(column_names, dict):
             raise ValueError(
-                "pairs is a DatasetDict; pass one split, for example pairs['train'] (splits: "
-                f"{list(column_names)})."
+                f"pairs is a DatasetDict; pass one split, for example pairs['train'] (splits: {list(column_names)})."
             )
         for name in (source_column, target_column):
             if name not in column_names:
@@ -493,8 +494,8 @@ def _retrieval_scores(source: torch.Tensor, target: torch.Tensor) -> dict[str, t
     diagonal = similarity.diagonal(dim1=1, dim2=2)  # (L, n)
     off_diagonal = similarity.masked_fill(torch.eye(n, dtype=torch.bool), float("-inf"))  # (L, n, n)
     # A hit needs the translation to be strictly nearer than every other candidate (a tie is a miss).
-    source_to_target = (diagonal > off_diagonal.amax(dim=2)).float().mean(dim=1)  # (L,)
-    target_to_source = (diagonal > off_diagonal.amax(dim=1)).float().mean(dim=1)  # (L,)
+    source_to_target = (diagonal > off_diagonal.amax(dim=2)).sum(dim=1).double() / n  # (L,)
+    target_to_source = (diagonal > off_diagonal.amax(dim=1)).sum(dim=1).double() / n  # (L,)
     off_mean = (similarity.sum(dim=(1, 2)) - diagonal.sum(dim=1)) / (n * (n - 1))  # (L,)
     return {
         "source_to_target": source_to_target,
@@ -637,3 +638,410 @@ def probe_layers(
     return _probe_groups(
         model, tokenizer, groups, batch_size=batch_size, max_length=max_length, show_progress=show_progress
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line: `trl-midalign probe`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeArguments:
+    r"""
+    Arguments of `trl-midalign probe`.
+
+    Args:
+        model_name_or_path (`str`):
+            Directory of a transformers causal LM, a `.gguf` file, or a Hub model id.
+        data (`str`):
+            Parallel pairs: a JSONL/JSON/CSV/TSV/Parquet file, a directory saved with `Dataset.save_to_disk`, or
+            anything `datasets.load_dataset` accepts.
+        output_dir (`str`):
+            Where to write `probe.json`, `probe_heatmap.png` and `probe_curve.png`.
+        languages (`list[str]` or `None`, *optional*, defaults to `None`):
+            Languages to probe; all languages of the data when not given.
+        max_pairs_per_language (`int` or `None`, *optional*, defaults to `None`):
+            Probe only the first this many pairs of each language.
+        batch_size (`int`, *optional*, defaults to `32`):
+            Sentences per forward pass.
+        max_length (`int`, *optional*, defaults to `128`):
+            Maximum tokens per sentence.
+        source_column (`str`, *optional*, defaults to `"parallel_source"`):
+            Column with the non-English sentence.
+        target_column (`str`, *optional*, defaults to `"parallel_target"`):
+            Column with its (English) translation.
+        language_column (`str`, *optional*, defaults to `"language"`):
+            Column with the language code of the pair.
+        data_split (`str`, *optional*, defaults to `"train"`):
+            Split to read when `data` holds several.
+        dtype (`str`, *optional*, defaults to `"auto"`):
+            `"auto"`, `"float32"`, `"bfloat16"` or `"float16"`.
+        device (`str` or `None`, *optional*, defaults to `None`):
+            Device to run on; `"cuda"` when available, else `"cpu"`.
+        plot (`bool`, *optional*, defaults to `True`):
+            Write the PNG plots (needs matplotlib).
+    """
+
+    model_name_or_path: str = field(
+        metadata={"help": "Directory of a transformers causal LM, a .gguf file, or a Hub model id."}
+    )
+    data: str = field(
+        metadata={
+            "help": "Parallel pairs, one per row: a JSONL/JSON/CSV/TSV/Parquet file, a directory saved with "
+            "Dataset.save_to_disk, or anything datasets.load_dataset accepts."
+        }
+    )
+    output_dir: str = field(metadata={"help": "Directory for probe.json, probe_heatmap.png and probe_curve.png."})
+    languages: list[str] | None = field(
+        default=None, metadata={"help": "Languages to probe (space separated); all languages of the data if omitted."}
+    )
+    max_pairs_per_language: int | None = field(
+        default=None, metadata={"help": "Probe only the first N pairs of each language (at least 2)."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Sentences per forward pass."})
+    max_length: int = field(default=128, metadata={"help": "Maximum tokens per sentence; longer ones are truncated."})
+    source_column: str = field(
+        default="parallel_source", metadata={"help": "Column with the source (non-English) sentence."}
+    )
+    target_column: str = field(
+        default="parallel_target", metadata={"help": "Column with the target (English) sentence."}
+    )
+    language_column: str = field(
+        default="language",
+        metadata={"help": "Column with the language of each pair; without it all pairs form one group 'all'."},
+    )
+    data_split: str = field(default="train", metadata={"help": "Split to read when the data has several."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Model dtype: 'auto' (float32 on CPU, the checkpoint's dtype on GPU), 'float32', 'bfloat16' or "
+            "'float16'. Cosine similarities are always computed in float32.",
+            "choices": ["auto", "float32", "bfloat16", "float16"],
+        },
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "Device to run on (e.g. 'cpu', 'cuda:0'); 'cuda' when available, else 'cpu'."}
+    )
+    plot: bool = field(default=True, metadata={"help": "Write the heatmap and curve PNGs (needs matplotlib)."})
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be at least 1.")
+        if self.max_length < 1:
+            raise ValueError(f"max_length={self.max_length} must be at least 1.")
+        if self.max_pairs_per_language is not None and self.max_pairs_per_language < 2:
+            raise ValueError(
+                f"max_pairs_per_language={self.max_pairs_per_language}: retrieval needs at least 2 pairs per "
+                "language; pass a value >= 2 or leave it out."
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: choose 'auto', 'float32', 'bfloat16' or 'float16'.")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+def _load_pairs_file(path: str, split: str):
+    import datasets
+
+    if os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, name)) for name in ("dataset_info.json", "state.json", "dataset_dict.json")
+    ):
+        data = datasets.load_from_disk(path)
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ValueError(f"{path} has the splits {list(data)}, not {split!r}; pass --data_split.")
+            data = data[split]
+        return data
+    if os.path.isfile(path):
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in _DATA_BUILDERS:
+            raise ValueError(
+                f"Cannot read {path}: use a JSONL, JSON, CSV, TSV or Parquet file (one pair per row with the columns "
+                "language, parallel_source, parallel_target), or a directory saved with Dataset.save_to_disk."
+            )
+        kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
+        return datasets.load_dataset(_DATA_BUILDERS[extension], data_files=path, split="train", **kwargs)
+    if os.path.isdir(path) or (_HUB_ID.fullmatch(path) and not path.startswith(".")):
+        try:
+            return datasets.load_dataset(path, split=split)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"--data {path!r} is neither a local file nor a loadable dataset: {error}"
+            ) from error
+    raise FileNotFoundError(
+        f"--data {path!r} does not exist. Pass a JSONL file with one pair per row (language, parallel_source, "
+        "parallel_target), or a dataset name/directory that datasets.load_dataset accepts."
+    )
+
+
+def _load_model_and_tokenizer(path: str, dtype: str, device: str):
+    is_gguf = path.lower().endswith(".gguf")
+    if not os.path.exists(path) and (is_gguf or not _HUB_ID.fullmatch(path) or path.startswith(".")):
+        raise FileNotFoundError(
+            f"--model_name_or_path {path!r} does not exist. Pass a directory holding a transformers causal LM "
+            "(config.json and weights), a .gguf file, or a Hub model id."
+        )
+    if dtype == "auto":
+        torch_dtype = torch.float32 if device == "cpu" else "auto"
+    else:
+        torch_dtype = getattr(torch, dtype)
+    try:
+        from .modeling import load_causal_lm, load_tokenizer
+    except ImportError:  # no GGUF support module: plain transformers loading
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if is_gguf:
+            directory, name = os.path.split(os.path.abspath(path))
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        else:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except OSError as error:
+                raise FileNotFoundError(f"Could not load a causal LM from {path!r}: {error}") from error
+    else:
+        model = load_causal_lm(path, dtype=torch_dtype)
+        tokenizer = load_tokenizer(path)
+    return model.to(device), tokenizer
+
+
+def run_probe(args: ProbeArguments) -> ProbeResult:
+    """
+    Run `trl-midalign probe`: probe a model on parallel pairs, write `probe.json` and the plots into
+    `args.output_dir`, and print the table and the recommended layer.
+
+    Args:
+        args ([`ProbeArguments`]):
+            The command's arguments.
+
+    Returns:
+        [`ProbeResult`]: The probe result that was written.
+    """
+    if args.plot:
+        _pyplot()  # fail before the slow part when matplotlib is missing
+    pairs = _load_pairs_file(args.data, args.data_split)
+    groups = _group_pairs(
+        pairs,
+        source_column=args.source_column,
+        target_column=args.target_column,
+        language_column=args.language_column,
+        languages=args.languages,
+        max_pairs_per_language=args.max_pairs_per_language,
+    )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load_model_and_tokenizer(args.model_name_or_path, args.dtype, device)
+    num_pairs = sum(len(sources) for sources, _ in groups.values())
+    print(f"Probing {args.model_name_or_path} on {num_pairs} pairs in {len(groups)} language(s) ({device}).")
+    result = _probe_groups(
+        model,
+        tokenizer,
+        groups,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        show_progress=None,
+        model_name=args.model_name_or_path,
+    )
+    written = [result.to_json(os.path.join(args.output_dir, "probe.json"))]
+    if args.plot:
+        written += result.plot(args.output_dir)
+    layer = result.recommended_layer
+    accuracy = result.retrieval_accuracy[_MEAN][result.layers.index(layer)]
+    print()
+    print("Retrieval accuracy of mean-pooled states per layer (0 = embeddings; * = recommended):")
+    print(result.to_markdown())
+    print()
+    print(
+        f"Recommended layer: {layer} of {result.layers[-1]} (mean retrieval accuracy {accuracy:.3f}); "
+        f"use it with align_layer={layer}."
+    )
+    print("Wrote " + ", ".join(written))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training callback
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LayerProbeCallback(TrainerCallback):
+    r"""
+    A [`~transformers.TrainerCallback`] that probes per-layer alignment on a fixed held-out pair set during training.
+
+    It probes after every evaluation, or every `every_n_steps` optimizer steps when that is set. Every rank runs
+    the probe (under DeepSpeed ZeRO-3 all ranks must take part in each forward); the main process saves
+    `probe.json` and the plots into `{output_dir}/layer_probe/step-{global_step}/`. The scores reach every
+    reporting integration (TensorBoard, W&B, ...) and `trainer.state.log_history` as
+
+    - `probe/retrieval_layer_{L}`: mean retrieval accuracy over the languages at layer `L` (every layer, or `layers`);
+    - `probe/retrieval_{language}`: the accuracy of each language at the trainer's `align_layer`, when the trainer has
+      one (as [`AlignmentTrainer`] does).
+
+    How they are logged, without touching the trainer's own log lines: after an evaluation, as a separate log entry
+    at the same step; every `every_n_steps`, merged into the trainer's next regular training log line through TRL's
+    `_metrics` store (a TRL trainer), or as a separate entry (a plain [`~transformers.Trainer`]). For the scores to
+    appear at the step they were measured, make `every_n_steps` a multiple of `logging_steps`.
+
+    Args:
+        pairs (`datasets.Dataset` or `list[dict]`):
+            Held-out parallel pairs, as for [`probe_layers`].
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`] or `None`, *optional*, defaults to `None`):
+            Tokenizer; the trainer's `processing_class` when `None`.
+        every_n_steps (`int` or `None`, *optional*, defaults to `None`):
+            Probe every this many optimizer steps instead of after each evaluation.
+        layers (`list[int]` or `None`, *optional*, defaults to `None`):
+            Layers to log `probe/retrieval_layer_{L}` for; all layers when `None` (all layers are probed anyway,
+            and saved in `probe.json`).
+        trainer ([`~transformers.Trainer`] or `None`, *optional*, defaults to `None`):
+            The trainer, needed to log. Can also be given later with [`~LayerProbeCallback.set_trainer`].
+        batch_size (`int`, *optional*, defaults to `32`):
+            Sentences per forward pass.
+        max_length (`int`, *optional*, defaults to `128`):
+            Maximum tokens per sentence.
+        languages (`list[str]` or `None`, *optional*, defaults to `None`):
+            Languages of `pairs` to probe; all when `None`.
+        max_pairs_per_language (`int` or `None`, *optional*, defaults to `None`):
+            Probe only the first this many pairs of each language.
+        source_column (`str`, *optional*, defaults to `"parallel_source"`):
+            Column with the source sentence.
+        target_column (`str`, *optional*, defaults to `"parallel_target"`):
+            Column with the target sentence.
+        language_column (`str`, *optional*, defaults to `"language"`):
+            Column with the language of each pair.
+        save_plots (`bool`, *optional*, defaults to `True`):
+            Save the heatmap and curve PNGs next to `probe.json` (needs matplotlib).
+
+    Example:
+
+    ```python
+    >>> trainer = AlignmentTrainer(model=model, args=config, train_dataset=train, eval_dataset=dev)
+    >>> trainer.add_callback(LayerProbeCallback(held_out_pairs, trainer=trainer, every_n_steps=50))
+    >>> trainer.train()
+    ```
+    """
+
+    def __init__(
+        self,
+        pairs,
+        tokenizer=None,
+        every_n_steps: int | None = None,
+        layers: list[int] | None = None,
+        *,
+        trainer=None,
+        batch_size: int = 32,
+        max_length: int = 128,
+        languages: list[str] | None = None,
+        max_pairs_per_language: int | None = None,
+        source_column: str = "parallel_source",
+        target_column: str = "parallel_target",
+        language_column: str = "language",
+        save_plots: bool = True,
+    ):
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be a positive int, or None to probe at evaluation.")
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"batch_size and max_length must be positive, got {batch_size} and {max_length}.")
+        if save_plots:
+            _pyplot()  # fail at construction rather than in the middle of training
+        self.groups = _group_pairs(
+            pairs,
+            source_column=source_column,
+            target_column=target_column,
+            language_column=language_column,
+            languages=languages,
+            max_pairs_per_language=max_pairs_per_language,
+        )
+        self.tokenizer = tokenizer
+        self.every_n_steps = every_n_steps
+        self.layers = None if layers is None else [int(layer) for layer in layers]
+        self.trainer = trainer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.save_plots = save_plots
+        self.history: list[tuple[int, ProbeResult]] = []  # (global_step, result) of every probe, on every rank
+        self._last_probed_step: int | None = None
+
+    def set_trainer(self, trainer) -> None:
+        """
+        Give the callback the trainer it logs through.
+
+        Args:
+            trainer ([`~transformers.Trainer`]):
+                The trainer this callback is added to.
+        """
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every_n_steps is None or state.global_step % self.every_n_steps != 0:
+            return
+        logs = self._probe(args, state, kwargs)
+        if logs is None:
+            return
+        metrics = getattr(self.trainer, "_metrics", None)
+        if isinstance(metrics, dict) and isinstance(metrics.get("train"), dict):
+            # TRL trainers average `_metrics["train"]` into their next training log line and clear it.
+            for key, value in logs.items():
+                metrics["eval"][key] = [value]
+        else:
+            # `Trainer.log` resets `control.should_log` (through `CallbackHandler.on_log`), which would drop this
+            # step's regular log line: keep the flag as the earlier callbacks set it.
+            should_log = control.should_log
+            self.trainer.log(logs)
+            control.should_log = should_log
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.every_n_steps is not None:
+            return
+        logs = self._probe(args, state, kwargs)
+        if logs is not None:
+            # The evaluation metrics are already logged when `on_evaluate` runs, and the step's training line before
+            # them, so a separate entry at the same step loses nothing.
+            self.trainer.log(logs)
+
+    def _probe(self, args, state, kwargs) -> dict[str, float] | None:
+        if self._last_probed_step == state.global_step:
+            return None  # for example evaluate() called twice at the same step
+        if self.trainer is None:
+            raise ValueError(
+                "LayerProbeCallback needs the trainer to log through: create it with "
+                "LayerProbeCallback(pairs, trainer=trainer) and add it with trainer.add_callback(...), or call "
+                "callback.set_trainer(trainer) before training."
+            )
+        model = getattr(self.trainer, "model", None)
+        if model is None:
+            model = kwargs.get("model")
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            processing_class = kwargs.get("processing_class") or getattr(self.trainer, "processing_class", None)
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer is None:
+            raise ValueError("LayerProbeCallback has no tokenizer: pass tokenizer=..., or give the trainer one.")
+        result = _probe_groups(
+            model, tokenizer, self.groups, batch_size=self.batch_size, max_length=self.max_length, show_progress=False
+        )
+        self._last_probed_step = state.global_step
+        self.history.append((state.global_step, result))
+
+        layers = result.layers if self.layers is None else self.layers
+        outside = [layer for layer in layers if layer not in result.layers]
+        if outside:
+            raise ValueError(
+                f"LayerProbeCallback(layers={self.layers}): {outside} are outside the model, whose layers are "
+                f"0..{result.layers[-1]}."
+            )
+        mean = result.retrieval_accuracy[_MEAN]
+        logs = {f"probe/retrieval_layer_{layer}": mean[result.layers.index(layer)] for layer in layers}
+        align_layer = getattr(self.trainer, "align_layer", None)
+        if isinstance(align_layer, int) and align_layer in result.layers:
+            position = result.layers.index(align_layer)
+            for language in result.languages:
+                logs[f"probe/retrieval_{language}"] = result.retrieval_accuracy[language][position]
+
+        if state.is_world_process_zero:
+            directory = os.path.join(args.output_dir, "layer_probe", f"step-{state.global_step}")
+            result.to_json(os.path.join(directory, "probe.json"))
+            if self.save_plots:
+                result.plot(directory)
+        return logs

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 import os
@@ -133,9 +134,9 @@ class AlignmentTrainer(SFTTrainer):
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = AlignmentConfig(f"{(model_name or 'model').split('/')[-1]}-MidAlign")
         elif not isinstance(args, AlignmentConfig):
-            dict_args = args.to_dict()
-            dict_args["hub_token"] = args.hub_token  # to_dict hides the hub_token
-            args = AlignmentConfig(**{k: v for k, v in dict_args.items() if not k.startswith("_")})
+            # Copy the fields themselves: `to_dict` masks every `*_token` field (hub_token, eos_token, pad_token)
+            values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+            args = AlignmentConfig(**values)
 
         # Training data: the task rows with their pairs, or the pairs alone for an alignment-only module
         source, target = args.align_source_column, args.align_target_column

@@ -1,0 +1,413 @@
+import json
+import os
+import sys
+
+import pytest
+import torch
+from conftest import PAIRS, TASKS, build_model
+from datasets import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+from trl_midalign.cli import main as cli_main
+from trl_midalign.probing import LayerProbeCallback, ProbeResult, probe_layers, recommend_layer
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def language_pairs() -> list[dict]:
+    """The toy pairs of conftest: the first six are German, the last six French."""
+    return [
+        {"language": "de" if i < 6 else "fr", "parallel_source": source, "parallel_target": target}
+        for i, (source, target) in enumerate(PAIRS)
+    ]
+
+
+def plain_probe(model, tokenizer, pairs: list[dict]) -> dict:
+    """
+    Reference: each sentence alone through the full causal LM (no batching, no padding), its hidden states averaged
+    over all tokens, then explicit cosines and argmax retrieval in Python.
+    """
+    model.eval()
+    embeddings = {}
+    with torch.no_grad():
+        for row in pairs:
+            for sentence in (row["parallel_source"], row["parallel_target"]):
+                ids = torch.tensor([tokenizer(sentence)["input_ids"]])
+                states = model(input_ids=ids, output_hidden_states=True).hidden_states
+                embeddings[sentence] = [layer[0].double().mean(dim=0) for layer in states]
+    num_layers = len(next(iter(embeddings.values())))
+
+    def cos(a, b):
+        return float(a @ b) / (float(a.norm()) * float(b.norm()))
+
+    out = {"s2t": {}, "t2s": {}, "gap": {}}
+    for language in dict.fromkeys(row["language"] for row in pairs):
+        rows = [row for row in pairs if row["language"] == language]
+        n = len(rows)
+        for key in out:
+            out[key][language] = []
+        for layer in range(num_layers):
+            src = [embeddings[row["parallel_source"]][layer] for row in rows]
+            tgt = [embeddings[row["parallel_target"]][layer] for row in rows]
+            sim = [[cos(src[i], tgt[j]) for j in range(n)] for i in range(n)]
+            s2t = sum(max(range(n), key=lambda j, i=i: sim[i][j]) == i for i in range(n)) / n
+            t2s = sum(max(range(n), key=lambda j, i=i: sim[j][i]) == i for i in range(n)) / n
+            true_pairs = sum(sim[i][i] for i in range(n)) / n
+            non_pairs = sum(sim[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+            out["s2t"][language].append(s2t)
+            out["t2s"][language].append(t2s)
+            out["gap"][language].append(true_pairs - non_pairs)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_probe_matches_plain_computation(kind, tokenizer):
+    model = build_model(kind, len(tokenizer), num_layers=4, seed=3)
+    pairs = language_pairs()
+    # batch_size=5 mixes sources and targets of different lengths in right-padded batches
+    result = probe_layers(model, tokenizer, Dataset.from_list(pairs), batch_size=5)
+    expected = plain_probe(model, tokenizer, pairs)
+
+    assert result.layers == [0, 1, 2, 3, 4]
+    assert result.languages == ["de", "fr"]
+    assert result.num_pairs == {"de": 6, "fr": 6}
+    for language in ("de", "fr"):
+        assert result.source_to_target_accuracy[language] == expected["s2t"][language]
+        assert result.target_to_source_accuracy[language] == expected["t2s"][language]
+        both = [(a + b) / 2 for a, b in zip(expected["s2t"][language], expected["t2s"][language])]
+        assert result.retrieval_accuracy[language] == pytest.approx(both)
+        assert result.similarity_gap[language] == pytest.approx(expected["gap"][language], abs=1e-5)
+    for scores in (result.retrieval_accuracy, result.similarity_gap):
+        assert scores["mean"] == pytest.approx([(d + f) / 2 for d, f in zip(scores["de"], scores["fr"])])
+    assert result.recommended_layer == recommend_layer(result.retrieval_accuracy["mean"])
+    # The scores must not all be trivially equal, or the comparison above would prove little.
+    assert len({round(v, 6) for v in result.similarity_gap["mean"]}) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identical_sides_are_retrieved_at_every_layer(dtype, tokenizer):
+    """Known by construction: when each target is its source, every layer retrieves every pair."""
+    model = build_model("gemma3", len(tokenizer), num_layers=3).to(dtype)
+    pairs = [{"language": "xx", "parallel_source": s, "parallel_target": s} for s, _ in PAIRS]
+    result = probe_layers(model, tokenizer, pairs, batch_size=4)
+    assert result.retrieval_accuracy["xx"] == [1.0] * 4
+    assert result.source_to_target_accuracy["mean"] == [1.0] * 4
+    assert all(0 < gap < 1 for gap in result.similarity_gap["xx"])
+    # every layer ties at 1.0: layer 0 is never recommended, and ties go to the lowest layer
+    assert result.recommended_layer == 1
+
+
+def test_swapped_translations_are_never_retrieved(tokenizer):
+    """Known by construction: when each source is paired with another pair's (identical) sentence, nothing is found."""
+    model = build_model("llama", len(tokenizer), num_layers=2)
+    sentences = [s for s, _ in PAIRS[:6]]
+    shifted = sentences[1:] + sentences[:1]
+    pairs = [{"language": "xx", "parallel_source": s, "parallel_target": t} for s, t in zip(sentences, shifted)]
+    result = probe_layers(model, tokenizer, pairs)
+    assert result.retrieval_accuracy["xx"] == [0.0] * 3
+    assert all(gap < 0 for gap in result.similarity_gap["xx"])
+
+
+def test_recommend_layer_skips_embeddings_and_prefers_lower_layer_on_ties():
+    assert recommend_layer([0.9, 0.2, 0.5, 0.5, 0.1]) == 2
+    assert recommend_layer([0.1, 0.3], layers=[0, 7]) == 7
+    with pytest.raises(ValueError, match="no layer above 0"):
+        recommend_layer([0.5])
+
+
+def test_probe_restores_training_mode_and_leaves_no_gradients(tokenizer):
+    model = build_model("llama", len(tokenizer), num_layers=2)
+    model.train()
+    model.model.layers[0].eval()  # a submodule deliberately in eval mode must stay so
+    probe_layers(model, tokenizer, language_pairs())
+    assert model.training and model.model.layers[1].training
+    assert not model.model.layers[0].training
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    probe_layers(model, tokenizer, language_pairs())
+    assert not any(m.training for m in model.modules())
+
+
+def test_probe_bad_input(tokenizer):
+    model = build_model("llama", len(tokenizer), num_layers=2)
+    pairs = language_pairs()
+    with pytest.raises(ValueError, match=r"Unknown language\(s\) \['ja'\].*\['de', 'fr'\]"):
+        probe_layers(model, tokenizer, pairs, languages=["de", "ja"])
+    with pytest.raises(ValueError, match="no column 'src'.*source_column"):
+        probe_layers(model, tokenizer, Dataset.from_list(pairs), source_column="src")
+    with pytest.raises(ValueError, match="pairs\\[0\\] has no key 'tgt'"):
+        probe_layers(model, tokenizer, pairs, target_column="tgt")
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        probe_layers(model, tokenizer, pairs, max_pairs_per_language=1)
+
+    blank = [dict(pairs[0], parallel_source="  "), dict(pairs[1], parallel_target=""), *pairs[2:]]
+    lonely = [{"language": "ja", "parallel_source": "テスト", "parallel_target": "Test"}]
+    with pytest.warns(UserWarning) as record:
+        result = probe_layers(model, tokenizer, blank + lonely)
+    messages = " ".join(str(w.message) for w in record)
+    assert "Dropped 2 pair(s)" in messages
+    assert "fewer than 2 pairs" in messages and "ja (1)" in messages
+    assert result.languages == ["de", "fr"]
+    assert result.num_pairs == {"de": 4, "fr": 6}
+
+    with pytest.raises(ValueError, match="No language has at least 2 usable pairs"), pytest.warns(UserWarning):
+        probe_layers(model, tokenizer, lonely)
+
+
+def test_pairs_without_language_column_form_one_group(tokenizer, pair_dataset):
+    model = build_model("llama", len(tokenizer), num_layers=2)
+    result = probe_layers(model, tokenizer, pair_dataset, max_pairs_per_language=5)
+    assert result.languages == ["all"]
+    assert result.num_pairs == {"all": 5}
+
+
+def test_result_json_round_trip_table_and_plots(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer), num_layers=3)
+    result = probe_layers(model, tokenizer, language_pairs())
+    path = result.to_json(tmp_path / "probe.json")
+    with open(path) as f:
+        data = json.load(f)
+    assert data["layers"] == [0, 1, 2, 3]
+    assert data["languages"] == ["de", "fr"]
+    assert set(data["retrieval_accuracy"]) == {"de", "fr", "mean"}
+    assert all(len(v) == 4 for v in data["retrieval_accuracy"].values())
+    assert data["recommended_layer"] == result.recommended_layer
+    assert data["num_pairs"] == {"de": 6, "fr": 6}
+    assert "model_name" in data
+    assert ProbeResult.from_json(path) == result
+
+    table = result.to_markdown()
+    lines = table.splitlines()
+    assert len(lines) == 2 + 4
+    assert lines[0].startswith("| layer | de (n=6) | fr (n=6) | mean")
+    assert lines[2 + result.recommended_layer].startswith(f"| {result.recommended_layer}* |")
+    assert f"{result.retrieval_accuracy['fr'][2]:.3f}" in lines[4]
+
+    written = result.plot(tmp_path / "plots")
+    assert [os.path.basename(p) for p in written] == ["probe_heatmap.png", "probe_curve.png"]
+    for p in written:
+        with open(p, "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, tokenizer, monkeypatch):
+    model = build_model("llama", len(tokenizer), num_layers=1)
+    result = probe_layers(model, tokenizer, language_pairs())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"trl-midalign\[plot\]"):
+        result.plot(tmp_path)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def test_cli_probe_end_to_end(tmp_path, tiny_model_dir, tokenizer, capsys):
+    rows = [dict(row, lang=row.pop("language")) for row in language_pairs()]  # custom language column name
+    rows.append({"lang": "it", "parallel_source": "Ciao", "parallel_target": "Hello"})
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "probe-out"
+    argv = ["probe", "--model_name_or_path", tiny_model_dir, "--data", data, "--output_dir", str(out)]
+    cli_main([*argv, "--languages", "fr", "de", "--language_column", "lang", "--batch_size", "4"])
+
+    for name in ("probe.json", "probe_heatmap.png", "probe_curve.png"):
+        assert (out / name).is_file()
+    data_json = json.loads((out / "probe.json").read_text())
+    assert data_json["layers"] == [0, 1, 2, 3, 4]
+    assert data_json["languages"] == ["fr", "de"]
+    assert set(data_json["retrieval_accuracy"]) == {"fr", "de", "mean"}
+    assert data_json["num_pairs"] == {"fr": 6, "de": 6}
+    assert data_json["model_name"] == tiny_model_dir
+
+    # the CLI's numbers are those of the library function on the same model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    direct = probe_layers(model, tokenizer, language_pairs(), languages=["fr", "de"])
+    assert data_json["retrieval_accuracy"] == pytest.approx(direct.retrieval_accuracy)
+    assert data_json["recommended_layer"] == direct.recommended_layer
+
+    printed = capsys.readouterr().out
+    assert "| layer | fr (n=6) | de (n=6) | mean |" in printed
+    assert f"Recommended layer: {direct.recommended_layer} of 4" in printed
+
+
+def test_cli_probe_bad_paths(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "pairs.jsonl", language_pairs())
+    out = str(tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli_main(["probe", "--model_name_or_path", str(tmp_path / "missing"), "--data", data, "--output_dir", out])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli_main(["probe", "--model_name_or_path", str(tmp_path / "missing.gguf"), "--data", data, "--output_dir", out])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        missing_data = str(tmp_path / "nope.jsonl")
+        cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", missing_data, "--output_dir", out])
+    with pytest.raises(ValueError, match=r"Unknown language.*\['de', 'fr'\]"):
+        cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", data, "--output_dir", out, "--languages", "ko"])
+    assert not os.path.exists(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LayerProbeCallback
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RecordLogs(TrainerCallback):
+    """Stands in for a reporting integration (TensorBoard, W&B): records what `on_log` receives."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append((state.global_step, dict(logs)))
+
+
+def train_rows(n: int = 16) -> list[dict]:
+    return [{"text": f"{prompt} -> {completion}"} for prompt, completion in (TASKS * 4)[:n]]
+
+
+def lm_dataset(tokenizer, n: int = 16) -> Dataset:
+    rows = []
+    for row in train_rows(n):
+        ids = tokenizer(row["text"], truncation=True, max_length=16, padding="max_length")["input_ids"]
+        rows.append({"input_ids": ids, "labels": ids})
+    return Dataset.from_list(rows)
+
+
+def assert_regular_lines_kept(log_history, logging_steps, max_steps):
+    train_lines = {entry["step"]: entry for entry in log_history if "loss" in entry}
+    assert sorted(train_lines) == list(range(logging_steps, max_steps + 1, logging_steps))
+    for entry in train_lines.values():
+        assert {"loss", "learning_rate", "grad_norm"} <= set(entry)
+
+
+def test_callback_every_n_steps_with_sft_trainer(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer), num_layers=3)
+    recorder = RecordLogs()
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=4, logging_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to="none", save_strategy="no", max_length=32, disable_tqdm=True, bf16=False,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows()),
+        processing_class=tokenizer,
+        callbacks=[recorder],
+    )
+    trainer.align_layer = 2  # as AlignmentTrainer sets it
+    callback = LayerProbeCallback(language_pairs(), every_n_steps=2, trainer=trainer)
+    trainer.add_callback(callback)  # after the recorder, as user callbacks come after the reporting integrations
+    trainer.train()
+
+    assert_regular_lines_kept(trainer.state.log_history, logging_steps=2, max_steps=4)
+    expected_keys = {f"probe/retrieval_layer_{layer}" for layer in range(4)} | {"probe/retrieval_de", "probe/retrieval_fr"}
+    probe_steps = [step for step, result in callback.history]
+    assert probe_steps == [2, 4]
+    for step, result in callback.history:
+        # merged into the regular training line of the same step, in the history and in what integrations receive
+        (line,) = [e for e in trainer.state.log_history if e["step"] == step and "loss" in e]
+        (reported,) = [logs for s, logs in recorder.logs if s == step and "loss" in logs]
+        for logs in (line, reported):
+            assert expected_keys <= set(logs)
+            assert logs["probe/retrieval_layer_1"] == pytest.approx(result.retrieval_accuracy["mean"][1])
+            assert logs["probe/retrieval_fr"] == pytest.approx(result.retrieval_accuracy["fr"][2])
+    # the last logged values describe the final model
+    final = probe_layers(model, tokenizer, language_pairs())
+    last = [e for e in trainer.state.log_history if e["step"] == 4 and "loss" in e][0]
+    assert last["probe/retrieval_de"] == pytest.approx(final.retrieval_accuracy["de"][2])
+    assert callback.history[0][1] != callback.history[1][1]  # training changed the model between the probes
+    for step in (2, 4):
+        directory = tmp_path / "layer_probe" / f"step-{step}"
+        assert ProbeResult.from_json(directory / "probe.json").layers == [0, 1, 2, 3]
+        assert (directory / "probe_heatmap.png").is_file() and (directory / "probe_curve.png").is_file()
+
+
+def test_callback_at_evaluation_with_plain_trainer(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer), num_layers=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, logging_steps=1, eval_strategy="steps", eval_steps=2,
+        per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    recorder = RecordLogs()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=lm_dataset(tokenizer),
+        eval_dataset=lm_dataset(tokenizer, 4),
+        processing_class=tokenizer,
+        callbacks=[recorder],
+    )
+    callback = LayerProbeCallback(language_pairs(), layers=[1, 2], save_plots=False)
+    callback.set_trainer(trainer)
+    trainer.add_callback(callback)
+    trainer.train()
+
+    history = trainer.state.log_history
+    assert_regular_lines_kept(history, logging_steps=1, max_steps=4)
+    assert sorted(e["step"] for e in history if "eval_loss" in e) == [2, 4]
+    probe_lines = [e for e in history if any(key.startswith("probe/") for key in e)]
+    assert [e["step"] for e in probe_lines] == [2, 4]
+    for entry, (step, result) in zip(probe_lines, callback.history):
+        assert entry["step"] == step
+        assert {k for k in entry if k.startswith("probe/")} == {"probe/retrieval_layer_1", "probe/retrieval_layer_2"}
+        assert entry["probe/retrieval_layer_2"] == pytest.approx(result.retrieval_accuracy["mean"][2])
+    assert sum("probe/retrieval_layer_1" in logs for _, logs in recorder.logs) == 2
+    assert (tmp_path / "layer_probe" / "step-4" / "probe.json").is_file()
+    assert not (tmp_path / "layer_probe" / "step-4" / "probe_heatmap.png").exists()
+
+
+def test_callback_every_n_steps_with_plain_trainer_keeps_log_lines(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer), num_layers=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, logging_steps=1, per_device_train_batch_size=4,
+        report_to="none", save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(tokenizer), processing_class=tokenizer)
+    callback = LayerProbeCallback(language_pairs(), every_n_steps=1, trainer=trainer, save_plots=False)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert_regular_lines_kept(trainer.state.log_history, logging_steps=1, max_steps=3)
+    assert [e["step"] for e in trainer.state.log_history if "probe/retrieval_layer_0" in e] == [1, 2, 3]
+
+
+def test_naive_logging_from_on_step_end_drops_lines(tmp_path, tokenizer):
+    """Control for the tests above: calling `trainer.log` in `on_step_end` does drop the regular line."""
+    model = build_model("llama", len(tokenizer), num_layers=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, logging_steps=1, per_device_train_batch_size=4,
+        report_to="none", save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(tokenizer), processing_class=tokenizer)
+
+    class NaiveLogger(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trainer.log({"naive": 1.0})
+
+    trainer.add_callback(NaiveLogger())
+    trainer.train()
+    assert not any("loss" in e and "train_runtime" not in e for e in trainer.state.log_history)
+
+
+def test_callback_needs_a_trainer_and_valid_layers(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer), num_layers=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
+        save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(tokenizer), processing_class=tokenizer)
+    trainer.add_callback(LayerProbeCallback(language_pairs(), every_n_steps=1, save_plots=False))
+    with pytest.raises(ValueError, match="set_trainer"):
+        trainer.train()
+
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(tokenizer), processing_class=tokenizer)
+    trainer.add_callback(LayerProbeCallback(language_pairs(), every_n_steps=1, layers=[5], trainer=trainer))
+    with pytest.raises(ValueError, match=r"\[5\] are outside the model.*0\.\.2"):
+        trainer.train()
+    with pytest.raises(ValueError, match="every_n_steps"):
+        LayerProbeCallback(language_pairs(), every_n_steps=0)
