@@ -243,12 +243,16 @@ def test_cli_probe_bad_paths(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         cli_main(["probe", "--model_name_or_path", str(tmp_path / "missing"), "--data", data, "--output_dir", out])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        cli_main(["probe", "--model_name_or_path", str(tmp_path / "missing.gguf"), "--data", data, "--output_dir", out])
+        cli_main(
+            ["probe", "--model_name_or_path", str(tmp_path / "missing.gguf"), "--data", data, "--output_dir", out]
+        )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         missing_data = str(tmp_path / "nope.jsonl")
         cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", missing_data, "--output_dir", out])
     with pytest.raises(ValueError, match=r"Unknown language.*\['de', 'fr'\]"):
-        cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", data, "--output_dir", out, "--languages", "ko"])
+        cli_main(
+            ["probe", "--model_name_or_path", tiny_model_dir, "--data", data, "--output_dir", out, "--languages", "ko"]
+        )
     assert not os.path.exists(out)
 
 
@@ -306,7 +310,10 @@ def test_callback_every_n_steps_with_sft_trainer(tmp_path, tokenizer):
     trainer.train()
 
     assert_regular_lines_kept(trainer.state.log_history, logging_steps=2, max_steps=4)
-    expected_keys = {f"probe/retrieval_layer_{layer}" for layer in range(4)} | {"probe/retrieval_de", "probe/retrieval_fr"}
+    expected_keys = {f"probe/retrieval_layer_{layer}" for layer in range(4)} | {
+        "probe/retrieval_de",
+        "probe/retrieval_fr",
+    }
     probe_steps = [step for step, result in callback.history]
     assert probe_steps == [2, 4]
     for step, result in callback.history:

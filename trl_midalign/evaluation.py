@@ -505,9 +505,13 @@ def summarize_groups(results: dict, groups: dict[str, Sequence[str]]) -> dict[st
     return summary
 
 
-def _cell(value: Any) -> str:
+# Metrics reported on a 0-100 scale (sacrebleu, COMET x 100); all others are fractions in [0, 1]
+_PERCENT_METRICS = ("bleu", "chrf", "comet")
+
+
+def _cell(value: Any, metric: str = "") -> str:
     if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.4f}" if abs(value) <= 1 else f"{value:.2f}"
+        return "n/a" if math.isnan(value) else f"{value:.2f}" if metric in _PERCENT_METRICS else f"{value:.4f}"
     return str(value)
 
 
@@ -533,10 +537,10 @@ def results_table(results: dict) -> str:
         "|---|---|" + "---|" * len(metrics) + "---|",
     ]
     for lang, scores in languages.items():
-        cells = " | ".join(_cell(scores[m]) for m in metrics)
+        cells = " | ".join(_cell(scores[m], m) for m in metrics)
         lines.append(f"| {lang} | {group_of.get(lang, '')} | {cells} | {scores.get('num_examples', '')} |")
     for name, scores in results.get("groups", {}).items():
-        cells = " | ".join(_cell(scores[m]) for m in metrics)
+        cells = " | ".join(_cell(scores[m], m) for m in metrics)
         lines.append(f"| **mean: {name}** | | {cells} | {scores['num_languages']} languages |")
     return "\n".join(lines) + "\n"
 

@@ -155,7 +155,7 @@ def model_card(
         yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip(),
         "---",
         "",
-        f"# {repo_id.split('/')[-1] if repo_id else task} ({task}, {run})",
+        f"# {repo_id.split('/')[-1] if repo_id else os.path.basename(base_model.rstrip('/'))}: {task} ({run})",
         "",
         f"A LoRA adapter for `{base_model}` trained with the `{task}` recipe of trl-midalign.",
     ]

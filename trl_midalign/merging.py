@@ -448,7 +448,7 @@ def _describe_layers(config: PeftConfig) -> str:
     if layers is None:
         return "all"
     layers = [layers] if isinstance(layers, int) else sorted(layers)
-    if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+    if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1:
         return f"{layers[0]}-{layers[-1]}"
     return ", ".join(map(str, layers))
 
@@ -944,6 +944,7 @@ def search_merge_weights(
         )
         accuracy = probe.retrieval_accuracy["mean"][layer]
         table.append({"weight": value, "task_loss": loss, "retrieval_accuracy": accuracy, "layer": layer})
+        peft_model.set_adapter(next(iter(inputs.values())))  # deleting the active adapter makes PEFT warn
         peft_model.delete_adapter(name)
 
     reference = next(row["task_loss"] for row in table if row["weight"] == 0.0)

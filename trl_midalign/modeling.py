@@ -75,7 +75,7 @@ def _supported_gguf_architectures() -> list[str]:
         names.update(GGUF_ARCHS)
     except ImportError:
         pass
-    return sorted(names)
+    return sorted(names - {"general", "tokenizer"})  # sections of the mapping, not architectures
 
 
 def _gguf_load_errors(directory: str, gguf_file: str, error: Exception) -> Exception | None:

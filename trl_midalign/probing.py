@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from .layers import get_decoder
 from .losses import masked_mean_pool
+from .modeling import load_causal_lm, load_tokenizer
 
 
 _PLOT_INSTALL_HINT = 'Plotting needs matplotlib: `pip install "trl-midalign[plot]"` (or `pip install matplotlib`).'
@@ -788,23 +789,12 @@ def _load_model_and_tokenizer(path: str, dtype: str, device: str):
     else:
         torch_dtype = getattr(torch, dtype)
     try:
-        from .modeling import load_causal_lm, load_tokenizer
-    except ImportError:  # no GGUF support module: plain transformers loading
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if is_gguf:
-            directory, name = os.path.split(os.path.abspath(path))
-            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch_dtype)
-            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-        else:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-                tokenizer = AutoTokenizer.from_pretrained(path)
-            except OSError as error:
-                raise FileNotFoundError(f"Could not load a causal LM from {path!r}: {error}") from error
-    else:
         model = load_causal_lm(path, dtype=torch_dtype)
         tokenizer = load_tokenizer(path)
+    except FileNotFoundError:
+        raise
+    except OSError as error:  # for example a Hub id that cannot be reached
+        raise FileNotFoundError(f"Could not load a causal LM and its tokenizer from {path!r}: {error}") from error
     return model.to(device), tokenizer
 
 
@@ -983,7 +973,7 @@ class LayerProbeCallback(TrainerCallback):
         if isinstance(metrics, dict) and isinstance(metrics.get("train"), dict):
             # TRL trainers average `_metrics["train"]` into their next training log line and clear it.
             for key, value in logs.items():
-                metrics["eval"][key] = [value]
+                metrics["train"][key] = [value]
         else:
             # `Trainer.log` resets `control.should_log` (through `CallbackHandler.on_log`), which would drop this
             # step's regular log line: keep the flag as the earlier callbacks set it.

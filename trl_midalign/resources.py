@@ -376,18 +376,22 @@ def _help_paragraphs(package: str, help_dir: str, root: Path) -> dict[str, str]:
     return paragraphs
 
 
-def _character_trigrams(text: str) -> set[str]:
-    text = " ".join(text.lower().split())
-    return {text[i : i + 3] for i in range(max(len(text) - 2, 1))}
+_WORD = re.compile(r"\w+")
 
 
 def _copied_fraction(source: str, target: str) -> float:
-    """Dice overlap of the character trigrams of two texts: 1.0 for copies, near 0 for real translations."""
-    source_grams, target_grams = _character_trigrams(source), _character_trigrams(target)
-    return 2 * len(source_grams & target_grams) / (len(source_grams) + len(target_grams))
+    """Fraction of the English words that appear unchanged in the other side: 1.0 for copies, low for translations.
+
+    Words, not characters, so that cognates ("Exponentialfunktion" / "Exponential Function") count as translated
+    while copied names, formulas and untranslated sentences do not.
+    """
+    target_words = set(_WORD.findall(target.casefold()))
+    if not target_words:
+        return 1.0
+    return len(target_words & set(_WORD.findall(source.casefold()))) / len(target_words)
 
 
-_MARKUP = re.compile(r"[<>{}]|&[a-z]+;|\$\[|%[A-Z_]+%|\bhttps?://")
+_MARKUP = re.compile(r"[<>{}]|&[a-z]+;|\$\[|%[A-Z_]+%|\bhttps?://|\.xhp\b")
 
 
 def _keep_pair(source: str, target: str, min_chars: int, max_chars: int, max_overlap: float) -> bool:
@@ -407,7 +411,7 @@ def libreoffice_parallel_pairs(
     cache_dir: str | os.PathLike | None = None,
     min_chars: int = 10,
     max_chars: int = 400,
-    max_overlap: float = 0.6,
+    max_overlap: float = 0.5,
 ) -> Dataset:
     """
     Parallel paragraphs (non-English, English) from the LibreOffice help, aligned by their stable paragraph ids.
@@ -415,8 +419,8 @@ def libreoffice_parallel_pairs(
     Each help page of LibreOffice exists in every translated language with the same paragraph ids (`par_id...`,
     `hd_id...`), so a paragraph and its English original are paired by `(page, id)`. The help comes from Debian's
     `libreoffice-help-<lang>` packages (about 3 MB each, MPL-2.0), fetched with `apt-get download` and cached with the
-    extracted paragraphs. Pairs are filtered: untranslated or mostly copied paragraphs (same text, or character
-    trigram overlap above `max_overlap`), text with leftover markup, placeholders or URLs, code paragraphs, English
+    extracted paragraphs. Pairs are filtered: untranslated or mostly copied paragraphs (same text, or more than
+    `max_overlap` of the English words copied), text with leftover markup, placeholders or URLs, code paragraphs, English
     sides shorter than `min_chars` or longer than `max_chars` characters. Within a language, a paragraph whose source
     or target text already appeared is dropped, so that a batch never holds the same sentence twice (which would
     make an in-batch negative a false one).
@@ -436,8 +440,9 @@ def libreoffice_parallel_pairs(
             Minimum length of the English paragraph in characters.
         max_chars (`int`, *optional*, defaults to `400`):
             Maximum length of the English paragraph in characters (the other side may have up to twice as many).
-        max_overlap (`float`, *optional*, defaults to `0.6`):
-            Maximum Dice overlap of the character trigrams of the two sides; higher means mostly copied.
+        max_overlap (`float`, *optional*, defaults to `0.5`):
+            Maximum fraction of the English paragraph's distinct words that may appear unchanged in the other side;
+            above it the pair counts as untranslated or mostly copied.
 
     Returns:
         [`~datasets.Dataset`]: Columns `language` (the code), `parallel_source` (non-English paragraph),
