@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from trl import ModelConfig
 
 from trl_midalign.evaluation import (
     PLOT_FILE,
@@ -31,6 +32,7 @@ from trl_midalign.hub import check_hub_settings, find_probe_plots, model_card, p
 logger = logging.getLogger(__name__)
 
 RANK_CHECKSUMS_FILE = "rank_checksums.json"
+PAPER_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PAIR_COLUMNS = ("parallel_source", "parallel_target")
 
 # ISO 639-1 codes (and a few ISO 639-3 codes of languages without one) with English names, for prompts and checks.
@@ -208,6 +210,23 @@ class RecipeArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset for all rows), got {value}.")
+
+
+@dataclass
+class RecipeModelConfig(ModelConfig):
+    """
+    [`~trl.ModelConfig`] with the paper's LoRA as the default: the recipes train adapters (r=8, alpha=16, dropout 0.1
+    on every attention and MLP projection).
+    """
+
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (the recipes require it)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (the paper: 8)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (the paper: 16)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (the paper: 0.1)."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: list(PAPER_LORA_MODULES),
+        metadata={"help": "Modules with LoRA (default: q,k,v,o,gate,up,down projections, as in the paper)."},
+    )
 
 
 def parse_args(parser, args: Sequence[str] | None = None) -> tuple:
@@ -676,7 +695,12 @@ def rank_checksum(model, zero3: bool) -> dict:
             absolute += values64.abs().sum().item()
             squares += values64.square().sum().item()
             numel += values.numel()
-    return {"sha256": digest.hexdigest(), "sum": total, "abs_sum": absolute, "sq_sum": squares, "numel": numel}
+    record = {"sha256": digest.hexdigest(), "sum": total, "abs_sum": absolute, "sq_sum": squares, "numel": numel}
+    if zero3:  # parameters of which this process holds only a shard: proof that ZeRO-3 really partitions
+        shards = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+        record["partitioned_parameters"] = sum(p.ds_tensor.numel() < p.ds_numel for p in shards)
+        record["parameters"] = len(shards)
+    return record
 
 
 def check_rank_weights(trainer, output_dir: str) -> dict:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from _common import (
     RecipeArguments,
+    RecipeModelConfig,
     as_task_row,
     cap_per_language,
     check_languages,
@@ -234,11 +235,11 @@ def main(script_args: SlotFillingArguments, training_args, model_args):
 
 
 def make_parser():
-    from trl import ModelConfig, TrlParser
+    from trl import TrlParser
 
     from trl_midalign import AlignmentConfig
 
-    return TrlParser((SlotFillingArguments, AlignmentConfig, ModelConfig))
+    return TrlParser((SlotFillingArguments, AlignmentConfig, RecipeModelConfig))
 
 
 if __name__ == "__main__":

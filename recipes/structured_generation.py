@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from _common import (
     LANGUAGE_NAMES,
     RecipeArguments,
+    RecipeModelConfig,
     as_task_row,
     cap_per_language,
     check_languages,
@@ -260,17 +261,22 @@ def main(script_args: StructuredGenerationArguments, training_args, model_args):
         lambda predictions, references, language: entity_scores(predictions, references),
         "entity_f1",
         alignment_languages,
-        language_groups(eval_languages, script_args.train_languages, alignment_languages),
+        # Treebanks count by their language: en_pud is a task language when en_ewt is, de_pud aligned with "de" pairs
+        language_groups(
+            eval_languages,
+            [lang for lang in eval_languages if iso_code(lang) in {iso_code(t) for t in script_args.train_languages}],
+            [lang for lang in eval_languages if iso_code(lang) in {iso_code(a) for a in alignment_languages}],
+        ),
         [script_args.dataset_name, script_args.alignment_dataset_name],
     )
 
 
 def make_parser():
-    from trl import ModelConfig, TrlParser
+    from trl import TrlParser
 
     from trl_midalign import AlignmentConfig
 
-    return TrlParser((StructuredGenerationArguments, AlignmentConfig, ModelConfig))
+    return TrlParser((StructuredGenerationArguments, AlignmentConfig, RecipeModelConfig))
 
 
 if __name__ == "__main__":

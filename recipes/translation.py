@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from _common import (
     LANGUAGE_NAMES,
     RecipeArguments,
+    RecipeModelConfig,
     _load_hub,
     _load_local,
     _select_split,
@@ -280,11 +281,11 @@ def main(script_args: TranslationArguments, training_args, model_args):
 
 
 def make_parser():
-    from trl import ModelConfig, TrlParser
+    from trl import TrlParser
 
     from trl_midalign import AlignmentConfig
 
-    return TrlParser((TranslationArguments, AlignmentConfig, ModelConfig))
+    return TrlParser((TranslationArguments, AlignmentConfig, RecipeModelConfig))
 
 
 if __name__ == "__main__":

@@ -341,9 +341,16 @@ def test_linear_matches_factor_average_and_warns_on_different_init(workspace, tm
     assert (expected[module] - exact[module]).norm() > 0.1 * exact[module].norm()
 
 
-def test_linear_with_shared_init_does_not_warn(workspace, recwarn):
-    merge_adapters(workspace["base"], {"a": workspace["task_r2"], "b": workspace["shared_r2"]}, combination="linear")
+def test_linear_with_shared_init_does_not_warn(workspace, tmp_path, recwarn):
+    out = str(tmp_path / "linear")
+    adapters = {"a": workspace["task_r2"], "b": workspace["shared_r2"]}
+    merge_adapters(workspace["base"], adapters, [0.5, 0.5], combination="linear", output_dir=out)
     assert not [w for w in recwarn if "not meaningful" in str(w.message)]
+    with open(os.path.join(out, "adapter_config.json")) as handle:
+        config = json.load(handle)
+    # same coverage: the merged adapter keeps the inputs' short target list instead of one name per module
+    assert sorted(config["target_modules"]) == sorted(ALL_LINEAR) and config["r"] == 2
+    assert len(read_deltas(out)) == 4 * 7
 
 
 def test_inputs_are_never_modified(workspace, tmp_path):
@@ -661,3 +668,31 @@ def test_cli_search_then_merge(workspace, tmp_path, capsys):
     assert max_abs_diff(read_deltas(out), expected) < 1e-6
     with pytest.raises(ValueError, match="--search needs --dev_file"):
         cli_main(["merge", "--adapters", f"task={ws['task']}", f"alignment={ws['alignment']}", "--search"])
+
+
+def test_task_rows_are_scored_like_sft(workspace):
+    """Which tokens the task loss scores, per row format: completion only, or every token of text/messages."""
+    tokenizer = workspace["tokenizer"]
+    eos = tokenizer.eos_token
+    plain = merging._task_examples([{"prompt": "Play some jazz", "completion": " genre: jazz"}], tokenizer, 64)
+    prompt_ids = tokenizer("Play some jazz")["input_ids"]
+    full_ids = tokenizer("Play some jazz genre: jazz" + eos)["input_ids"]
+    assert plain == [(full_ids, [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids)))]
+
+    text = merging._task_examples([{"text": "Play some jazz"}], tokenizer, 64)
+    assert text == [(tokenizer("Play some jazz" + eos)["input_ids"], [1] * len(text[0][0]))]
+
+    prompt = [{"role": "user", "content": "Play some jazz"}]
+    completion = [{"role": "assistant", "content": "genre: jazz"}]
+    chat = merging._task_examples([{"prompt": prompt, "completion": completion}], tokenizer, 64)
+    chat_prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    chat_full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    assert chat_full.startswith(chat_prompt)
+    ids, mask = chat[0]
+    assert ids == tokenizer(chat_full, add_special_tokens=False)["input_ids"]
+    scored = [token for token, keep in zip(ids, mask) if keep]
+    assert tokenizer.decode(scored) == chat_full[len(chat_prompt) :]  # the assistant turn and its end token
+
+    messages = merging._task_examples([{"messages": prompt + completion}], tokenizer, 64)
+    assert messages[0][0] == ids and all(messages[0][1])
+    assert merging._task_examples([{"text": "Play some jazz"}], tokenizer, 3)[0][0] == text[0][0][:3]

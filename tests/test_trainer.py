@@ -358,3 +358,16 @@ def test_duplicate_pairs_are_masked_in_the_batch(tmp_path, tokenizer):
 def test_eval_batch_of_one_pair_is_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="per_device_eval_batch_size=1"):
         trainer_for(tmp_path, tokenizer, eval_dataset=Dataset.from_list(task_rows(n=4)), per_device_eval_batch_size=1)
+
+
+def test_auto_layer_takes_the_probe_s_best_layer(tmp_path, tokenizer):
+    from trl_midalign.probing import probe_layers
+
+    model = build_model("llama", len(tokenizer), num_layers=6, seed=3)
+    rows = task_rows(n=12)
+    expected = probe_layers(copy.deepcopy(model), tokenizer, Dataset.from_list(rows), show_progress=False)
+    trainer = trainer_for(tmp_path, tokenizer, rows, model=model, align_layer="auto", max_steps=2)
+    assert trainer.align_layer == expected.recommended_layer
+    assert trainer.align_probe.retrieval_accuracy["mean"] == pytest.approx(expected.retrieval_accuracy["mean"])
+    trainer.train()
+    assert any("align_loss" in log for log in trainer.state.log_history)

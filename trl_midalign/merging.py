@@ -335,23 +335,20 @@ def _prepare_configs(model: PeftModel, inputs: list[str]) -> None:
     PEFT copies the first input's config for the merged adapter and takes the union of the `target_modules`, which
     ignores differing `layers_to_transform` (a module of a layer covered by no input makes PEFT fail, and a layer
     covered by the second input only is dropped). When the inputs' coverage differs, each input's in-memory config
-    is set to the list of module names it was injected into: their union is then exact. The merged adapter's scaling
-    must be 1 (PEFT sets lora_alpha = r), so rsLoRA is switched off for it.
+    is set to the list of module names it was injected into: their union is then exact. When it is the same, all
+    take the first input's targeting, so that the merged config stays as readable as the inputs'. The merged
+    adapter's scaling must be 1 (PEFT sets lora_alpha = r), so rsLoRA is switched off for it.
     """
     coverage = {adapter: _covered_modules(model, adapter) for adapter in inputs}
     configs = [model.peft_config[adapter] for adapter in inputs]
-    same = all(
-        (c.target_modules, c.layers_to_transform, c.layers_pattern, c.exclude_modules)
-        == (
-            configs[0].target_modules,
-            configs[0].layers_to_transform,
-            configs[0].layers_pattern,
-            configs[0].exclude_modules,
-        )
-        for c in configs
-    )
+    identical = all(coverage[adapter] == coverage[inputs[0]] for adapter in inputs)
     for adapter, config in zip(inputs, configs):
-        if not same:
+        if identical:  # keep the first input's (readable) targeting for all, so that the union is that targeting
+            config.target_modules = configs[0].target_modules
+            config.layers_to_transform = configs[0].layers_to_transform
+            config.layers_pattern = configs[0].layers_pattern
+            config.exclude_modules = configs[0].exclude_modules
+        else:
             config.target_modules = set(coverage[adapter])
             config.layers_to_transform = None
             config.layers_pattern = None
@@ -411,7 +408,8 @@ def _combine(
     combination: str,
     svd_rank: int | None,
     merged: str,
-) -> dict[str, float]:
+    measure: bool = True,
+) -> dict[str, float] | None:
     """Adds adapter `merged` to `model` from the loaded `inputs` ({name: internal name}); returns its deviation."""
     model.add_weighted_adapter(
         adapters=list(inputs.values()),
@@ -423,7 +421,7 @@ def _combine(
     )
     if merged not in model.peft_config:
         raise RuntimeError(f"PEFT did not create the merged adapter {merged!r}.")
-    return _deviation(model, inputs, weights, merged)
+    return _deviation(model, inputs, weights, merged) if measure else None
 
 
 def _merged_rank(model: PeftModel, merged: str) -> int:
@@ -470,7 +468,6 @@ def _write_model_card(
     merged_rank: int,
     deviation: dict[str, float],
     merge_into_base: bool,
-    extra_sections: Sequence[str] = (),
 ) -> str:
     base = base_name or "unknown"
     rows = "\n".join(
@@ -528,8 +525,6 @@ Made by `trl_midalign.merge_adapters` from {len(configs)} LoRA adapter(s) of `{b
 Middle-layer representation alignment for cross-lingual transfer: Liu & Niehues, "Middle-Layer Representation
 Alignment for Cross-Lingual Transfer in Fine-Tuned LLMs", ACL 2025 (https://huggingface.co/papers/2502.14830).
 """
-    for section in extra_sections:
-        card += "\n" + section.strip() + "\n"
     path = os.path.join(output_dir, "README.md")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(card)
@@ -927,7 +922,8 @@ def search_merge_weights(
     table = []
     for index, value in enumerate(grid):
         name = f"search_{index}"
-        _combine(peft_model, inputs, {**prepared.weights, search_adapter: value}, combination, svd_rank, name)
+        weights_now = {**prepared.weights, search_adapter: value}
+        _combine(peft_model, inputs, weights_now, combination, svd_rank, name, measure=False)
         peft_model.set_adapter(name)
         peft_model.eval()
         loss = _task_loss(peft_model, examples, pad_id, batch_size)

@@ -18,6 +18,8 @@ from .collator import PAIR_KEYS, DataCollatorForAlignment, check_sentence
 from .config import AlignmentConfig
 from .layers import layer_hidden_states, num_decoder_layers, resolve_layer
 from .losses import contrastive_alignment_loss, last_token_pool, masked_mean_pool
+from .modeling import load_causal_lm, load_tokenizer, prepare_gguf_model
+from .probing import ProbeResult, probe_layers
 
 
 logger = logging.getLogger(__name__)
@@ -138,6 +140,15 @@ class AlignmentTrainer(SFTTrainer):
             values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
             args = AlignmentConfig(**values)
 
+        # Models from GGUF files: loaded dequantized, without the leftover quantizer that blocks training and saving
+        if isinstance(model, str) and (model.endswith(".gguf") or "gguf_file" in (args.model_init_kwargs or {})):
+            model_init_kwargs = dict(args.model_init_kwargs or {})
+            if processing_class is None:
+                processing_class = load_tokenizer(model, gguf_file=model_init_kwargs.get("gguf_file"))
+            model = load_causal_lm(model, **model_init_kwargs)
+        elif not isinstance(model, str):
+            model = prepare_gguf_model(model)
+
         # Training data: the task rows with their pairs, or the pairs alone for an alignment-only module
         source, target = args.align_source_column, args.align_target_column
         if alignment_dataset is not None:
@@ -237,7 +248,12 @@ class AlignmentTrainer(SFTTrainer):
         )
 
         self.num_layers = num_decoder_layers(self.model)
-        self.align_layer = resolve_layer(args.align_layer, self.num_layers)
+        self.align_probe = None
+        if args.align_layer == "auto":
+            self.align_probe = self._probe_for_layer()
+            self.align_layer = self.align_probe.recommended_layer
+        else:
+            self.align_layer = resolve_layer(args.align_layer, self.num_layers)
         self.data_collator = DataCollatorForAlignment(
             tokenizer=self._tokenizer,
             task_collator=self.data_collator,
@@ -253,6 +269,33 @@ class AlignmentTrainer(SFTTrainer):
             f"Aligning layer {self.align_layer} of {self.num_layers} (align_layer={args.align_layer!r}) with the "
             f"{args.align_schedule!r} schedule."
         )
+
+    def _probe_for_layer(self) -> ProbeResult:
+        """Probe the base model on a sample of the training pairs; `align_layer="auto"` takes the best layer."""
+        args = self.args
+        if any(getattr(p, "ds_id", None) is not None and p.numel() == 0 for p in self.model.parameters()):
+            raise ValueError(
+                "align_layer='auto' probes the model before training, but its parameters are already partitioned by "
+                "DeepSpeed ZeRO-3 (zero3_init_flag). Probe it once with `trl-midalign probe` and set align_layer to "
+                "the recommended layer, or disable zero3_init_flag."
+            )
+        dataset = self.train_dataset
+        sample = dataset.shuffle(seed=args.seed).select(range(min(len(dataset), args.align_auto_num_pairs)))
+        result = probe_layers(
+            self.model,
+            self._tokenizer,
+            sample,
+            batch_size=args.per_device_eval_batch_size * 4,
+            max_length=args.align_max_length,
+            source_column=args.align_source_column,
+            target_column=args.align_target_column,
+            show_progress=False,
+        )
+        logger.warning(
+            f"align_layer='auto': layer {result.recommended_layer} of {self.num_layers} has the best mean retrieval "
+            f"accuracy of the base model on {len(sample)} training pairs:\n{result.to_markdown()}"
+        )
+        return result
 
     # ----------------------------------------------------------------------------------------------------------------
     # Data

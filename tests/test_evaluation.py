@@ -1,0 +1,205 @@
+"""Tests of trl_midalign.evaluation: metrics against independent computations, generation, reports and plots."""
+
+import json
+import random
+
+import pytest
+import sacrebleu
+import torch
+from conftest import build_model
+from seqeval.metrics import f1_score, precision_score, recall_score
+
+from trl_midalign.evaluation import (
+    entity_scores,
+    exact_match,
+    format_entities,
+    format_slots,
+    generate_completions,
+    load_results,
+    parse_entities,
+    parse_slots,
+    plot_results,
+    results_table,
+    slot_scores,
+    span_f1,
+    summarize_groups,
+    translation_scores,
+    write_results,
+)
+
+
+def _spans_from_bio(tokens, tags):
+    """(type, text) spans of a BIO sequence, read independently of the code under test (strict B-I chains)."""
+    spans, i = [], 0
+    while i < len(tags):
+        if tags[i].startswith("B-"):
+            kind, j = tags[i][2:], i + 1
+            while j < len(tags) and tags[j] == f"I-{kind}":
+                j += 1
+            spans.append((kind, " ".join(tokens[i:j])))
+            i = j
+        else:
+            i += 1
+    return spans
+
+
+def _random_bio(rng, length, types=("time", "date", "place")):
+    tags, i = [], 0
+    while i < length:
+        if rng.random() < 0.35:
+            kind, span = rng.choice(types), rng.randint(1, 3)
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (span - 1)
+            i += span
+        else:
+            tags.append("O")
+            i += 1
+    return tags[:length]
+
+
+def test_span_f1_matches_seqeval_on_random_bio_sequences():
+    # Unique tokens per position make a span's text identify its offsets, so text-level matching must equal
+    # seqeval's offset-level matching exactly.
+    rng = random.Random(0)
+    gold_tags, pred_tags, gold_spans, pred_spans = [], [], [], []
+    for sentence in range(200):
+        length = rng.randint(1, 12)
+        tokens = [f"w{sentence}_{k}" for k in range(length)]
+        gold = _random_bio(rng, length)
+        pred = list(gold) if rng.random() < 0.3 else _random_bio(rng, length)
+        gold_tags.append(gold)
+        pred_tags.append(pred)
+        gold_spans.append(_spans_from_bio(tokens, gold))
+        pred_spans.append(_spans_from_bio(tokens, pred))
+    scores = span_f1(pred_spans, gold_spans)
+    assert scores["precision"] == pytest.approx(precision_score(gold_tags, pred_tags))
+    assert scores["recall"] == pytest.approx(recall_score(gold_tags, pred_tags))
+    assert scores["f1"] == pytest.approx(f1_score(gold_tags, pred_tags))
+    assert 0.2 < scores["f1"] < 0.9  # a non-trivial mix of hits and misses
+
+
+def test_span_f1_counts_multisets_and_zero_cases():
+    # duplicated spans count as many times as they occur, on both sides
+    scores = span_f1([[("a", "x"), ("a", "x"), ("b", "y")]], [[("a", "x"), ("b", "z")]])
+    assert (scores["true_positives"], scores["num_predicted"], scores["num_gold"]) == (1, 3, 2)
+    assert scores["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    assert span_f1([[]], [[]])["f1"] == 0.0  # seqeval's convention with nothing to find
+    with pytest.raises(ValueError, match="pair up"):
+        span_f1([[]], [])
+
+
+def test_slots_round_trip_and_scores():
+    slots = [("time", "five am"), ("date", "this week")]
+    assert parse_slots(format_slots(slots)) == slots
+    assert format_slots([]) == "None" and parse_slots("None") == []
+    assert parse_slots("Time :  Five AM ; junk ; date:") == [("time", "five am")]  # malformed pieces are dropped
+    predictions = ["time: five am; date: this week", "None", "place: paris", "time: six"]
+    references = ["date: this week; time: five am", "None", "place: berlin", "None"]
+    scores = slot_scores(predictions, references)
+    # true positives 2, predicted 4, gold 3
+    precision, recall = 2 / 4, 2 / 3
+    assert scores["slot_precision"] == pytest.approx(precision)
+    assert scores["slot_recall"] == pytest.approx(recall)
+    assert scores["slot_f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert scores["exact_match"] == pytest.approx(2 / 4)  # slot order does not matter; "None" == "None"
+    assert exact_match(["A  b"], ["a b"]) == 1.0
+
+
+def test_entities_json_round_trip_scores_and_invalid_json():
+    entities = [("person", "Ada Lovelace"), ("location", "London")]
+    text = format_entities(entities)
+    assert json.loads(text) == {"person": ["Ada Lovelace"], "organization": [], "location": ["London"]}
+    assert parse_entities(text) == entities
+    assert parse_entities("```json\n" + text + "\n```") == entities
+    for bad in ('{"person": "Ada"}', "[1, 2]", '{"person": ["Ada"]', "no json"):
+        assert parse_entities(bad) is None
+    with pytest.raises(ValueError, match="not among the JSON keys"):
+        format_entities([("date", "today")])
+    references = [format_entities(entities), format_entities([("organization", "Google")])]
+    predictions = ['{"person": ["Ada Lovelace"], "location": ["Paris"]}', '{"organization": ["Google"']
+    scores = entity_scores(predictions, references)
+    assert scores["valid_json_rate"] == 0.5
+    assert scores["entity_precision"] == pytest.approx(1 / 2)  # 1 of 2 predicted (the invalid answer predicts none)
+    assert scores["entity_recall"] == pytest.approx(1 / 3)
+    assert scores["entity_f1"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
+
+
+def test_translation_scores():
+    references = ["The cat sits on the mat.", "It is raining today."]
+    perfect = translation_scores(references, references, target_language="en")
+    assert perfect["bleu"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
+    poor = translation_scores(["A dog runs.", "Sunny weather."], references, target_language="en")
+    assert poor["bleu"] < 20 and 0 < poor["chrf"] < 50
+    # Chinese references are segmented with sacrebleu's "zh" tokenizer, which changes BLEU
+    zh_refs, zh_hyps = ["我今天很高兴见到你"], ["我今天很高兴看到你"]
+    zh = translation_scores(zh_hyps, zh_refs, target_language="zh")
+    assert zh["bleu"] == pytest.approx(sacrebleu.corpus_bleu(zh_hyps, [zh_refs], tokenize="zh").score)
+    assert zh["bleu"] != pytest.approx(sacrebleu.corpus_bleu(zh_hyps, [zh_refs], tokenize="13a").score)
+    with pytest.raises(ImportError, match="unbabel-comet"):
+        translation_scores(references, references, sources=references, comet_model="Unbabel/wmt22-comet-da")
+
+
+def _greedy_reference(model, ids, max_new_tokens, eos_id):
+    """Greedy decoding one prompt at a time with full forwards and argmax: no padding, no cache, no generate()."""
+    ids = list(ids)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        token = int(logits.argmax())
+        if token == eos_id:
+            break
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+def test_generate_completions_matches_unpadded_greedy_decoding(tokenizer):
+    model = build_model("llama", len(tokenizer), seed=3).eval()
+    prompts = [
+        [{"role": "user", "content": "Wake me up at seven"}],
+        [{"role": "user", "content": "Play some jazz"}],
+        "Turn off the light",
+        [{"role": "user", "content": "Who sang this song and what is the weather tomorrow"}],
+        "Set a timer",
+    ]
+    batched = generate_completions(model, tokenizer, prompts, max_new_tokens=6, batch_size=4, disable_progress=True)
+    single = generate_completions(model, tokenizer, prompts, max_new_tokens=6, batch_size=1, disable_progress=True)
+    assert batched == single
+    for prompt, completion in zip(prompts, batched):
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt)["input_ids"]
+        else:
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+            ids = ids["input_ids"]
+        expected = _greedy_reference(model, ids, 6, tokenizer.eos_token_id)
+        assert completion == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert model.training is False
+
+
+def _results(run, scores):
+    languages = {
+        lang: {"slot_f1": value, "exact_match": value / 2, "num_examples": 10} for lang, value in scores.items()
+    }
+    results = {"task": "slot_filling", "run": run, "main_metric": "slot_f1", "languages": languages}
+    results["language_groups"] = {"task": ["en-US"], "transfer": ["de-DE", "sw-KE"]}
+    results["groups"] = summarize_groups(results, results["language_groups"])
+    return results
+
+
+def test_reports_table_json_and_plot(tmp_path):
+    aligned = _results("aligned", {"en-US": 0.8, "de-DE": 0.6, "sw-KE": 0.3})
+    baseline = _results("baseline", {"en-US": 0.8, "de-DE": 0.5, "sw-KE": 0.1})
+    assert aligned["groups"]["transfer"]["slot_f1"] == pytest.approx(0.45)
+    assert aligned["groups"]["transfer"]["num_languages"] == 2
+    table = results_table(aligned)
+    assert "| de-DE | transfer | 0.6000 | 0.3000 | 10 |" in table
+    assert "| **mean: transfer** | | 0.4500 | 0.2250 | 2 languages |" in table
+    paths = write_results(aligned, str(tmp_path), predictions=[{"language": "de-DE", "prediction": "None"}])
+    assert load_results(str(tmp_path)) == aligned
+    assert (tmp_path / "eval_results.md").read_text().startswith("# slot_filling (aligned)")
+    assert json.loads((tmp_path / "eval_predictions.jsonl").read_text()) == {"language": "de-DE", "prediction": "None"}
+    assert len(paths) == 3
+    plot = plot_results({"baseline": baseline, "aligned": aligned}, str(tmp_path / "plot.png"))
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="eval_results.json"):
+        load_results(str(tmp_path / "missing"))

@@ -1,0 +1,523 @@
+"""End-to-end tests of the recipes: config parsing, in-process runs, bad input, the Hub push (against a local stand-in
+for the Hub's HTTP API) and 2-process `accelerate launch` runs under DDP, DeepSpeed ZeRO-2 and ZeRO-3 on CPU.
+
+Everything runs offline on a tiny Llama saved to a temporary folder with the offline tokenizer of conftest.py, and a
+few local rows per recipe.
+"""
+
+import base64
+import glob
+import hashlib
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlparse
+
+import pytest
+from conftest import build_model, build_tokenizer
+from safetensors.torch import load_file
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "recipes")
+sys.path.insert(0, RECIPES)
+
+import _common  # noqa: E402
+
+
+RECIPE_NAMES = ("slot_filling", "translation", "structured_generation")
+FAST = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--max_new_tokens", "6", "--report_to", "none"]
+
+
+def recipe(name: str):
+    return importlib.import_module(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data and model, made once per module
+MASSIVE = [  # (id, locale, annotated utterance)
+    ("0", "en-US", "wake me up at [time : seven]"),
+    ("0", "de-DE", "weck mich um [time : sieben] auf"),
+    ("0", "fr-FR", "réveille-moi à [time : sept heures]"),
+    ("1", "en-US", "what is the weather [date : tomorrow]"),
+    ("1", "de-DE", "wie wird das wetter [date : morgen]"),
+    ("1", "fr-FR", "quel temps fera-t-il [date : demain]"),
+    ("2", "en-US", "play some [music_genre : jazz]"),
+    ("2", "de-DE", "spiele etwas [music_genre : jazz]"),
+    ("2", "fr-FR", "joue du [music_genre : jazz]"),
+    ("3", "en-US", "turn off the light"),
+    ("3", "de-DE", "schalte das licht aus"),
+    ("3", "fr-FR", "éteins la lumière"),
+]
+TRANSLATIONS = [
+    ("de", "Weck mich um sieben Uhr", "Wake me up at seven"),
+    ("de", "Spiele etwas Jazz", "Play some jazz"),
+    ("de", "Schalte das Licht aus", "Turn off the light"),
+    ("de", "Wer hat dieses Lied gesungen", "Who sang this song"),
+    ("fr", "Joue du jazz", "Play jazz music"),
+    ("fr", "Éteins la lumière", "Switch the light off"),
+]
+NER = [  # (language, tokens, tags, parallel pair or None)
+    ("en", ["Ada", "Lovelace", "visited", "London"], ["B-PER", "I-PER", "O", "B-LOC"], None),
+    ("en", ["Play", "music", "by", "Miles", "Davis"], ["O", "O", "O", "B-PER", "I-PER"], None),
+    ("en", ["Turn", "off", "the", "light"], ["O", "O", "O", "O"], None),
+    ("en", ["Google", "opened", "in", "Paris"], ["B-ORG", "O", "O", "B-LOC"], None),
+    ("de", ["Ada", "besuchte", "London"], ["B-PER", "O", "B-LOC"], ("Ada besuchte London", "Ada visited London")),
+    ("de", ["Schalte", "das", "Licht", "aus"], ["O"] * 4, ("Schalte das Licht aus", "Turn off the light")),
+    ("fr", ["Google", "à", "Paris"], ["B-ORG", "O", "B-LOC"], ("Google à Paris", "Google in Paris")),
+    ("fr", ["Joue", "du", "jazz"], ["O"] * 3, ("Joue du jazz", "Play jazz music")),
+]
+
+
+def _write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny Llama with the offline tokenizer, and local train/test files for the three recipes."""
+    root = tmp_path_factory.mktemp("recipes")
+    tokenizer = build_tokenizer()
+    model_dir = str(root / "tiny-llama")
+    build_model("llama", len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    massive = [
+        {"id": i, "locale": loc, "utt": re.sub(r"\[\s*[^:\]]+?\s*:\s*([^\]]*?)\s*\]", r"\1", a), "annot_utt": a}
+        for i, loc, a in MASSIVE
+    ]
+    mt = [{"translation": {lang: x, "en": e}} for lang, x, e in TRANSLATIONS]
+    ner = [
+        {"language": lang, "tokens": t, "ner_tags": g, "parallel_source": p and p[0], "parallel_target": p and p[1]}
+        for lang, t, g, p in NER
+    ]
+    data = {}
+    for name, rows in (("slot_filling", massive), ("translation", mt), ("structured_generation", ner)):
+        for split in ("train", "test"):
+            _write_jsonl(str(root / name / f"{split}.jsonl"), rows)
+        data[name] = str(root / name)
+    return {"root": root, "model": model_dir, "data": data, "tokenizer": tokenizer}
+
+
+def run_main(name: str, argv: list[str]):
+    module = recipe(name)
+    return module.main(*_common.parse_args(module.make_parser(), argv))
+
+
+def reload_predictions(model_dir: str, adapter_dir: str) -> tuple[list[str], list[str]]:
+    """Generate the evaluation prompts of a run again with its saved adapter; return (recorded, regenerated)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_midalign.evaluation import generate_completions
+
+    with open(os.path.join(adapter_dir, "eval_predictions.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in records]
+    regenerated = generate_completions(model, tokenizer, prompts, max_new_tokens=6, disable_progress=True)
+    return [r["prediction"] for r in records], regenerated
+
+
+def adapter_fingerprint(adapter_dir: str) -> dict:
+    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    values = [t.double() for t in tensors.values()]
+    return {
+        "sum": sum(v.sum().item() for v in values),
+        "abs_sum": sum(v.abs().sum().item() for v in values),
+        "sq_sum": sum(v.square().sum().item() for v in values),
+        "numel": sum(v.numel() for v in values),
+        "lora_B_abs_sum": sum(t.abs().sum().item() for k, t in tensors.items() if "lora_B" in k),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs and parsing
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(RECIPES, "configs", "*.yaml"))))
+def test_shipped_configs_parse_with_current_trl(path):
+    name = next(n for n in RECIPE_NAMES if os.path.basename(path).startswith(n))
+    script_args, training_args, model_args = _common.parse_args(
+        recipe(name).make_parser(), ["--config", path, "--use_cpu"]
+    )
+    # The paper's settings
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (8, 16, 0.1)
+    assert set(model_args.lora_target_modules) == set(_common.PAPER_LORA_MODULES)
+    assert training_args.learning_rate == 5e-4 and training_args.warmup_steps == 0.03
+    assert training_args.lr_scheduler_type.value == "inverse_sqrt"
+    assert (training_args.align_layer, training_args.align_temperature) == ("middle", 0.1)
+    assert training_args.align_schedule == "alternate" and script_args.alignment is True
+    assert model_args.model_name_or_path in ("meta-llama/Meta-Llama-3-8B-Instruct", "Qwen/Qwen2.5-7B-Instruct")
+    assert script_args.train_languages and script_args.eval_languages
+
+
+def test_accelerate_configs_are_complete():
+    import yaml
+
+    configs = {
+        os.path.basename(p): yaml.safe_load(open(p))
+        for p in glob.glob(os.path.join(RECIPES, "accelerate_configs", "*.yaml"))
+    }
+    assert set(configs) >= {"single_gpu.yaml", "ddp.yaml", "zero2.yaml", "zero2_offload.yaml", "zero3.yaml"}
+    assert configs["ddp.yaml"]["distributed_type"] == "MULTI_GPU"
+    assert configs["zero2.yaml"]["deepspeed_config"]["zero_stage"] == 2
+    assert configs["zero2_offload.yaml"]["deepspeed_config"]["offload_optimizer_device"] == "cpu"
+    ds_file = os.path.join(ROOT, configs["zero3.yaml"]["deepspeed_config"]["deepspeed_config_file"])
+    assert json.load(open(ds_file))["zero_optimization"]["stage"] == 3
+
+
+def test_unknown_yaml_key_is_refused_with_a_suggestion(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model_name_or_path: x\ndataset_name: y\nalign_layr: middle\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'align_layr' \(did you mean 'align_layer'"):
+        _common.parse_args(recipe("slot_filling").make_parser(), ["--config", str(config), "--output_dir", "o"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: clear errors before any training
+def test_bad_input_fails_before_training(work, tmp_path):
+    base = ["--model_name_or_path", work["model"], "--output_dir", str(tmp_path / "out"), *FAST]
+    massive = work["data"]["slot_filling"]
+    with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
+        run_main("slot_filling", [*base, "--dataset_name", massive, "--push_to_hub"])
+    with pytest.raises(ValueError, match=r"unknown MASSIVE locale 'de-XX'.*Did you mean 'de-DE'"):
+        run_main("slot_filling", [*base, "--dataset_name", massive, "--eval_languages", "de-XX"])
+    with pytest.raises(ValueError, match=r"unknown language code 'xx'"):
+        run_main("translation", [*base, "--dataset_name", work["data"]["translation"], "--train_languages", "xx-en"])
+    with pytest.raises(ValueError, match=r"no rows for language\(s\) \['it-IT'\]"):
+        run_main("slot_filling", [*base, "--dataset_name", massive, "--eval_languages", "it-IT"])
+    broken = tmp_path / "broken"
+    _write_jsonl(str(broken / "train.jsonl"), [{"locale": "en-US", "utt": "hi", "id": "0"}])
+    _write_jsonl(str(broken / "test.jsonl"), [{"locale": "en-US", "utt": "hi", "id": "0"}])
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['annot_utt'\]"):
+        run_main("slot_filling", [*base, "--dataset_name", str(broken)])
+    with pytest.raises(ValueError, match="--use_peft"):
+        run_main("slot_filling", [*base, "--dataset_name", massive, "--no_use_peft"])
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# In-process runs
+def test_slot_filling_runs_with_only_a_model_and_local_data(work, tmp_path):
+    output_dir = str(tmp_path / "sf")
+    results = run_main(
+        "slot_filling",
+        [
+            "--model_name_or_path",
+            work["model"],
+            "--dataset_name",
+            work["data"]["slot_filling"],
+            "--output_dir",
+            output_dir,
+        ],
+    )
+    # Task data: en-US (the default); alignment: MASSIVE's parallel utterances of the other locales
+    assert results["run"] == "aligned" and results["alignment_languages"] == ["de-DE", "fr-FR"]
+    assert results["language_groups"] == {"task": ["en-US"], "aligned": ["de-DE", "fr-FR"], "transfer": []}
+    assert set(results["languages"]["de-DE"]) == {
+        "slot_f1",
+        "slot_precision",
+        "slot_recall",
+        "exact_match",
+        "num_examples",
+    }
+    for name in ("adapter_model.safetensors", "eval_results.json", "eval_results.md", "eval_results.png", "README.md"):
+        assert os.path.isfile(os.path.join(output_dir, name)), name
+    assert adapter_fingerprint(output_dir)["lora_B_abs_sum"] > 0  # LoRA B starts at zero: training moved it
+    card = open(os.path.join(output_dir, "README.md")).read()
+    assert "align_temperature" in card and "alignment pairs: de-DE, fr-FR" in card and "| de-DE | aligned |" in card
+    recorded, regenerated = reload_predictions(work["model"], output_dir)
+    assert regenerated == recorded
+
+
+@pytest.mark.parametrize("name", ["translation", "structured_generation"])
+def test_recipe_main_in_process(work, tmp_path, name):
+    output_dir = str(tmp_path / name)
+    results = run_main(
+        name,
+        [
+            "--model_name_or_path",
+            work["model"],
+            "--dataset_name",
+            work["data"][name],
+            "--output_dir",
+            output_dir,
+            *FAST,
+        ],
+    )
+    if name == "translation":
+        assert list(results["languages"]) == ["de-en", "en-de"] and results["alignment_languages"] == ["de"]
+        assert {"bleu", "chrf"} <= set(results["languages"]["en-de"])
+    else:
+        assert list(results["languages"]) == ["en", "de", "fr"] and results["alignment_languages"] == ["de", "fr"]
+        assert {"entity_f1", "valid_json_rate"} <= set(results["languages"]["fr"])
+        assert results["language_groups"]["aligned"] == ["de", "fr"]
+    recorded, regenerated = reload_predictions(work["model"], output_dir)
+    assert regenerated == recorded
+
+
+def test_baseline_eval_only_and_comparison_plot(work, tmp_path):
+    data = work["data"]["slot_filling"]
+    aligned_dir, baseline_dir = str(tmp_path / "aligned"), str(tmp_path / "baseline")
+    common = ["--model_name_or_path", work["model"], "--dataset_name", data, *FAST]
+    run_main("slot_filling", [*common, "--output_dir", aligned_dir])
+    baseline = run_main(
+        "slot_filling", [*common, "--output_dir", baseline_dir, "--alignment", "false", "--compare_with", aligned_dir]
+    )
+    assert baseline["run"] == "baseline" and baseline["alignment_languages"] == []
+    assert "plain supervised fine-tuning baseline" in open(os.path.join(baseline_dir, "README.md")).read()
+    assert os.path.isfile(os.path.join(baseline_dir, "eval_results.png"))
+    # --eval_only on the saved aligned adapter reproduces the predictions made right after training
+    with open(os.path.join(aligned_dir, "eval_predictions.jsonl")) as f:
+        trained = [json.loads(line)["prediction"] for line in f]
+    eval_dir = str(tmp_path / "eval_only")
+    results = run_main(
+        "slot_filling", [*common, "--output_dir", eval_dir, "--eval_only", "--adapter_path", aligned_dir]
+    )
+    assert results["run"] == "aligned"
+    with open(os.path.join(eval_dir, "eval_predictions.jsonl")) as f:
+        assert [json.loads(line)["prediction"] for line in f] == trained
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hub push, against a local stand-in for the Hub's HTTP API
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub:
+    """
+    Serves, on 127.0.0.1, the Hub endpoints that `create_repo`, `upload_folder` and `hf_hub_download` use. Files of a
+    commit land under `root/<owner>/<name>/`. Every file is declared "regular" (base64 inside the commit), so no LFS or
+    Xet storage is involved. Only the transport is faked: huggingface_hub, peft and the recipe run unchanged.
+    """
+
+    def __init__(self, root: str):
+        self.root, self.log = root, []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(hub):  # noqa: N805 - `hub` is the FakeHub, `self` the request handler
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _json(self, status, payload, headers=None):
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                path = unquote(urlparse(self.path).path)
+                hub.log.append(("POST", path))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if path == "/api/repos/create":
+                    data = json.loads(body)
+                    repo_id = f"{data['organization']}/{data['name']}" if data.get("organization") else data["name"]
+                    os.makedirs(os.path.join(hub.root, repo_id), exist_ok=True)
+                    return self._json(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
+                if path == "/api/validate-yaml":
+                    return self._json(200, {"errors": [], "warnings": []})
+                match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/.+", path)
+                if match:
+                    files = [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                        for f in json.loads(body)["files"]
+                    ]
+                    return self._json(200, {"files": files, "commitOid": COMMIT})
+                match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/.+", path)
+                if match:
+                    for line in body.decode().splitlines():
+                        item = json.loads(line)
+                        if item["key"] == "file":
+                            target = os.path.join(hub.root, match.group(1), item["value"]["path"])
+                            os.makedirs(os.path.dirname(target), exist_ok=True)
+                            with open(target, "wb") as f:
+                                f.write(base64.b64decode(item["value"]["content"]))
+                        elif item["key"] != "header":
+                            return self._json(400, {"error": f"unsupported commit item {item['key']}"})
+                    url = f"{hub.endpoint}/{match.group(1)}/commit/{COMMIT}"
+                    return self._json(200, {"commitUrl": url, "commitOid": COMMIT, "pullRequestUrl": None})
+                return self._json(404, {"error": f"no route for POST {path}"})
+
+            def _resolve(self, with_body):
+                path = unquote(urlparse(self.path).path)
+                hub.log.append((self.command, path))
+                match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
+                if match is None:
+                    return self._json(404, {"error": f"no route for {self.command} {path}"})
+                file_path = os.path.join(hub.root, match.group(1), match.group(2))
+                if not os.path.isfile(file_path):
+                    return self._json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+                content = open(file_path, "rb").read()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(content)))
+                self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+                self.send_header("X-Repo-Commit", COMMIT)
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(content)
+
+            def do_HEAD(self):
+                self._resolve(False)
+
+            def do_GET(self):
+                self._resolve(True)
+
+        return Handler
+
+
+RELOAD_FROM_HUB = """
+import json, sys
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl_midalign.evaluation import generate_completions
+base, repo, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), repo)
+tokenizer = AutoTokenizer.from_pretrained(repo)
+prompts = [[{"role": "user", "content": p}] for p in prompts]
+print(json.dumps(generate_completions(model, tokenizer, prompts, max_new_tokens=6, disable_progress=True)))
+"""
+
+
+def test_push_to_hub_lands_files_that_peft_reloads(work, tmp_path):
+    hub = FakeHub(str(tmp_path / "hub"))
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_TOKEN": "hf_not_a_real_token",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "OMP_NUM_THREADS": "1",
+    }
+    output_dir = str(tmp_path / "run")
+    try:
+        command = [
+            sys.executable, os.path.join(RECIPES, "slot_filling.py"), "--model_name_or_path", work["model"],
+            "--dataset_name", work["data"]["slot_filling"], "--output_dir", output_dir, *FAST,
+            "--push_to_hub", "--hub_model_id", "tester/tiny-massive-midalign",
+        ]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        repo = tmp_path / "hub" / "tester" / "tiny-massive-midalign"
+        landed = {p.name for p in repo.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= landed
+        assert {"eval_results.json", "eval_results.png"} <= landed
+        assert not any(name.startswith("checkpoint") or name == "training_args.bin" for name in landed)
+        card = (repo / "README.md").read_text()
+        assert 'model = PeftModel.from_pretrained(base, "tester/tiny-massive-midalign")' in card
+        assert "align_layer" in card and "task training data: en-US" in card and "![Evaluation per language]" in card
+        assert (repo / "adapter_model.safetensors").read_bytes() == open(
+            os.path.join(output_dir, "adapter_model.safetensors"), "rb"
+        ).read()
+        # Reload through the Hub API (download endpoints of the stand-in) and reproduce the run's predictions
+        with open(os.path.join(output_dir, "eval_predictions.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        prompts = json.dumps([r["prompt"] for r in records])
+        reload = [sys.executable, "-c", RELOAD_FROM_HUB, work["model"], "tester/tiny-massive-midalign", prompts]
+        done = subprocess.run(reload, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == [r["prediction"] for r in records]
+        assert ("GET", "/tester/tiny-massive-midalign/resolve/main/adapter_model.safetensors") in hub.log
+    finally:
+        hub.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2-process launches on CPU
+BACKENDS = {
+    "ddp": ["--config_file", os.path.join(RECIPES, "accelerate_configs", "ddp.yaml"), "--mixed_precision", "no"],
+    "zero2": ["--config_file", os.path.join(RECIPES, "accelerate_configs", "zero2.yaml"), "--mixed_precision", "no"],
+    "zero3": ["--config_file", os.path.join(RECIPES, "accelerate_configs", "zero3.yaml")],
+}
+
+
+def launch(script: str, backend_args: list[str], args: list[str], num_processes: int = 2):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", *backend_args, "--num_processes", str(num_processes),
+        "--main_process_port", "0", os.path.join(RECIPES, script), *args, "--use_cpu", "--bf16", "false",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_two_process_launch(work, tmp_path, name, backend):
+    output_dir = str(tmp_path / f"{name}-{backend}")
+    args = [
+        "--model_name_or_path",
+        work["model"],
+        "--dataset_name",
+        work["data"][name],
+        "--output_dir",
+        output_dir,
+        *FAST,
+    ]
+    done = launch(f"{name}.py", BACKENDS[backend], args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    # Both ranks end with the same trainable weights, and those are the saved adapter's
+    with open(os.path.join(output_dir, _common.RANK_CHECKSUMS_FILE)) as f:
+        ranks = json.load(f)
+    assert ranks["num_processes"] == 2 and ranks["identical"]
+    assert [r["rank"] for r in ranks["ranks"]] == [0, 1]
+    assert ranks["ranks"][0]["sha256"] == ranks["ranks"][1]["sha256"]
+    saved = adapter_fingerprint(output_dir)
+    assert saved["lora_B_abs_sum"] > 0
+    for key in ("sum", "abs_sum", "sq_sum", "numel"):
+        assert ranks["ranks"][0][key] == pytest.approx(saved[key], rel=1e-9, abs=1e-9), key
+    if backend == "zero3":  # real partitioning: each rank held only a shard of most parameters
+        assert ranks["ranks"][0]["partitioned_parameters"] > ranks["ranks"][0]["parameters"] // 2
+    for file in ("eval_results.json", "eval_results.md", "eval_results.png", "eval_predictions.jsonl"):
+        assert os.path.isfile(os.path.join(output_dir, file)), file
+    results = json.load(open(os.path.join(output_dir, "eval_results.json")))
+    num_rows = {"slot_filling": len(MASSIVE), "translation": 8, "structured_generation": len(NER)}[name]
+    assert sum(v["num_examples"] for v in results["languages"].values()) == num_rows
+    # The saved adapter reloads (single process, no DeepSpeed) and gives the outputs generated under the launch
+    recorded, regenerated = reload_predictions(work["model"], output_dir)
+    assert regenerated == recorded
+
+
+@pytest.mark.slow
+def test_zero3_refuses_a_model_it_would_not_partition(work, tmp_path):
+    ds_config = json.load(open(os.path.join(RECIPES, "accelerate_configs", "ds_zero3.json")))
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 10**9
+    ds_path = tmp_path / "ds_unpartitioned.json"
+    ds_path.write_text(json.dumps(ds_config))
+    backend = [
+        "--config_file",
+        os.path.join(RECIPES, "accelerate_configs", "zero3.yaml"),
+        "--deepspeed_config_file",
+        str(ds_path),
+    ]
+    output_dir = tmp_path / "out"
+    args = [
+        "--model_name_or_path",
+        work["model"],
+        "--dataset_name",
+        work["data"]["slot_filling"],
+        "--output_dir",
+        str(output_dir),
+        *FAST,
+    ]
+    done = launch("slot_filling.py", backend, args, num_processes=1)
+    assert done.returncode != 0
+    assert "ZeRO-3 would partition no parameter" in done.stderr and "stage3_param_persistence_threshold" in done.stderr
+    assert not (output_dir / "adapter_model.safetensors").exists()  # it stopped before training
