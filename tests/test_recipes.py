@@ -31,7 +31,18 @@ import _common  # noqa: E402
 
 
 RECIPE_NAMES = ("slot_filling", "translation", "structured_generation")
-FAST = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--max_new_tokens", "6", "--report_to", "none"]
+# On a machine without GPU, TRL's default bf16 needs --use_cpu (as documented in recipes/README.md)
+FAST = [
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "2",
+    "--max_new_tokens",
+    "6",
+    "--report_to",
+    "none",
+    "--use_cpu",
+]
 
 
 def recipe(name: str):
@@ -194,8 +205,9 @@ def test_bad_input_fails_before_training(work, tmp_path):
     with pytest.raises(ValueError, match=r"no rows for language\(s\) \['it-IT'\]"):
         run_main("slot_filling", [*base, "--dataset_name", massive, "--eval_languages", "it-IT"])
     broken = tmp_path / "broken"
-    _write_jsonl(str(broken / "train.jsonl"), [{"locale": "en-US", "utt": "hi", "id": "0"}])
-    _write_jsonl(str(broken / "test.jsonl"), [{"locale": "en-US", "utt": "hi", "id": "0"}])
+    rows = [{"locale": "en-US", "utt": "hi", "id": "0"}, {"locale": "de-DE", "utt": "hallo", "id": "0"}]
+    _write_jsonl(str(broken / "train.jsonl"), rows)
+    _write_jsonl(str(broken / "test.jsonl"), rows)
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['annot_utt'\]"):
         run_main("slot_filling", [*base, "--dataset_name", str(broken)])
     with pytest.raises(ValueError, match="--use_peft"):
@@ -207,17 +219,8 @@ def test_bad_input_fails_before_training(work, tmp_path):
 # In-process runs
 def test_slot_filling_runs_with_only_a_model_and_local_data(work, tmp_path):
     output_dir = str(tmp_path / "sf")
-    results = run_main(
-        "slot_filling",
-        [
-            "--model_name_or_path",
-            work["model"],
-            "--dataset_name",
-            work["data"]["slot_filling"],
-            "--output_dir",
-            output_dir,
-        ],
-    )
+    argv = ["--model_name_or_path", work["model"], "--dataset_name", work["data"]["slot_filling"]]
+    results = run_main("slot_filling", [*argv, "--output_dir", output_dir, "--use_cpu"])
     # Task data: en-US (the default); alignment: MASSIVE's parallel utterances of the other locales
     assert results["run"] == "aligned" and results["alignment_languages"] == ["de-DE", "fr-FR"]
     assert results["language_groups"] == {"task": ["en-US"], "aligned": ["de-DE", "fr-FR"], "transfer": []}
@@ -451,7 +454,7 @@ BACKENDS = {
 def launch(script: str, backend_args: list[str], args: list[str], num_processes: int = 2):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *backend_args, "--num_processes", str(num_processes),
-        "--main_process_port", "0", os.path.join(RECIPES, script), *args, "--use_cpu", "--bf16", "false",
+        "--main_process_port", "0", os.path.join(RECIPES, script), *args, "--bf16", "false",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -150,6 +150,10 @@ def test_alignment_only_module_from_pairs_alone_changes_only_blocks_below_layer(
     assert not {n for n in moved if int(n.split("layers.")[1].split(".")[0]) >= 3}
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert logs and all("align_loss" in log and "task_loss" not in log for log in logs)
+    trainer.save_model()
+    adapter_config = json.load(open(os.path.join(trainer.args.output_dir, "adapter_config.json")))
+    assert adapter_config["layers_to_transform"] == [0, 1, 2]
+    assert peft_config.layers_to_transform is None  # the caller's config is left as it was
 
 
 def test_eval_logs_align_loss(tmp_path, tokenizer):

@@ -14,6 +14,9 @@ def _commands() -> dict:
     from .merging import MergeArguments, run_merge
 
     commands["merge"] = (MergeArguments, run_merge, "combine LoRA adapters (task + alignment) into one, or into the base")
+    from .demo import DemoArguments, run_demo
+
+    commands["demo"] = (DemoArguments, run_demo, "the method end to end on Gemma 3 270M and real parallel text (CPU)")
     return commands
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from torch import nn
-from transformers import PreTrainedModel, TrainingArguments
+from peft import LoraConfig
+from transformers import AutoConfig, PreTrainedModel, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
@@ -217,6 +218,21 @@ class AlignmentTrainer(SFTTrainer):
                 )
             else:
                 logger.warning(f"The {name} dataset has no alignment pairs; eval_align_loss is not computed on it.")
+
+        # An alignment-only module changes only the blocks below the aligned layer: say so in the adapter config, so
+        # that the saved adapter holds those blocks only
+        if (
+            args.align_schedule == "alignment_only"
+            and isinstance(peft_config, LoraConfig)
+            and peft_config.layers_to_transform is None
+            and args.align_layer != "auto"
+        ):
+            if isinstance(model, str):
+                config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+            else:
+                config = model.config
+            layer = resolve_layer(args.align_layer, config.get_text_config().num_hidden_layers)
+            peft_config = dataclasses.replace(peft_config, layers_to_transform=list(range(layer)))
 
         # An alignment step leaves the blocks above the aligned layer (and the LM head) without gradients, so DDP
         # must look for unused parameters in every schedule that has alignment-only steps.
