@@ -122,7 +122,7 @@ def run_main(name: str, argv: list[str]):
     return module.main(*_common.parse_args(module.make_parser(), argv))
 
 
-def reload_predictions(model_dir: str, adapter_dir: str) -> tuple[list[str], list[str]]:
+def reload_predictions(model_dir: str, adapter_dir: str, max_new_tokens: int = 6) -> tuple[list[str], list[str]]:
     """Generate the evaluation prompts of a run again with its saved adapter; return (recorded, regenerated)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,7 +134,7 @@ def reload_predictions(model_dir: str, adapter_dir: str) -> tuple[list[str], lis
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in records]
-    regenerated = generate_completions(model, tokenizer, prompts, max_new_tokens=6, disable_progress=True)
+    regenerated = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, disable_progress=True)
     return [r["prediction"] for r in records], regenerated
 
 
@@ -236,7 +236,7 @@ def test_slot_filling_runs_with_only_a_model_and_local_data(work, tmp_path):
     assert adapter_fingerprint(output_dir)["lora_B_abs_sum"] > 0  # LoRA B starts at zero: training moved it
     card = open(os.path.join(output_dir, "README.md")).read()
     assert "align_temperature" in card and "alignment pairs: de-DE, fr-FR" in card and "| de-DE | aligned |" in card
-    recorded, regenerated = reload_predictions(work["model"], output_dir)
+    recorded, regenerated = reload_predictions(work["model"], output_dir, max_new_tokens=64)  # the recipe's default
     assert regenerated == recorded
 
 
