@@ -301,7 +301,8 @@ def iso_code(language: str) -> str:
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _load_local(path: str) -> DatasetDict:
+def load_local(path: str) -> DatasetDict:
+    """Load a local file (its rows are the `train` split), a folder of per-split files, or a `save_to_disk` folder."""
     if os.path.isdir(path):
         if any(
             os.path.exists(os.path.join(path, n)) for n in ("dataset_info.json", "dataset_dict.json", "state.json")
@@ -323,7 +324,8 @@ def _load_local(path: str) -> DatasetDict:
     return load_dataset(_BUILDERS[extension], data_files={"train": path})
 
 
-def _select_split(dataset: DatasetDict, split: str, source: str) -> Dataset:
+def select_split(dataset: DatasetDict, split: str, source: str) -> Dataset:
+    """`dataset[split]`, or the rows of that `partition` in single-file MASSIVE data; a clear error otherwise."""
     if split in dataset:
         return dataset[split]
     # MASSIVE's own files keep every split in one file, told apart by a `partition` column ("dev" for validation)
@@ -383,12 +385,12 @@ def load_language_rows(
             )
         parts = []
         for lang in languages:
-            part = _select_split(_load_hub(name, config.format(**config_values(lang)), revision), split, name)
+            part = select_split(load_hub(name, config.format(**config_values(lang)), revision), split, name)
             if language_column in part.column_names:
                 part = part.remove_columns(language_column)
             parts.append(part.add_column(language_column, [lang] * len(part)))
         return concatenate_datasets(parts) if parts else Dataset.from_dict({language_column: []})
-    dataset = _select_split(_load_local(name) if is_local else _load_hub(name, config, revision), split, name)
+    dataset = select_split(load_local(name) if is_local else load_hub(name, config, revision), split, name)
     if language_column not in dataset.column_names:
         raise ValueError(
             f"{name} ({split}) has no language column {language_column!r} (its columns: {dataset.column_names}). "
@@ -407,7 +409,8 @@ def load_language_rows(
     return dataset.filter(lambda lang: lang in wanted, input_columns=language_column)
 
 
-def _load_hub(name: str, config: str | None, revision: str | None) -> DatasetDict:
+def load_hub(name: str, config: str | None, revision: str | None) -> DatasetDict:
+    """`load_dataset` from the Hub, with the fix spelled out for datasets defined by a loading script."""
     try:
         return load_dataset(name, config, revision=revision)
     except RuntimeError as error:
@@ -439,7 +442,7 @@ def resolve_alignment_languages(script_args: RecipeArguments) -> list[str]:
             "Name the languages to align with --alignment_languages (e.g. sw,te,is), or run the baseline with "
             "--alignment false."
         )
-    train = _select_split(_load_local(script_args.dataset_name), script_args.dataset_train_split, "the training data")
+    train = select_split(load_local(script_args.dataset_name), script_args.dataset_train_split, "the training data")
     if script_args.language_column not in train.column_names:
         raise ValueError(
             f"The training data has no language column {script_args.language_column!r}; set --language_column or "
@@ -511,12 +514,12 @@ def load_pair_dataset(args: RecipeArguments, seed: int) -> Dataset:
         raise ValueError("--alignment_dataset_name needs --alignment_languages: the languages whose pairs to use.")
     if not os.path.exists(name) and config and "{" in config:
         sources = [
-            (lang, _select_split(_load_hub(name, config.format(lang=lang), None), args.alignment_dataset_split, name))
+            (lang, select_split(load_hub(name, config.format(lang=lang), None), args.alignment_dataset_split, name))
             for lang in languages
         ]
     else:
-        loaded = _load_local(name) if os.path.exists(name) else _load_hub(name, config, None)
-        sources = [(None, _select_split(loaded, args.alignment_dataset_split, name))]
+        loaded = load_local(name) if os.path.exists(name) else load_hub(name, config, None)
+        sources = [(None, select_split(loaded, args.alignment_dataset_split, name))]
     pivot = args.alignment_pivot_language
     parts: dict[str, Dataset] = {}
     for lang, data in sources:

@@ -34,18 +34,18 @@ from _common import (
     LANGUAGE_NAMES,
     RecipeArguments,
     RecipeModelConfig,
-    _load_hub,
-    _load_local,
-    _select_split,
     as_task_row,
     check_languages,
     check_launch,
     is_local,
     language_groups,
+    load_hub,
+    load_local,
     load_pair_dataset,
     pairs_from_lists,
     parse_args,
     require_columns,
+    select_split,
     train_evaluate_push,
 )
 from datasets import Dataset, concatenate_datasets
@@ -126,11 +126,11 @@ def direction_rows(name: str, config: str | None, split: str, direction: str, ar
     """The rows of one direction: Hub data loaded with the direction's configuration, local data filtered."""
     source, target = direction.split("-")
     if is_local(name):
-        data = _select_split(_load_local(name), split, name)
+        data = select_split(load_local(name), split, name)
     else:
         lang = source if target == args.alignment_pivot_language else target
         resolved = config.format(lang=lang, src=source, tgt=target) if config else None
-        data = _select_split(_load_hub(name, resolved, args.dataset_revision), split, name)
+        data = select_split(load_hub(name, resolved, args.dataset_revision), split, name)
     require_columns(
         data,
         [args.translation_column],

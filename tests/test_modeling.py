@@ -117,6 +117,7 @@ def test_gguf_model_trains_lora_with_sft_trainer(gemma_gguf_model, tmp_path):
             report_to="none",
             save_strategy="no",
             use_cpu=True,
+            bf16=False,  # fp32 throughout, so the reloaded adapter can be compared closely
         ),
         train_dataset=Dataset.from_dict({"text": texts}),
         processing_class=tokenizer,
@@ -129,13 +130,17 @@ def test_gguf_model_trains_lora_with_sft_trainer(gemma_gguf_model, tmp_path):
     assert any("lora_B" in name for name in changed)  # lora_B starts at zero: the step moved it
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    # The saved adapter on the converted checkpoint reproduces the trained model.
-    base = AutoModelForCausalLM.from_pretrained(gemma3_270m())
-    restored = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    # The saved adapter on the converted checkpoint reproduces the trained model, and differs from the base.
     batch = tokenizer(texts[:2], return_tensors="pt", padding=True)
+    real = batch["attention_mask"].bool()  # logits at padding positions are meaningless
+    base = AutoModelForCausalLM.from_pretrained(gemma3_270m())
     trainer.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(restored(**batch).logits, trainer.model(**batch).logits, rtol=1e-4, atol=1e-4)
+        untrained = base(**batch).logits[real]
+        restored = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+        reloaded, trained = restored(**batch).logits[real], trainer.model(**batch).logits[real]
+    torch.testing.assert_close(reloaded, trained, rtol=1e-4, atol=1e-4)
+    assert (reloaded - untrained).abs().max() > 1e-2
 
 
 @pytest.mark.slow

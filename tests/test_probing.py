@@ -418,3 +418,39 @@ def test_callback_needs_a_trainer_and_valid_layers(tmp_path, tokenizer):
         trainer.train()
     with pytest.raises(ValueError, match="every_n_steps"):
         LayerProbeCallback(language_pairs(), every_n_steps=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real model, real parallel text
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gemma3_270m_on_libreoffice_pairs_peaks_in_the_middle(tmp_path, capsys):
+    """The paper's finding on a real multilingual model: alignment peaks in the middle layers, not at the top."""
+    from trl_midalign.resources import gemma3_270m, libreoffice_parallel_pairs
+
+    pairs = libreoffice_parallel_pairs(["de", "fr", "ja"], max_pairs_per_language=64, seed=0)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs.to_list())
+    out = tmp_path / "gemma"
+    cli_main(["probe", "--model_name_or_path", gemma3_270m(), "--data", data, "--output_dir", str(out)])
+
+    result = ProbeResult.from_json(out / "probe.json")
+    num_layers = 18
+    assert result.layers == list(range(num_layers + 1))
+    assert result.languages == ["de", "fr", "ja"]
+    assert result.num_pairs == {"de": 64, "fr": 64, "ja": 64}
+    for scores in (result.retrieval_accuracy, result.similarity_gap, result.source_to_target_accuracy):
+        assert set(scores) == {"de", "fr", "ja", "mean"}
+        assert all(len(values) == num_layers + 1 for values in scores.values())
+
+    mean = result.retrieval_accuracy["mean"]
+    peak = result.recommended_layer
+    assert mean[peak] == max(mean[1:])
+    assert 0.4 * num_layers <= peak <= 0.8 * num_layers, mean
+    assert mean[peak] >= 0.4, mean
+    assert mean[num_layers] <= 0.2, mean
+    for name in ("probe_heatmap.png", "probe_curve.png"):
+        with open(out / name, "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+    assert f"Recommended layer: {peak} of {num_layers}" in capsys.readouterr().out
