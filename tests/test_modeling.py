@@ -173,6 +173,7 @@ def test_gguf_path_forms(tmp_path):
         assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 2
         assert not hasattr(model, "hf_quantizer") and getattr(model.config, "quantization_config", None) is None
     torch.testing.assert_close(from_path.model.embed_tokens.weight, from_dir.model.embed_tokens.weight)
+    assert from_path.name_or_path == from_dir.name_or_path == path
     # The reader's values arrive unchanged: the norm weights written as ones.
     assert torch.equal(from_path.model.norm.weight, torch.ones(64))
     from_path.save_pretrained(tmp_path / "saved")

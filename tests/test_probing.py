@@ -161,6 +161,18 @@ def test_pairs_without_language_column_form_one_group(tokenizer, pair_dataset):
     result = probe_layers(model, tokenizer, pair_dataset, max_pairs_per_language=5)
     assert result.languages == ["all"]
     assert result.num_pairs == {"all": 5}
+    with pytest.raises(ValueError, match="no 'language' column.*language_column"):
+        probe_layers(model, tokenizer, pair_dataset, languages=["de"])
+
+
+def test_repeated_sentences_are_dropped_with_a_warning(tokenizer):
+    model = build_model("llama", len(tokenizer), num_layers=2)
+    pairs = language_pairs()
+    repeated = [dict(pairs[0], parallel_target="Something else"), dict(pairs[1], parallel_source="Anders")]
+    with pytest.warns(UserWarning, match="Dropped 2 pair\\(s\\) that repeat"):
+        result = probe_layers(model, tokenizer, pairs + repeated)
+    assert result.num_pairs == {"de": 6, "fr": 6}
+    assert result == probe_layers(model, tokenizer, pairs)
 
 
 def test_result_json_round_trip_table_and_plots(tmp_path, tokenizer):
@@ -335,20 +347,21 @@ def test_callback_every_n_steps_with_sft_trainer(tmp_path, tokenizer):
         assert (directory / "probe_heatmap.png").is_file() and (directory / "probe_curve.png").is_file()
 
 
-def test_callback_at_evaluation_with_plain_trainer(tmp_path, tokenizer):
+@pytest.mark.parametrize("trainer_cls", [Trainer, SFTTrainer])
+def test_callback_at_evaluation(trainer_cls, tmp_path, tokenizer):
     model = build_model("llama", len(tokenizer), num_layers=2)
-    args = TrainingArguments(
+    settings = dict(
         output_dir=str(tmp_path), max_steps=4, logging_steps=1, eval_strategy="steps", eval_steps=2,
         per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True,
     )  # fmt: skip
+    if trainer_cls is SFTTrainer:
+        args, train, dev = SFTConfig(**settings, bf16=False), train_rows(), train_rows(4)
+        train, dev = Dataset.from_list(train), Dataset.from_list(dev)
+    else:
+        args, train, dev = TrainingArguments(**settings), lm_dataset(tokenizer), lm_dataset(tokenizer, 4)
     recorder = RecordLogs()
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=lm_dataset(tokenizer),
-        eval_dataset=lm_dataset(tokenizer, 4),
-        processing_class=tokenizer,
-        callbacks=[recorder],
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=train, eval_dataset=dev, processing_class=tokenizer, callbacks=[recorder]
     )
     callback = LayerProbeCallback(language_pairs(), layers=[1, 2], save_plots=False)
     callback.set_trainer(trainer)
@@ -411,6 +424,7 @@ def test_callback_needs_a_trainer_and_valid_layers(tmp_path, tokenizer):
     trainer.add_callback(LayerProbeCallback(language_pairs(), every_n_steps=1, save_plots=False))
     with pytest.raises(ValueError, match="set_trainer"):
         trainer.train()
+    assert trainer.state.global_step == 0  # refused before the first step
 
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(tokenizer), processing_class=tokenizer)
     trainer.add_callback(LayerProbeCallback(language_pairs(), every_n_steps=1, layers=[5], trainer=trainer))

