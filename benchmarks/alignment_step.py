@@ -50,8 +50,8 @@ def parse_args(argv=None):
 def run_case(args) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from trl_midalign import AlignmentConfig, AlignmentTrainer, contrastive_alignment_loss, masked_mean_pool
 

@@ -143,9 +143,7 @@ def task_rows(fmt: str = "prompt_completion", n: int = 8, with_pairs: bool = Tru
         elif fmt == "text":
             row = {"text": f"{prompt} -> {completion}"}
         elif fmt == "conversational":
-            row = {
-                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            }
+            row = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
         else:
             raise ValueError(fmt)
         if with_pairs:

@@ -468,3 +468,23 @@ def test_gemma3_270m_on_libreoffice_pairs_peaks_in_the_middle(tmp_path, capsys):
         with open(out / name, "rb") as f:
             assert f.read(8) == PNG_MAGIC
     assert f"Recommended layer: {peak} of {num_layers}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_probe_accepts_a_gguf_file(tmp_path):
+    """A `.gguf` path is dequantized on load and probes exactly like the checkpoint converted from it."""
+    from trl_midalign.resources import gemma3_270m, gemma3_270m_gguf, libreoffice_parallel_pairs
+
+    pairs = libreoffice_parallel_pairs(["de", "ja"], max_pairs_per_language=8, seed=1)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs.to_list())
+    results = []
+    for name, model in (("gguf", gemma3_270m_gguf()), ("converted", gemma3_270m())):
+        out = tmp_path / name
+        cli_main(["probe", "--model_name_or_path", model, "--data", data, "--output_dir", str(out), "--no_plot"])
+        results.append(ProbeResult.from_json(out / "probe.json"))
+        assert not (out / "probe_heatmap.png").exists()
+    from_gguf, from_checkpoint = results
+    assert from_gguf.model_name.endswith(".gguf")
+    assert from_gguf.layers == list(range(19))
+    assert from_gguf.retrieval_accuracy == from_checkpoint.retrieval_accuracy
+    assert from_gguf.similarity_gap == pytest.approx(from_checkpoint.similarity_gap, abs=1e-6)

@@ -107,8 +107,12 @@ def test_sft_config_and_training_arguments_become_alignment_config(tmp_path, tok
 
 def test_reference_column_names_work_through_options(tmp_path, tokenizer):
     rows = [
-        {"prefix": r["prompt"], "text": r["completion"], "text_parallel_0": r["parallel_source"],
-         "text_parallel_1": r["parallel_target"]}
+        {
+            "prefix": r["prompt"],
+            "text": r["completion"],
+            "text_parallel_0": r["parallel_source"],
+            "text_parallel_1": r["parallel_target"],
+        }
         for r in task_rows()
     ]
     rows = [{"prompt": r.pop("prefix"), "completion": r.pop("text"), **r} for r in rows]

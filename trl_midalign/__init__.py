@@ -4,6 +4,9 @@ from .collator import DataCollatorForAlignment
 from .config import AlignmentConfig
 from .layers import get_decoder, get_decoder_layers, layer_hidden_states, resolve_layer
 from .losses import contrastive_alignment_loss, masked_mean_pool
+from .merging import merge_adapters, search_merge_weights
+from .modeling import load_causal_lm, load_tokenizer, prepare_gguf_model
+from .probing import LayerProbeCallback, ProbeResult, probe_layers
 from .trainer import AlignmentTrainer
 
 
@@ -13,10 +16,18 @@ __all__ = [
     "AlignmentConfig",
     "AlignmentTrainer",
     "DataCollatorForAlignment",
+    "LayerProbeCallback",
+    "ProbeResult",
     "contrastive_alignment_loss",
     "get_decoder",
     "get_decoder_layers",
     "layer_hidden_states",
+    "load_causal_lm",
+    "load_tokenizer",
     "masked_mean_pool",
+    "merge_adapters",
+    "prepare_gguf_model",
+    "probe_layers",
     "resolve_layer",
+    "search_merge_weights",
 ]

@@ -138,7 +138,9 @@ class DataCollatorForAlignment(DataCollatorMixin):
         length = max(len(ids) for ids in encoded)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
-            raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` (for example to its EOS token).")
+            raise ValueError(
+                "The tokenizer has no pad token; set `tokenizer.pad_token` (for example to its EOS token)."
+            )
         input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
         for row, ids in enumerate(encoded):

@@ -158,7 +158,9 @@ def layer_hidden_states(
     blocks = decoder.layers
     num_layers = len(blocks)
     if not 0 <= layer <= num_layers:
-        raise ValueError(f"layer={layer} is outside the model: it has {num_layers} blocks, valid layers are 0..{num_layers}.")
+        raise ValueError(
+            f"layer={layer} is outside the model: it has {num_layers} blocks, valid layers are 0..{num_layers}."
+        )
     captured = {}
 
     if layer == 0:

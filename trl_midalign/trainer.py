@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset, concatenate_datasets
-from torch import nn
 from peft import LoraConfig
+from torch import nn
 from transformers import AutoConfig, PreTrainedModel, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTTrainer
@@ -375,7 +375,9 @@ class AlignmentTrainer(SFTTrainer):
         # Mirrors `Trainer.training_step`: when True, Trainer does not divide the returned loss by the accumulation
         if self.loss_is_scaled_for_ga is not None:
             return self.loss_is_scaled_for_ga
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        return (
+            self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        ) or self.compute_loss_func is not None
 
     def _task_loss_value(self, loss: torch.Tensor, inputs: dict, num_items_in_batch) -> torch.Tensor:
         """The per-token task loss of this micro-batch, undoing the normalisation over the accumulation window."""
@@ -445,7 +447,9 @@ class AlignmentTrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             with open(os.path.join(folder, STATE_FILE), "w") as f:
                 json.dump({"align_micro_step": self._align_micro_step, "align_layer": self.align_layer}, f)
 
@@ -480,9 +484,7 @@ class AlignmentTrainer(SFTTrainer):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if not self.is_world_process_zero():
             return
-        settings = {
-            name: getattr(self.args, name) for name in sorted(vars(self.args)) if name.startswith("align_")
-        }
+        settings = {name: getattr(self.args, name) for name in sorted(vars(self.args)) if name.startswith("align_")}
         rows = "\n".join(f"| `{name}` | `{value!r}` |" for name, value in settings.items())
         section = (
             "\n## Cross-lingual alignment\n\n"
