@@ -488,3 +488,29 @@ def test_cli_probe_accepts_a_gguf_file(tmp_path):
     assert from_gguf.layers == list(range(19))
     assert from_gguf.retrieval_accuracy == from_checkpoint.retrieval_accuracy
     assert from_gguf.similarity_gap == pytest.approx(from_checkpoint.similarity_gap, abs=1e-6)
+
+
+def test_callback_with_alignment_trainer_wires_itself_and_keeps_log_lines(tmp_path, tokenizer):
+    from conftest import task_rows
+
+    from trl_midalign import AlignmentConfig, AlignmentTrainer
+
+    callback = LayerProbeCallback(language_pairs(), every_n_steps=2)  # no trainer given: AlignmentTrainer wires it
+    args = AlignmentConfig(
+        output_dir=str(tmp_path), max_steps=4, logging_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to="none", save_strategy="no", disable_tqdm=True, bf16=False, use_cpu=True,
+    )  # fmt: skip
+    trainer = AlignmentTrainer(
+        model=build_model("llama", len(tokenizer), num_layers=4),
+        args=args,
+        train_dataset=Dataset.from_list(task_rows(n=8)),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    assert callback.trainer is trainer
+    trainer.train()
+    assert_regular_lines_kept(trainer.state.log_history, logging_steps=2, max_steps=4)
+    for step in (2, 4):
+        (line,) = [e for e in trainer.state.log_history if e["step"] == step and "loss" in e]
+        assert {"probe/retrieval_de", "probe/retrieval_fr", "probe/retrieval_layer_2"} <= set(line)
+        assert {"task_loss", "align_loss"} <= set(line)

@@ -20,7 +20,7 @@ from .config import AlignmentConfig
 from .layers import layer_hidden_states, num_decoder_layers, resolve_layer
 from .losses import contrastive_alignment_loss, last_token_pool, masked_mean_pool
 from .modeling import load_causal_lm, load_tokenizer, prepare_gguf_model
-from .probing import ProbeResult, probe_layers
+from .probing import LayerProbeCallback, ProbeResult, probe_layers
 
 
 logger = logging.getLogger(__name__)
@@ -262,6 +262,11 @@ class AlignmentTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+
+        # Callbacks get no trainer from transformers; a layer probe needs this one to log through
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, LayerProbeCallback) and callback.trainer is None:
+                callback.set_trainer(self)
 
         self.num_layers = num_decoder_layers(self.model)
         self.align_probe = None
