@@ -21,11 +21,20 @@ paragraph ids, English side at most `--max_chars` characters. Paragraph ids are 
 8, by a hash of the id) and a training part, and training rows whose English text occurs in the held-out part are
 dropped: no English sentence of a probed or held-out row is trained on, in any language.
 
-The trained adapters and the base probe are cached under `--output_dir` (`--retrain` trains again), so a second run
-with other weights only merges and evaluates.
+Variants: `--align_lm_regularization` trains the alignment adapter with the `joint` schedule (alignment loss plus
+next-token loss on the non-English sentences, no task data); `--probe_unseen_only --eval_pairs 256 --align_layer 12`
+probes only the unseen languages, with more pairs (less noise, fewer forward passes than probing all six).
+
+The trained adapters, the base probe and every evaluation are cached under `--output_dir` (`--retrain` trains and
+evaluates again), so a second run with other weights only merges and evaluates the new ones. On 2 CPU cores shared
+with other jobs, training took 36 min (task, 30 steps) and 14 min (alignment, 60 steps), and each evaluated model
+4-5 min; on a GPU the whole run takes minutes.
 
     python benchmarks/merge_transfer.py --output_dir outputs/merge_transfer
-    python benchmarks/merge_transfer.py --output_dir outputs/merge_transfer --weights 0 0.5 1 2
+    python benchmarks/merge_transfer.py --output_dir outputs/merge_transfer --probe_unseen_only --eval_pairs 256 \
+        --align_layer 12 --weights 0 0.1 0.25
+    python benchmarks/merge_transfer.py --output_dir outputs/merge_transfer --align_lm_regularization \
+        --align_steps 40 --weights 0 0.5 1
 """
 
 import argparse
@@ -55,7 +64,21 @@ def parse_args(argv=None):
         default="auto",
         help="layer to align; 'auto': the base model's best on the alignment languages",
     )
-    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="alignment weights to try")
+    parser.add_argument(
+        "--align_lm_regularization",
+        action="store_true",
+        help="train the alignment adapter with the 'joint' schedule: alignment loss + next-token loss on the "
+        "non-English sentences of the pairs (no task data), LoRA restricted to the blocks below the layer",
+    )
+    parser.add_argument(
+        "--probe_unseen_only",
+        action="store_true",
+        help="probe the unseen languages only (cheaper, for large --eval_pairs; needs an int --align_layer); no "
+        "weight is then selected on the alignment languages",
+    )
+    parser.add_argument(
+        "--weights", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 1.0], help="alignment weights to try"
+    )
     parser.add_argument("--max_task_loss_increase", type=float, default=0.05, help="selection rule's allowed rise")
     parser.add_argument("--align_pairs_per_language", type=int, default=400, help="training pairs per align language")
     parser.add_argument("--eval_pairs", type=int, default=64, help="held-out probe pairs per language")
@@ -103,7 +126,7 @@ def build_data(args, tokenizer) -> dict:
             train[row["language"]].append(row)
 
     probe_rows = []
-    for lang in args.unseen_languages + args.align_languages:
+    for lang in args.unseen_languages + ([] if args.probe_unseen_only else args.align_languages):
         if len(held[lang]) < args.eval_pairs:
             raise ValueError(f"only {len(held[lang])} held-out pairs for {lang}; lower --eval_pairs")
         probe_rows += held[lang][: args.eval_pairs]
@@ -183,6 +206,7 @@ def train_task_adapter(args, model_dir: str, tokenizer, dataset, path: str) -> d
 
 def train_alignment_adapter(args, model_dir: str, tokenizer, pairs, layer: int, path: str) -> dict:
     import torch
+    from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
     from trl_midalign.config import AlignmentConfig
@@ -190,25 +214,35 @@ def train_alignment_adapter(args, model_dir: str, tokenizer, pairs, layer: int, 
 
     start = time.time()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_config = lora_config()
+    if args.align_lm_regularization:
+        # Next-token loss on the non-English sentences keeps the blocks' outputs readable by the blocks above, which
+        # the alignment loss alone does not ask for. Monolingual text only: no translation, no task data.
+        train_dataset = Dataset.from_dict({"text": pairs["parallel_source"]}).shuffle(seed=args.seed + 1)
+        schedule = "joint"
+        peft_config.layers_to_transform = list(range(layer))  # still an alignment module: blocks below the layer
+    else:
+        train_dataset, schedule = None, "alignment_only"
     config = AlignmentConfig(
         output_dir=path,
-        align_schedule="alignment_only",
+        align_schedule=schedule,
         align_layer=layer,
         align_max_length=args.max_length,
+        max_length=args.max_length,
         **training_args(args, args.align_steps),
     )
     trainer = AlignmentTrainer(
         model=model,
         args=config,
-        train_dataset=None,
+        train_dataset=train_dataset,
         alignment_dataset=pairs,
         processing_class=tokenizer,
-        peft_config=lora_config(),
+        peft_config=peft_config,
     )
     trainer.train()
     trainer.save_model()
     log = [entry for entry in trainer.state.log_history if "align_loss" in entry]
-    return {"seconds": time.time() - start, "log": log}
+    return {"seconds": time.time() - start, "schedule": schedule, "log": log}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -284,7 +318,9 @@ def main(argv=None):
     )
 
     # Base model: probed once (cached); the aligned layer comes from the alignment languages only
-    base_probe_path = os.path.join(args.output_dir, "probe_base.json")
+    # Evaluation caches and reports are named after the evaluation data, the reports after the alignment variant too
+    tag = f"_{args.eval_pairs}pairs_{args.eval_task_rows}rows" + ("_unseen" if args.probe_unseen_only else "")
+    base_probe_path = os.path.join(args.output_dir, f"probe_base{tag}.json")
     if os.path.isfile(base_probe_path) and not args.retrain:
         base_probe = ProbeResult.from_json(base_probe_path)
     else:
@@ -293,6 +329,8 @@ def main(argv=None):
         base_probe.to_json(base_probe_path)
         timings["probe_base_s"] = time.time() - t
     if args.align_layer == "auto":
+        if args.probe_unseen_only:
+            raise ValueError("--probe_unseen_only needs an int --align_layer (auto uses the alignment languages)")
         align_mean = [
             sum(base_probe.retrieval_accuracy[lang][i] for lang in args.align_languages) / len(args.align_languages)
             for i in range(len(base_probe.layers))
@@ -304,7 +342,8 @@ def main(argv=None):
 
     # The two adapters, each trained on the base model alone (cached)
     task_dir = os.path.join(args.output_dir, f"task_adapter_{args.task_steps}steps")
-    align_dir = os.path.join(args.output_dir, f"alignment_adapter_layer{layer}_{args.align_steps}steps")
+    variant = "_lmreg" if args.align_lm_regularization else ""
+    align_dir = os.path.join(args.output_dir, f"alignment_adapter_layer{layer}_{args.align_steps}steps{variant}")
     if not cached(task_dir, args.retrain):
         print(f"[merge_transfer] training the task adapter ({args.task_steps} steps) ...", flush=True)
         info = train_task_adapter(args, model_dir, tokenizer, data["task_train"], task_dir)
@@ -322,39 +361,65 @@ def main(argv=None):
         with open(os.path.join(path, "train_info.json")) as handle:
             train_info[name] = json.load(handle)
 
-    # Every model: probe at all layers, task loss on the held-out task rows where the task adapter is in
+    # Every model: probe at all layers, task loss on the held-out task rows. Cached next to the adapters, so that a
+    # run with other weights only evaluates the new merges.
     adapters = {"task": task_dir, "alignment": align_dir}
-    rows = {"base": {"weight": None, "probe": base_probe}}
     t = time.time()
-    rows["alignment only"] = {
-        "weight": None,
-        "probe": probe(PeftModel.from_pretrained(base_model(), align_dir), tokenizer, data["probe"], args),
-    }
-    for weight in sorted({0.0, *args.weights}):  # 0 (the task adapter alone) is the reference
-        if weight == 0.0:
-            name, model = "task only (w=0)", PeftModel.from_pretrained(base_model(), task_dir)
+
+    def evaluate(name: str, cache: str, make_model, weight: float | None, known_probe=None) -> dict:
+        if os.path.isfile(cache) and not args.retrain:
+            with open(cache) as handle:
+                saved = json.load(handle)
+            saved["probe"] = ProbeResult.from_dict(saved["probe"])
         else:
-            name = f"merged w={weight:g}"
-            model = merge_adapters(
-                model_dir,
-                adapters,
-                weights={"task": 1.0, "alignment": weight},
-                combination="cat",
-                output_dir=os.path.join(args.output_dir, f"merged_w{weight:g}"),
-                overwrite=True,
-            )
-        rows[name] = {
-            "weight": weight,
-            "probe": probe(model, tokenizer, data["probe"], args),
-            "task_loss": task_loss(model, tokenizer, data["task_eval"]),
-        }
-        print(f"[merge_transfer] {name}: task loss {rows[name]['task_loss']:.4f}", flush=True)
+            model = make_model()
+            saved = {
+                "probe": known_probe or probe(model, tokenizer, data["probe"], args),
+                "task_loss": task_loss(model, tokenizer, data["task_eval"]),
+            }
+            with open(cache, "w") as handle:
+                json.dump({**saved, "probe": saved["probe"].to_dict()}, handle)
+        print(f"[merge_transfer] {name}: task loss {saved['task_loss']:.4f}", flush=True)
+        return {"weight": weight, **saved}
+
+    def merged(weight: float):
+        return merge_adapters(
+            model_dir,
+            adapters,
+            weights={"task": 1.0, "alignment": weight},
+            combination="cat",
+            output_dir=os.path.join(align_dir + "_merges", f"w{weight:g}"),
+            overwrite=True,
+        )
+
+    rows = {
+        "base": evaluate("base", os.path.join(args.output_dir, f"eval_base{tag}.json"), base_model, None, base_probe),
+        "alignment only": evaluate(
+            "alignment only",
+            os.path.join(align_dir, f"eval_alone{tag}.json"),
+            lambda: PeftModel.from_pretrained(base_model(), align_dir),
+            None,
+        ),
+        "task only (w=0)": evaluate(
+            "task only (w=0)",
+            os.path.join(task_dir, f"eval{tag}.json"),
+            lambda: PeftModel.from_pretrained(base_model(), task_dir),
+            0.0,
+        ),
+    }
+    for weight in sorted(set(args.weights) - {0.0}):
+        cache = os.path.join(align_dir, f"eval_with_{os.path.basename(task_dir)}_w{weight:g}{tag}.json")
+        rows[f"merged w={weight:g}"] = evaluate(
+            f"merged w={weight:g}", cache, lambda weight=weight: merged(weight), weight
+        )
     timings["evaluation_s"] = time.time() - t
 
     # Report
     index = base_probe.layers.index(layer)
-    groups = {"unseen": args.unseen_languages, "alignment": args.align_languages}
-    languages = args.unseen_languages + args.align_languages
+    groups = {"unseen": args.unseen_languages}
+    if not args.probe_unseen_only:
+        groups["alignment"] = args.align_languages
+    languages = [lang for members in groups.values() for lang in members]
 
     def accuracy(result, members):
         return sum(result.retrieval_accuracy[lang][index] for lang in members) / len(members)
@@ -363,7 +428,7 @@ def main(argv=None):
     for row in rows.values():
         row["accuracy"] = {lang: row["probe"].retrieval_accuracy[lang][index] for lang in languages}
         row["accuracy"].update({f"mean_{group}": accuracy(row["probe"], members) for group, members in groups.items()})
-        if "task_loss" in row and reference is not None:
+        if row["weight"] is not None:
             row["task_loss_change"] = row["task_loss"] / reference - 1.0
     # The selection rule of search_merge_weights, scored on the dev signal (alignment languages), not on the unseen
     eligible = [
@@ -371,7 +436,9 @@ def main(argv=None):
         for row in rows.values()
         if "task_loss_change" in row and row["task_loss_change"] <= args.max_task_loss_increase
     ]
-    selected = max(eligible, key=lambda row: (row["accuracy"]["mean_alignment"], -row["weight"]))["weight"]
+    selected = None
+    if "alignment" in groups:
+        selected = max(eligible, key=lambda row: (row["accuracy"]["mean_alignment"], -row["weight"]))["weight"]
 
     header = " | ".join(f"{lang}{'*' if lang in args.unseen_languages else ''}" for lang in languages)
     lines = [
@@ -379,20 +446,19 @@ def main(argv=None):
         f"held-out pairs per language; * = seen by neither adapter) and task loss on {len(data['task_eval'])} held-out "
         f"rows of {args.task_languages} (nll per completion token)",
         "",
-        f"| model | {header} | mean unseen | mean alignment langs | task loss | vs task only |",
-        "|---|" + "---|" * (len(languages) + 4),
+        f"| model | {header} | " + " | ".join(f"mean {group}" for group in groups) + " | task loss | vs task only |",
+        "|---|" + "---|" * (len(languages) + len(groups) + 2),
     ]
     for name, row in rows.items():
         cells = " | ".join(f"{row['accuracy'][lang]:.3f}" for lang in languages)
-        loss = f"{row['task_loss']:.4f} | {100 * row['task_loss_change']:+.2f}%" if "task_loss" in row else "- | -"
+        change = f"{100 * row['task_loss_change']:+.2f}%" if "task_loss_change" in row else "-"
+        loss = f"{row['task_loss']:.4f} | {change}"
         mark = " (selected)" if row["weight"] == selected and row["weight"] is not None else ""
-        lines.append(
-            f"| {name}{mark} | {cells} | {row['accuracy']['mean_unseen']:.3f} | "
-            f"{row['accuracy']['mean_alignment']:.3f} | {loss} |"
-        )
+        means = " | ".join(f"{row['accuracy'][f'mean_{group}']:.3f}" for group in groups)
+        lines.append(f"| {name}{mark} | {cells} | {means} | {loss} |")
     report = "\n".join(lines) + "\n"
     print(report, flush=True)
-    with open(os.path.join(args.output_dir, "report.md"), "w") as handle:
+    with open(os.path.join(args.output_dir, f"report{variant}{tag}.md"), "w") as handle:
         handle.write(report)
 
     timings["total_s"] = time.time() - start
@@ -413,10 +479,10 @@ def main(argv=None):
         "train": train_info,
         "timings_s": timings,
     }
-    with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
+    with open(os.path.join(args.output_dir, f"results{variant}{tag}.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     print(
-        f"[merge_transfer] weight selected on the alignment languages: {selected:g}; this run "
+        f"[merge_transfer] weight selected on the alignment languages: {selected}; this run "
         f"{timings['total_s'] / 60:.1f} min; files in {args.output_dir}",
         flush=True,
     )
