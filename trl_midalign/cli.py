@@ -6,7 +6,8 @@ from transformers import HfArgumentParser
 
 
 def _commands() -> dict:
-    # Imported lazily so that `trl-midalign --help` stays fast. Each entry: (arguments dataclass, run function, help).
+    # Imported here, not at module level, so that importing trl_midalign.cli is cheap.
+    # Each entry: (arguments dataclass, run function, help).
     commands = {}
     from .probing import ProbeArguments, run_probe
 
