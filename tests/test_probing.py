@@ -375,7 +375,12 @@ def test_callback_at_evaluation(trainer_cls, tmp_path, tokenizer):
     assert [e["step"] for e in probe_lines] == [2, 4]
     for entry, (step, result) in zip(probe_lines, callback.history):
         assert entry["step"] == step
-        assert {k for k in entry if k.startswith("probe/")} == {"probe/retrieval_layer_1", "probe/retrieval_layer_2"}
+        assert {k for k in entry if k.startswith("probe/")} == {
+            "probe/retrieval_layer_1",
+            "probe/retrieval_layer_2",
+            "probe/runtime",
+        }
+        assert 0 < entry["probe/runtime"] < 60
         assert entry["probe/retrieval_layer_2"] == pytest.approx(result.retrieval_accuracy["mean"][2])
     assert sum("probe/retrieval_layer_1" in logs for _, logs in recorder.logs) == 2
     assert (tmp_path / "layer_probe" / "step-4" / "probe.json").is_file()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import PAIRS, build_model, task_rows
 from datasets import Dataset
 from peft import LoraConfig
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 from trl import SFTConfig
 
@@ -158,6 +159,46 @@ def test_alignment_only_module_from_pairs_alone_changes_only_blocks_below_layer(
     adapter_config = json.load(open(os.path.join(trainer.args.output_dir, "adapter_config.json")))
     assert adapter_config["layers_to_transform"] == [0, 1, 2]
     assert peft_config.layers_to_transform is None  # the caller's config is left as it was
+    saved = load_file(os.path.join(trainer.args.output_dir, "adapter_model.safetensors"))
+    assert {int(n.split("layers.")[1].split(".")[0]) for n in saved} == {0, 1, 2}
+
+
+def test_alignment_only_auto_layer_probes_per_language_and_keeps_lora_below_it(tmp_path, tokenizer):
+    from trl_midalign.probing import probe_layers
+
+    model = build_model("llama", len(tokenizer), num_layers=6, seed=3)
+    pairs = Dataset.from_list(
+        [
+            {"language": "de" if i < 6 else "fr", "parallel_source": s, "parallel_target": t}
+            for i, (s, t) in enumerate(PAIRS)
+        ]
+    )
+    expected = probe_layers(copy.deepcopy(model), tokenizer, pairs, show_progress=False)
+    assert expected.languages == ["de", "fr"]
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = AlignmentTrainer(
+        model=model,
+        args=config(tmp_path, align_schedule="alignment_only", align_layer="auto", max_steps=2),
+        train_dataset=None,
+        alignment_dataset=pairs,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    layer = expected.recommended_layer
+    assert trainer.align_layer == layer and sorted(trainer.align_probe.languages) == ["de", "fr"]
+    for language in ("de", "fr", "mean"):
+        assert trainer.align_probe.retrieval_accuracy[language] == pytest.approx(expected.retrieval_accuracy[language])
+    lora_blocks = {
+        int(n.split("layers.")[1].split(".")[0]) for n, _ in trainer.model.named_parameters() if "lora_" in n
+    }
+    assert lora_blocks == set(range(layer))
+    trainer.train()
+    trainer.save_model()
+    adapter_config = json.load(open(os.path.join(trainer.args.output_dir, "adapter_config.json")))
+    assert adapter_config["layers_to_transform"] == list(range(layer))
+    assert peft_config.layers_to_transform is None
+    saved = load_file(os.path.join(trainer.args.output_dir, "adapter_model.safetensors"))
+    assert {int(n.split("layers.")[1].split(".")[0]) for n in saved} == set(range(layer))
 
 
 def test_eval_logs_align_loss(tmp_path, tokenizer):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -891,7 +892,8 @@ class LayerProbeCallback(TrainerCallback):
 
     - `probe/retrieval_layer_{L}`: mean retrieval accuracy over the languages at layer `L` (every layer, or `layers`);
     - `probe/retrieval_{language}`: the accuracy of each language at the trainer's `align_layer`, when the trainer has
-      one (as [`AlignmentTrainer`] does).
+      one (as [`AlignmentTrainer`] does);
+    - `probe/runtime`: seconds this probe took on this rank, saving included (like `eval_runtime`).
 
     How they are logged, without touching the trainer's own log lines: after an evaluation, as a separate log entry
     at the same step; every `every_n_steps`, merged into the trainer's next regular training log line through TRL's
@@ -1038,6 +1040,7 @@ class LayerProbeCallback(TrainerCallback):
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer is None:
             raise ValueError("LayerProbeCallback has no tokenizer: pass tokenizer=..., or give the trainer one.")
+        start = time.perf_counter()
         result = _probe_groups(
             model, tokenizer, self.groups, batch_size=self.batch_size, max_length=self.max_length, show_progress=False
         )
@@ -1064,4 +1067,5 @@ class LayerProbeCallback(TrainerCallback):
             result.to_json(os.path.join(directory, "probe.json"))
             if self.save_plots:
                 result.plot(directory)
+        logs["probe/runtime"] = round(time.perf_counter() - start, 4)
         return logs

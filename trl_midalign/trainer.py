@@ -10,14 +10,14 @@ import torch
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from peft import LoraConfig
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel, TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 
 from .collator import PAIR_KEYS, DataCollatorForAlignment, check_sentence
 from .config import AlignmentConfig
-from .layers import layer_hidden_states, num_decoder_layers, resolve_layer
+from .layers import get_decoder_layers, layer_hidden_states, num_decoder_layers, resolve_layer
 from .losses import contrastive_alignment_loss, last_token_pool, masked_mean_pool
 from .modeling import load_causal_lm, load_tokenizer, prepare_gguf_model
 from .probing import LayerProbeCallback, ProbeResult, probe_layers
@@ -164,6 +164,8 @@ class AlignmentTrainer(SFTTrainer):
                     f"`alignment_dataset` has {len(alignment_dataset)} pair(s); the contrastive loss needs at least 2."
                 )
             pairs = alignment_dataset.select_columns([source, target]).shuffle(seed=args.seed)
+        # align_layer="auto" probes these pairs per language (the language column is dropped from the training rows)
+        probe_pairs = alignment_dataset if alignment_dataset is not None else train_dataset
         if train_dataset is None and alignment_dataset is not None and args.align_schedule == "alignment_only":
             train_dataset = pairs
             args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
@@ -219,21 +221,6 @@ class AlignmentTrainer(SFTTrainer):
             else:
                 logger.warning(f"The {name} dataset has no alignment pairs; eval_align_loss is not computed on it.")
 
-        # An alignment-only module changes only the blocks below the aligned layer: say so in the adapter config, so
-        # that the saved adapter holds those blocks only
-        if (
-            args.align_schedule == "alignment_only"
-            and isinstance(peft_config, LoraConfig)
-            and peft_config.layers_to_transform is None
-            and args.align_layer != "auto"
-        ):
-            if isinstance(model, str):
-                config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
-            else:
-                config = model.config
-            layer = resolve_layer(args.align_layer, config.get_text_config().num_hidden_layers)
-            peft_config = dataclasses.replace(peft_config, layers_to_transform=list(range(layer)))
-
         # An alignment step leaves the blocks above the aligned layer (and the LM head) without gradients, so DDP
         # must look for unused parameters in every schedule that has alignment-only steps.
         if args.align_schedule != "joint":
@@ -271,10 +258,12 @@ class AlignmentTrainer(SFTTrainer):
         self.num_layers = num_decoder_layers(self.model)
         self.align_probe = None
         if args.align_layer == "auto":
-            self.align_probe = self._probe_for_layer()
+            self.align_probe = self._probe_for_layer(probe_pairs)
             self.align_layer = self.align_probe.recommended_layer
         else:
             self.align_layer = resolve_layer(args.align_layer, self.num_layers)
+        if args.align_schedule == "alignment_only":
+            self._restrict_lora_to_blocks_below(self.align_layer)
         self.data_collator = DataCollatorForAlignment(
             tokenizer=self._tokenizer,
             task_collator=self.data_collator,
@@ -291,8 +280,33 @@ class AlignmentTrainer(SFTTrainer):
             f"{args.align_schedule!r} schedule."
         )
 
-    def _probe_for_layer(self) -> ProbeResult:
-        """Probe the base model on a sample of the training pairs; `align_layer="auto"` takes the best layer."""
+    def _restrict_lora_to_blocks_below(self, layer: int) -> None:
+        """
+        An alignment-only module changes only the blocks below the aligned layer (the blocks above never run): keep
+        LoRA on those blocks only and say so in the adapter config (`layers_to_transform`), so that the saved adapter
+        holds them alone and merges with a task adapter as what it is. An explicit `layers_to_transform` is kept.
+        """
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+
+        if not isinstance(self.model, PeftModel):
+            return
+        name = self.model.active_adapter
+        config = self.model.peft_config[name]
+        if not isinstance(config, LoraConfig) or config.layers_to_transform is not None:
+            return
+        for index, block in enumerate(get_decoder_layers(self.model)):
+            if index < layer:
+                continue
+            for module_name, module in list(block.named_modules()):
+                if isinstance(module, LoraLayer):
+                    parent_name, _, child = module_name.rpartition(".")
+                    setattr(block.get_submodule(parent_name), child, module.get_base_layer())
+        # a copy: PEFT keeps the caller's LoraConfig object, which must stay as the caller wrote it
+        self.model.peft_config[name] = dataclasses.replace(config, layers_to_transform=list(range(layer)))
+
+    def _probe_for_layer(self, pairs: Dataset) -> ProbeResult:
+        """Probe the base model on a sample of the pairs, per language; `align_layer="auto"` takes the best layer."""
         args = self.args
         if any(getattr(p, "ds_id", None) is not None and p.numel() == 0 for p in self.model.parameters()):
             raise ValueError(
@@ -300,8 +314,7 @@ class AlignmentTrainer(SFTTrainer):
                 "DeepSpeed ZeRO-3 (zero3_init_flag). Probe it once with `trl-midalign probe` and set align_layer to "
                 "the recommended layer, or disable zero3_init_flag."
             )
-        dataset = self.train_dataset
-        sample = dataset.shuffle(seed=args.seed).select(range(min(len(dataset), args.align_auto_num_pairs)))
+        sample = pairs.shuffle(seed=args.seed).select(range(min(len(pairs), args.align_auto_num_pairs)))
         result = probe_layers(
             self.model,
             self._tokenizer,
