@@ -116,7 +116,8 @@ def main() -> None:
     probe = probe_total / len(probe_seconds)
     num_probe = len(probe_pairs)
     print(
-        f"Gemma 3 270M, alternate schedule, batch {args.batch_size} task rows + {args.batch_size} pairs, "
+        f"Gemma 3 270M, alternate schedule (task batches of {args.batch_size} rows and alignment batches of "
+        f"{args.batch_size} pairs in turn), "
         f"max_length {args.max_length}, layer {args.align_layer}, {args.threads} threads, torch {torch.__version__}"
     )
     print(
