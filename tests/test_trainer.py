@@ -199,6 +199,29 @@ def test_alignment_only_auto_layer_probes_per_language_and_keeps_lora_below_it(t
     assert peft_config.layers_to_transform is None
     saved = load_file(os.path.join(trainer.args.output_dir, "adapter_model.safetensors"))
     assert {int(n.split("layers.")[1].split(".")[0]) for n in saved} == set(range(layer))
+    targeted = trainer.model.base_model.targeted_module_names
+    assert targeted and {int(n.split("layers.")[1].split(".")[0]) for n in targeted} == set(range(layer))
+
+
+def test_alignment_only_keeps_every_module_of_a_peft_model_passed_in(tmp_path, tokenizer, pair_dataset):
+    """An adapter the caller built (maybe trained before) is never cut down: its upper blocks may hold real deltas."""
+    from peft import get_peft_model
+
+    model = get_peft_model(
+        build_model("llama", len(tokenizer), num_layers=6), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    trainer = AlignmentTrainer(
+        model=model,
+        args=config(tmp_path, align_schedule="alignment_only", align_layer=3, max_steps=1),
+        train_dataset=None,
+        alignment_dataset=pair_dataset,
+        processing_class=tokenizer,
+    )
+    lora_blocks = {
+        int(n.split("layers.")[1].split(".")[0]) for n, _ in trainer.model.named_parameters() if "lora_" in n
+    }
+    assert lora_blocks == set(range(6))
+    assert trainer.model.peft_config["default"].layers_to_transform is None
 
 
 def test_eval_logs_align_loss(tmp_path, tokenizer):

@@ -14,7 +14,11 @@ def _commands() -> dict:
     commands["probe"] = (ProbeArguments, run_probe, "per-layer cross-lingual retrieval accuracy (choose align_layer)")
     from .merging import MergeArguments, run_merge
 
-    commands["merge"] = (MergeArguments, run_merge, "combine LoRA adapters (task + alignment) into one, or into the base")
+    commands["merge"] = (
+        MergeArguments,
+        run_merge,
+        "combine LoRA adapters (task + alignment) into one, or into the base",
+    )
     from .demo import DemoArguments, run_demo
 
     commands["demo"] = (DemoArguments, run_demo, "the method end to end on Gemma 3 270M and real parallel text (CPU)")

@@ -221,6 +221,10 @@ class AlignmentTrainer(SFTTrainer):
             else:
                 logger.warning(f"The {name} dataset has no alignment pairs; eval_align_loss is not computed on it.")
 
+        # Only an adapter created here from `peft_config` is cut down to the blocks an alignment-only module trains; a
+        # PEFT model passed in (for example an adapter trained before) keeps all its modules
+        created_adapter = peft_config is not None and not hasattr(model, "peft_config")
+
         # An alignment step leaves the blocks above the aligned layer (and the LM head) without gradients, so DDP
         # must look for unused parameters in every schedule that has alignment-only steps.
         if args.align_schedule != "joint":
@@ -262,7 +266,7 @@ class AlignmentTrainer(SFTTrainer):
             self.align_layer = self.align_probe.recommended_layer
         else:
             self.align_layer = resolve_layer(args.align_layer, self.num_layers)
-        if args.align_schedule == "alignment_only":
+        if args.align_schedule == "alignment_only" and isinstance(peft_config, LoraConfig) and created_adapter:
             self._restrict_lora_to_blocks_below(self.align_layer)
         self.data_collator = DataCollatorForAlignment(
             tokenizer=self._tokenizer,
@@ -283,8 +287,9 @@ class AlignmentTrainer(SFTTrainer):
     def _restrict_lora_to_blocks_below(self, layer: int) -> None:
         """
         An alignment-only module changes only the blocks below the aligned layer (the blocks above never run): keep
-        LoRA on those blocks only and say so in the adapter config (`layers_to_transform`), so that the saved adapter
-        holds them alone and merges with a task adapter as what it is. An explicit `layers_to_transform` is kept.
+        the new LoRA adapter on those blocks only and say so in its config (`layers_to_transform`), so that the saved
+        adapter holds them alone and merges with a task adapter as what it is. An explicit `layers_to_transform` is
+        kept. Done before training, while the LoRA weights above the layer are still at their initial (zero) delta.
         """
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
@@ -295,13 +300,21 @@ class AlignmentTrainer(SFTTrainer):
         config = self.model.peft_config[name]
         if not isinstance(config, LoraConfig) or config.layers_to_transform is not None:
             return
+        tuner = self.model.base_model
+        removed = 0
         for index, block in enumerate(get_decoder_layers(self.model)):
             if index < layer:
                 continue
             for module_name, module in list(block.named_modules()):
                 if isinstance(module, LoraLayer):
+                    removed += 1
                     parent_name, _, child = module_name.rpartition(".")
                     setattr(block.get_submodule(parent_name), child, module.get_base_layer())
+        if not removed:
+            return
+        kept = {module_name for module_name, module in tuner.model.named_modules() if isinstance(module, LoraLayer)}
+        if isinstance(getattr(tuner, "targeted_module_names", None), list):
+            tuner.targeted_module_names = [n for n in tuner.targeted_module_names if n in kept]
         # a copy: PEFT keeps the caller's LoraConfig object, which must stay as the caller wrote it
         self.model.peft_config[name] = dataclasses.replace(config, layers_to_transform=list(range(layer)))
 
