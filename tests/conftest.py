@@ -156,3 +156,8 @@ def task_rows(fmt: str = "prompt_completion", n: int = 8, with_pairs: bool = Tru
 @pytest.fixture
 def pair_dataset() -> Dataset:
     return Dataset.from_list([{"parallel_source": s, "parallel_target": t} for s, t in PAIRS])
+
+
+def block_of(name: str) -> int:
+    """The decoder block index in a parameter or module name such as `...layers.3.self_attn.q_proj...`."""
+    return int(name.split("layers.")[1].split(".")[0])

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import MODEL_CLASSES, build_model
+from conftest import MODEL_CLASSES, block_of, build_model
 from peft import LoraConfig, get_peft_model
 from test_losses import plain_info_nce, plain_pool
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -93,8 +93,7 @@ def test_alignment_gradients_reach_only_blocks_below_the_layer():
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        block = int(name.split("layers.")[1].split(".")[0])
-        assert (name in with_grad) == (block < 3), name
+        assert (name in with_grad) == (block_of(name) < 3), name
 
 
 def test_reference_loss_composition_matches_plain_computation():

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import PAIRS, build_model, build_tokenizer, task_rows
+from conftest import PAIRS, block_of, build_model, build_tokenizer, task_rows
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
@@ -100,10 +100,6 @@ def read_deltas(path: str) -> dict[str, torch.Tensor]:
             alpha = (config["alpha_pattern"] or {}).get(module, config["lora_alpha"])
             deltas[module] = alpha / a.shape[0] * b.double() @ a.double()
     return deltas
-
-
-def block_of(module: str) -> int:
-    return int(module.split("layers.")[1].split(".")[0])
 
 
 def tree_hash(path: str) -> dict[str, str]:

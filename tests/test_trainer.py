@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PAIRS, build_model, task_rows
+from conftest import PAIRS, block_of, build_model, task_rows
 from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import load_file
@@ -151,8 +151,8 @@ def test_alignment_only_module_from_pairs_alone_changes_only_blocks_below_layer(
     trainer.train()
     moved = changed(before, trainer.model)
     lora_b = {n for n in before if "lora_B" in n}
-    assert {n for n in lora_b if int(n.split("layers.")[1].split(".")[0]) < 3} <= moved
-    assert not {n for n in moved if int(n.split("layers.")[1].split(".")[0]) >= 3}
+    assert {n for n in lora_b if block_of(n) < 3} <= moved
+    assert not {n for n in moved if block_of(n) >= 3}
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert logs and all("align_loss" in log and "task_loss" not in log for log in logs)
     trainer.save_model()
@@ -160,7 +160,7 @@ def test_alignment_only_module_from_pairs_alone_changes_only_blocks_below_layer(
     assert adapter_config["layers_to_transform"] == [0, 1, 2]
     assert peft_config.layers_to_transform is None  # the caller's config is left as it was
     saved = load_file(os.path.join(trainer.args.output_dir, "adapter_model.safetensors"))
-    assert {int(n.split("layers.")[1].split(".")[0]) for n in saved} == {0, 1, 2}
+    assert {block_of(n) for n in saved} == {0, 1, 2}
 
 
 def test_alignment_only_auto_layer_probes_per_language_and_keeps_lora_below_it(tmp_path, tokenizer):
@@ -188,9 +188,7 @@ def test_alignment_only_auto_layer_probes_per_language_and_keeps_lora_below_it(t
     assert trainer.align_layer == layer and sorted(trainer.align_probe.languages) == ["de", "fr"]
     for language in ("de", "fr", "mean"):
         assert trainer.align_probe.retrieval_accuracy[language] == pytest.approx(expected.retrieval_accuracy[language])
-    lora_blocks = {
-        int(n.split("layers.")[1].split(".")[0]) for n, _ in trainer.model.named_parameters() if "lora_" in n
-    }
+    lora_blocks = {block_of(n) for n, _ in trainer.model.named_parameters() if "lora_" in n}
     assert lora_blocks == set(range(layer))
     trainer.train()
     trainer.save_model()
@@ -198,9 +196,9 @@ def test_alignment_only_auto_layer_probes_per_language_and_keeps_lora_below_it(t
     assert adapter_config["layers_to_transform"] == list(range(layer))
     assert peft_config.layers_to_transform is None
     saved = load_file(os.path.join(trainer.args.output_dir, "adapter_model.safetensors"))
-    assert {int(n.split("layers.")[1].split(".")[0]) for n in saved} == set(range(layer))
+    assert {block_of(n) for n in saved} == set(range(layer))
     targeted = trainer.model.base_model.targeted_module_names
-    assert targeted and {int(n.split("layers.")[1].split(".")[0]) for n in targeted} == set(range(layer))
+    assert targeted and {block_of(n) for n in targeted} == set(range(layer))
 
 
 def test_alignment_only_keeps_every_module_of_a_peft_model_passed_in(tmp_path, tokenizer, pair_dataset):
@@ -217,9 +215,7 @@ def test_alignment_only_keeps_every_module_of_a_peft_model_passed_in(tmp_path, t
         alignment_dataset=pair_dataset,
         processing_class=tokenizer,
     )
-    lora_blocks = {
-        int(n.split("layers.")[1].split(".")[0]) for n, _ in trainer.model.named_parameters() if "lora_" in n
-    }
+    lora_blocks = {block_of(n) for n, _ in trainer.model.named_parameters() if "lora_" in n}
     assert lora_blocks == set(range(6))
     assert trainer.model.peft_config["default"].layers_to_transform is None
 

@@ -266,7 +266,7 @@ class AlignmentTrainer(SFTTrainer):
             self.align_layer = self.align_probe.recommended_layer
         else:
             self.align_layer = resolve_layer(args.align_layer, self.num_layers)
-        if args.align_schedule == "alignment_only" and isinstance(peft_config, LoraConfig) and created_adapter:
+        if args.align_schedule == "alignment_only" and created_adapter:
             self._restrict_lora_to_blocks_below(self.align_layer)
         self.data_collator = DataCollatorForAlignment(
             tokenizer=self._tokenizer,
