@@ -456,8 +456,44 @@ def launch(script: str, backend_args: list[str], args: list[str], num_processes:
         sys.executable, "-m", "accelerate.commands.launch", *backend_args, "--num_processes", str(num_processes),
         "--main_process_port", "0", os.path.join(RECIPES, script), *args, "--bf16", "false",
     ]  # fmt: skip
+    # PYTHONFAULTHANDLER: a process that aborts prints the Python stack of every thread
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONFAULTHANDLER"] = "1"
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+END_SCRIPT = """
+import json, os, sys, time
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from accelerate import PartialState
+from _common import end_processes
+
+state = PartialState(cpu=True)  # joins the group the launcher set up, as --use_cpu does in the recipes
+gathered = [None] * state.num_processes
+dist.all_gather_object(gathered, {"rank": state.process_index, "rows": list(range(1000))})
+if state.process_index == 1:
+    time.sleep(2)  # rank 0 must wait for this one
+entered = time.time()
+end_processes()
+record = {"gathered": [g["rank"] for g in gathered], "initialized_after": dist.is_initialized()}
+with open(os.path.join(sys.argv[2], f"rank{state.process_index}.json"), "w") as f:
+    json.dump({**record, "entered": entered, "left": time.time()}, f)
+"""
+
+
+@pytest.mark.slow
+def test_end_processes_waits_and_destroys_the_group_on_every_rank(tmp_path):
+    script = tmp_path / "end.py"
+    script.write_text(END_SCRIPT)
+    done = launch(str(script), BACKENDS["ddp"], [RECIPES, str(tmp_path)])
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = []
+    for rank in (0, 1):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            ranks.append(json.load(f))
+        assert ranks[-1]["gathered"] == [0, 1] and ranks[-1]["initialized_after"] is False
+    assert ranks[0]["left"] >= ranks[1]["entered"]  # rank 0 waited for rank 1 before tearing down
 
 
 @pytest.mark.slow
