@@ -34,13 +34,18 @@ def check_sentence(value: Any, column: str, row: int | str) -> None:
         )
 
 
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 @dataclass
 class DataCollatorForAlignment(DataCollatorMixin):
     """
     Data collator that adds the padded parallel sentences of each row to the batch built by TRL's SFT collator.
 
     Each example holds a task example (what TRL's collator reads, such as `input_ids` and `labels`) and a parallel
-    pair in `source_column` (the non-English sentence) and `target_column` (its English translation), as raw text.
+    pair in `source_column` (the non-English sentence) and `target_column` (its English translation), as raw text; a
+    packed row holds lists of sentences (the pairs of the rows packed into it), which all join the batch.
     The sentences are tokenized as they are (no chat template, the tokenizer's own special tokens, such as Llama's
     BOS), truncated to `max_length`, and both sides are right-padded to one common length so that the model can run
     them in a single batched forward. Examples without `input_ids` (pairs only, for `align_schedule="alignment_only"`)
@@ -128,8 +133,9 @@ class DataCollatorForAlignment(DataCollatorMixin):
                     "the column, pass an `alignment_dataset`, or name your columns with align_source_column / "
                     "align_target_column."
                 )
-        sources = [ex[self.source_column] for ex in examples]
-        targets = [ex[self.target_column] for ex in examples]
+        # A packed row carries the pairs of all the rows packed into it, as lists: they all join the batch
+        sources = [text for ex in examples for text in _as_list(ex[self.source_column])]
+        targets = [text for ex in examples for text in _as_list(ex[self.target_column])]
         for column, texts in zip(pair_columns, (sources, targets)):
             for row, text in enumerate(texts):
                 check_sentence(text, column, f"{row} of the batch")

@@ -173,13 +173,6 @@ class AlignmentConfig(SFTConfig):
                 f"align_source_column and align_target_column are both {self.align_source_column!r}; they must name "
                 "the two different sides of each pair."
             )
-        if self.packing or self.padding_free:
-            setting = "packing=True" if self.packing else "padding_free=True"
-            raise ValueError(
-                f"{setting} is not supported with alignment pairs: packed and padding-free batches keep only "
-                "input_ids and labels, so the parallel sentences would be lost. Set packing=False and "
-                "padding_free=False."
-            )
         if self.per_device_train_batch_size < 2:
             raise ValueError(
                 f"per_device_train_batch_size={self.per_device_train_batch_size}: the contrastive alignment loss uses "

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import json
 import logging
@@ -12,7 +13,8 @@ from peft import LoraConfig
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from trl import SFTTrainer
+from trl import SFTTrainer, pack_dataset
+from trl.data_utils import get_dataset_column_names
 from trl.models.utils import _ForwardRedirection
 
 from .collator import PAIR_KEYS, DataCollatorForAlignment, check_sentence
@@ -26,6 +28,10 @@ from .probing import LayerProbeCallback, ProbeResult, probe_layers
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "alignment_state.json"
+_ROW_COLUMN = "_align_row"  # row index carried through packing, on the first token of each row
+# Attention implementations that keep padding-free (packed) sequences apart, given per-sequence `position_ids` and no
+# cache: transformers builds a per-sequence mask for these, and flash-attention kernels read the sequence boundaries.
+_PADDING_FREE_ATTENTION = ("eager", "sdpa", "flex_attention")
 
 
 def _check_pair_columns(dataset: Dataset | IterableDataset, args: AlignmentConfig, name: str) -> None:
@@ -46,6 +52,27 @@ def _check_pair_columns(dataset: Dataset | IterableDataset, args: AlignmentConfi
                 check_sentence(value, column, f"{row} of the {name} dataset")
 
 
+def _check_engine(args: TrainingArguments) -> None:
+    """Refuse the distributed engines the alignment forward was not built and tested for, naming the fix."""
+    version = None
+    if args.fsdp:
+        version = int((args.fsdp_config or {}).get("version", 2))
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        version = int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's own default
+    if version == 1:
+        raise ValueError(
+            "FSDP version 1 is not supported by AlignmentTrainer: its flat-parameter wrapper does not let the "
+            "alignment forward run the blocks below the aligned layer alone. Use FSDP2 (`fsdp_version: 2` in the "
+            "accelerate config, as recipes/accelerate_configs/fsdp2.yaml, or fsdp_config={'version': 2}), DeepSpeed "
+            "ZeRO or DDP."
+        )
+    if os.environ.get("ACCELERATE_USE_MEGATRON_LM", "false").lower() in ("1", "true", "yes"):
+        raise ValueError(
+            "Megatron-LM is not supported by AlignmentTrainer (its model is not a transformers causal LM whose decoder "
+            "blocks can be run alone). Use FSDP2, DeepSpeed ZeRO or DDP."
+        )
+
+
 class AlignmentTrainer(SFTTrainer):
     """
     [`~trl.SFTTrainer`] with the middle-layer representation alignment of Liu & Niehues (2025): alongside the task
@@ -55,7 +82,8 @@ class AlignmentTrainer(SFTTrainer):
     Swapping `SFTTrainer` for `AlignmentTrainer` in an SFT script is the only change needed, once every training row
     carries a parallel pair (columns `parallel_source`, the non-English sentence, and `parallel_target`, its English
     translation) or the pairs come as a separate `alignment_dataset`. Every dataset format of `SFTTrainer` works (text,
-    prompt-completion, conversational); packing and padding-free batches are refused, as they drop the pairs.
+    prompt-completion, conversational), with padded, padding-free (`padding_free=True`) or packed (`packing=True`)
+    task batches; under packing each packed row carries the pairs of the rows packed into it.
 
     The pair's states at `align_layer` come from a forward that runs only the blocks below the layer and never the
     LM head; both sides run in one batched forward. Under DDP or DeepSpeed that forward runs inside one forward of the
@@ -140,6 +168,8 @@ class AlignmentTrainer(SFTTrainer):
             # Copy the fields themselves: `to_dict` masks every `*_token` field (hub_token, eos_token, pad_token)
             values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
             args = AlignmentConfig(**values)
+
+        _check_engine(args)
 
         # Models from GGUF files: loaded dequantized, without the leftover quantizer that blocks training and saving
         if isinstance(model, str) and (model.endswith(".gguf") or "gguf_file" in (args.model_init_kwargs or {})):
@@ -254,6 +284,16 @@ class AlignmentTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
 
+        if self.padding_free:
+            attention = getattr(self.model.config, "_attn_implementation", None) or "eager"
+            if attention not in _PADDING_FREE_ATTENTION and "flash" not in attention:
+                raise ValueError(
+                    f"padding_free=True (or packing with a 'bfd' strategy) puts several sequences in one row, and "
+                    f"attn_implementation={attention!r} is not known to keep them apart: they would attend to each "
+                    f"other. Load the model with attn_implementation='sdpa' or 'flash_attention_2' (model_init_kwargs "
+                    "or from_pretrained), or set padding_free=False and packing=False."
+                )
+
         # Callbacks get no trainer from transformers; a layer probe needs this one to log through
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, LayerProbeCallback) and callback.trainer is None:
@@ -346,6 +386,60 @@ class AlignmentTrainer(SFTTrainer):
 
     # ----------------------------------------------------------------------------------------------------------------
     # Data
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """
+        As [`~trl.SFTTrainer`], except that packing keeps the alignment pairs: TRL packs only `input_ids` and `labels`,
+        so the rows are prepared unpacked, then packed here with TRL's `pack_dataset` (same order, same strategy) while
+        each row's index travels with its first token. Each packed row then carries, as lists, the pairs of the rows
+        that start in it; a packed row in which no row starts (only with `packing_strategy="wrapped"`) gets a pair in
+        turn from all pairs. An epoch therefore uses every row's pair once.
+        """
+        source, target = args.align_source_column, args.align_target_column
+        columns = get_dataset_column_names(dataset) or []
+        if not packing or source not in columns or target not in columns:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"packing=True with alignment pairs needs a map-style {dataset_name} dataset (datasets.Dataset), got "
+                f"{type(dataset).__name__}: the pairs of the rows packed together are found by row index. Load the "
+                "dataset without streaming, or set packing=False."
+            )
+        if args.max_length is None:
+            raise ValueError("When packing is enabled, `max_length` can't be `None`.")  # TRL's own check, kept
+        sources, targets = dataset[source], dataset[target]
+        # Tokenized and labelled as TRL does; TRL skips truncation when packing, so pass max_length=None here
+        unpacked_args = copy.copy(args)
+        unpacked_args.max_length = None
+        unpacked_args.shuffle_dataset = False
+        rows = dataset.add_column(_ROW_COLUMN, list(range(len(dataset))))
+        rows = super()._prepare_dataset(rows, processing_class, unpacked_args, False, formatting_func, dataset_name)
+        rows = rows.map(
+            lambda row: {_ROW_COLUMN: [row[_ROW_COLUMN]] + [-1] * (len(row["input_ids"]) - 1)},
+            desc=f"Marking the rows of the {dataset_name} dataset",
+        ).select_columns(["input_ids", "labels", _ROW_COLUMN])
+        if args.shuffle_dataset:  # the steps of TRL's packing, in its order
+            rows = rows.shuffle(seed=args.seed)
+        packed = pack_dataset(
+            rows, args.max_length, args.packing_strategy, {"desc": f"Packing {dataset_name} dataset"}
+        )
+        starts = [[index for index in marks if index >= 0] for marks in packed[_ROW_COLUMN]]
+        spare = 0
+        for carried in starts:
+            if not carried:  # no row starts here (wrapped packing): reuse pairs in turn
+                carried.append(spare % len(sources))
+                spare += 1
+        packed = packed.remove_columns(_ROW_COLUMN)
+        packed = packed.add_column(source, [[sources[i] for i in carried] for carried in starts])
+        packed = packed.add_column(target, [[targets[i] for i in carried] for carried in starts])
+        if args.shuffle_dataset:
+            packed = packed.shuffle(seed=args.seed)
+        logger.info(
+            f"Packed {len(sources)} rows of the {dataset_name} dataset into {len(packed)} sequences; each carries "
+            f"the pairs of the rows packed into it ({len(sources) + spare} pairs per epoch, "
+            f"{(len(sources) + spare) / max(1, len(packed)):.1f} per packed sequence on average)."
+        )
+        return packed
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         for column in (self.args.align_source_column, self.args.align_target_column):
@@ -396,10 +490,12 @@ class AlignmentTrainer(SFTTrainer):
         return task_loss, self._alignment_loss(model, pair)
 
     def _in_one_forward(self, model: nn.Module, method: Callable, *args):
-        """Run `method(unwrapped_model, *args)` inside a single forward of the DDP/DeepSpeed wrapper, if any."""
+        """
+        Run `method(unwrapped_model, *args)` inside a single forward of the outermost module that owns the parameters:
+        the DDP wrapper or DeepSpeed engine, or the model itself. FSDP2 shards in place (the model is its own wrapper),
+        and only a call through the root module's forward gathers the root's parameters (the embeddings) first.
+        """
         unwrapped = self.accelerator.unwrap_model(model)
-        if model is unwrapped:
-            return method(unwrapped, *args)
         return _ForwardRedirection()(model, unwrapped, method, unwrapped, *args)
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
