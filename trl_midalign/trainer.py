@@ -86,8 +86,9 @@ class AlignmentTrainer(SFTTrainer):
     task batches; under packing each packed row carries the pairs of the rows packed into it.
 
     The pair's states at `align_layer` come from a forward that runs only the blocks below the layer and never the
-    LM head; both sides run in one batched forward. Under DDP or DeepSpeed that forward runs inside one forward of the
-    wrapped model, so every backward matches exactly one wrapper forward.
+    LM head; both sides run in one batched forward. That forward runs inside one forward of the outermost module that
+    owns the parameters (DDP wrapper, DeepSpeed engine, FSDP2 root or the model itself), so every backward matches
+    exactly one forward of it. FSDP1 is refused.
 
     Example:
 
