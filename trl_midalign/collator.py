@@ -70,6 +70,11 @@ class DataCollatorForAlignment(DataCollatorMixin):
             The trainer's `align_pooling`; `"mean_no_special"` adds `"align_pool_mask"`.
         return_tensors (`str`, *optional*, defaults to `"pt"`):
             Only `"pt"` is supported.
+        require_pairs (`bool`, *optional*, defaults to `True`):
+            Whether every batch must carry both pair columns (training). With `False` (the trainer's evaluation
+            collator), a batch of task examples without either pair column gets the task keys only, so that an
+            evaluation set without pairs is evaluated on the task loss alone; a batch with only one of the two
+            columns is still refused.
 
     Example:
 
@@ -100,6 +105,7 @@ class DataCollatorForAlignment(DataCollatorMixin):
     max_length: int | None = 256
     pooling: str = "mean"
     return_tensors: str = "pt"
+    require_pairs: bool = True
     _warned_truncation: bool = field(default=False, init=False, repr=False)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
@@ -121,13 +127,15 @@ class DataCollatorForAlignment(DataCollatorMixin):
         if self.task_collator is not None and "input_ids" in examples[0]:
             batch = self.task_collator([{k: v for k, v in ex.items() if k not in pair_columns} for ex in examples])
 
-        for column in pair_columns:
-            if column not in examples[0]:
-                raise ValueError(
-                    f"The batch has no column {column!r} for the alignment pairs (it has {sorted(examples[0])}). Add "
-                    "the column, pass an `alignment_dataset`, or name your columns with align_source_column / "
-                    "align_target_column."
-                )
+        missing = [column for column in pair_columns if column not in examples[0]]
+        if len(missing) == len(pair_columns) and not self.require_pairs and "input_ids" in batch:
+            return batch  # an evaluation set without pairs: task loss only
+        if missing:
+            raise ValueError(
+                f"The batch has no column {missing[0]!r} for the alignment pairs (it has {sorted(examples[0])}). Add "
+                "the column, pass an `alignment_dataset`, or name your columns with align_source_column / "
+                "align_target_column."
+            )
         sources = [ex[self.source_column] for ex in examples]
         targets = [ex[self.target_column] for ex in examples]
         for column, texts in zip(pair_columns, (sources, targets)):
