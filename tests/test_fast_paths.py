@@ -1,5 +1,7 @@
 """TRL's fast paths with alignment pairs: padding-free task batches and packed task batches."""
 
+import math
+
 import pytest
 import torch
 from conftest import PAIRS, TASKS, build_model
@@ -174,3 +176,15 @@ def test_fsdp2_accelerate_config_is_fsdp2_with_a_block_wrap():
     assert config.fsdp_config["fsdp_version"] == 2
     assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert "fsdp_activation_checkpointing" in config.fsdp_config
+
+
+def test_packed_evaluation_set_gives_task_and_alignment_losses(tmp_path, tokenizer):
+    rows = long_rows(14)
+    trainer = AlignmentTrainer(
+        model=build_model("llama", len(tokenizer)),
+        args=config(tmp_path, packing=True, max_length=48, per_device_eval_batch_size=2),
+        train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:10]), processing_class=tokenizer,
+    )  # fmt: skip
+    assert len(trainer.eval_dataset) < 10  # packed too (eval_packing follows packing)
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_task_loss"]) and math.isfinite(metrics["eval_align_loss"])
