@@ -37,7 +37,8 @@ def parse_args(argv=None):
 def paragraph_lengths(n: int, seed: int = 0) -> list[int]:
     from transformers import AutoTokenizer
 
-    from trl_midalign.resources import _help_paragraphs, cache_root, gemma3_270m
+    from trl_midalign.data_sources import cache_root, gemma3_270m
+    from trl_midalign.data_sources.libreoffice import _help_paragraphs
 
     tokenizer = AutoTokenizer.from_pretrained(gemma3_270m())
     texts = list(_help_paragraphs("en-us", "en-US", cache_root()).values())

@@ -3,7 +3,7 @@
 A process that ends right after a collective can abort in interpreter shutdown ("terminate called without an active
 exception", exit code -6) although its work is done: Gloo's worker threads are still dropping the collective's objects
 and need the GIL. Once in a CI run this failed a recipe launch under ZeRO-2. The recipes end with
-`recipes/_common.end_processes`: a barrier, `destroy_process_group`, then a pause of `EXIT_PAUSE_SECONDS`.
+`trl_midalign.scripts.end_processes`: a barrier, `destroy_process_group`, then a pause of `EXIT_PAUSE_SECONDS`.
 
 This script launches a small pure-torch program many times with `torch.distributed.run` on CPU: it joins a Gloo group,
 keeps a reference to the group (as DDP and DeepSpeed do), runs `all_gather_object`, destroys the group and ends, with
@@ -47,8 +47,7 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=None, help="seconds; default: recipes' EXIT_PAUSE_SECONDS")
     args = parser.parse_args()
     if args.pause is None:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
-        from _common import EXIT_PAUSE_SECONDS
+        from trl_midalign.scripts import EXIT_PAUSE_SECONDS
 
         args.pause = EXIT_PAUSE_SECONDS
 

@@ -111,7 +111,7 @@ def fits(tokenizer, row: dict, max_length: int) -> bool:
 def build_data(args, tokenizer) -> dict:
     from datasets import Dataset
 
-    from trl_midalign.resources import libreoffice_parallel_pairs
+    from trl_midalign.data_sources import libreoffice_parallel_pairs
 
     languages = list(dict.fromkeys(args.task_languages + args.align_languages + args.unseen_languages))
     pairs = libreoffice_parallel_pairs(
@@ -294,9 +294,9 @@ def main(argv=None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trl_midalign.data_sources import gemma3_270m
     from trl_midalign.merging import merge_adapters
     from trl_midalign.probing import ProbeResult, recommend_layer
-    from trl_midalign.resources import gemma3_270m
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

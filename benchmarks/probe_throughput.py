@@ -16,8 +16,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trl_midalign.data_sources import gemma3_270m, libreoffice_parallel_pairs
 from trl_midalign.probing import probe_layers
-from trl_midalign.resources import gemma3_270m, libreoffice_parallel_pairs
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ installed).
 Data: rows with a `translation` column of `{language code: sentence}` dicts, the layout of ALMA's training data
 (`haoranxu/ALMA-Human-Parallel`, one configuration per pair such as `de-en`) and of the WMT test sets. A direction
 `de-en` uses every row that has both a `de` and an `en` sentence. The alignment pairs are the training pairs
-themselves (each non-English sentence with its English side) unless `--alignment_dataset_name` gives others.
+themselves (each non-English sentence with its English side) unless `--alignment_dataset_name` gives others. The
+task itself (prompt, directions, metrics, pairs) is `trl_midalign.tasks.translation`.
 
 # Aligned run (8 GPUs, DeepSpeed ZeRO-2)
 ```bash
@@ -28,266 +29,104 @@ accelerate launch --config_file recipes/accelerate_configs/zero2.yaml recipes/tr
 ```
 """
 
-from dataclasses import dataclass, field
+from datasets import concatenate_datasets
+from transformers import AutoTokenizer
+from trl import SFTTrainer, TrlParser, get_peft_config
 
-from _common import (
-    LANGUAGE_NAMES,
-    RecipeArguments,
-    RecipeModelConfig,
-    as_task_row,
-    check_languages,
-    check_launch,
-    is_local,
-    language_groups,
-    load_hub,
-    load_local,
-    load_pair_dataset,
-    pairs_from_lists,
-    parse_args,
-    require_columns,
-    select_split,
-    train_evaluate_push,
-)
-from datasets import Dataset, concatenate_datasets
-
-from trl_midalign.evaluation import translation_scores
+from trl_midalign import AlignmentConfig, AlignmentTrainer, scripts
+from trl_midalign.tasks import loading
+from trl_midalign.tasks import translation as task
+from trl_midalign.tasks.arguments import RecipeModelConfig
+from trl_midalign.tasks.languages import LANGUAGE_NAMES, check_languages, language_groups
 
 
-DEFAULT_TEST_SET = "haoranxu/WMT23-Test"
-PROMPT = "Translate this from {source_name} to {target_name}:\n{source_name}: {text}\n{target_name}:"
-
-
-@dataclass
-class TranslationArguments(RecipeArguments):
-    """
-    Arguments of the translation recipe: those of `RecipeArguments`, where the "languages" of the task and of the
-    evaluation are translation directions (`source-target`, e.g. `de-en`), plus COMET settings.
-
-    Parameters:
-        translation_column (`str`, *optional*, defaults to `"translation"`):
-            Column of `{language code: sentence}` dicts.
-        comet_model (`str`, *optional*):
-            COMET checkpoint for an extra score, e.g. `"Unbabel/wmt22-comet-da"` (needs `unbabel-comet`).
-    """
-
-    dataset_name: str | None = field(
-        default="haoranxu/ALMA-Human-Parallel",
-        metadata={"help": "Training data: Hub id or local file/folder with a 'translation' column of dicts."},
-    )
-    dataset_config: str | None = field(
-        default="{lang}-en",
-        metadata={
-            "help": "Hub configuration per direction: '{lang}' is its non-English language, '{src}'/'{tgt}' its sides."
-        },
-    )
-    dataset_test_split: str = field(default="test", metadata={"help": "Split evaluated after training."})
-    eval_dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluation data (Hub id or local, same layout); default: the test split of a local dataset_name, "
-            "else haoranxu/WMT23-Test."
-        },
-    )
-    eval_dataset_config: str | None = field(
-        default=None,
-        metadata={"help": "Hub configuration of the evaluation data per direction ('{src}-{tgt}' for WMT23-Test)."},
-    )
-    train_languages: list[str] = field(
-        default_factory=lambda: ["de-en", "en-de"],
-        metadata={"help": "Translation directions of the task data, source-target (e.g. de-en,en-de)."},
-    )
-    eval_languages: list[str] | None = field(
-        default=None, metadata={"help": "Directions evaluated; defaults to the training directions."}
-    )
-    alignment_languages: list[str] | None = field(
-        default=None,
-        metadata={"help": "Non-English languages aligned with English; default: those of the training directions."},
-    )
-    translation_column: str = field(default="translation", metadata={"help": "Column of {language: sentence} dicts."})
-    comet_model: str | None = field(
-        default=None, metadata={"help": "COMET checkpoint for an extra score (needs unbabel-comet)."}
-    )
-    max_new_tokens: int = field(default=256, metadata={"help": "Maximum generated tokens per translation."})
-
-
-def split_direction(direction: str, option: str) -> tuple[str, str]:
-    """`"de-en"` -> `("de", "en")`, failing clearly on anything else."""
-    parts = direction.split("-")
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(
-            f"{option}: {direction!r} is not a translation direction; write it as source-target, e.g. de-en."
-        )
-    for code in parts:
-        check_languages([code], LANGUAGE_NAMES, option, "language code")
-    return parts[0], parts[1]
-
-
-def direction_rows(name: str, config: str | None, split: str, direction: str, args: TranslationArguments) -> Dataset:
-    """The rows of one direction: Hub data loaded with the direction's configuration, local data filtered."""
-    source, target = direction.split("-")
-    if is_local(name):
-        data = select_split(load_local(name), split, name)
-    else:
-        lang = source if target == args.alignment_pivot_language else target
-        resolved = config.format(lang=lang, src=source, tgt=target) if config else None
-        data = select_split(load_hub(name, resolved, args.dataset_revision), split, name)
-    require_columns(
-        data,
-        [args.translation_column],
-        name,
-        "Give each row a translation dict such as {'de': '...', 'en': '...'}, or set --translation_column.",
-    )
-    keep = [i for i, row in enumerate(data[args.translation_column]) if row and row.get(source) and row.get(target)]
-    if not keep:
-        raise ValueError(f"{name} ({split}) has no row with both a {source!r} and a {target!r} sentence.")
-    rows = data.select(keep)[args.translation_column]
-    return Dataset.from_dict(
-        {
-            "source": [r[source] for r in rows],
-            "target": [r[target] for r in rows],
-            "direction": [direction] * len(rows),
-        }
-    )
-
-
-def _cap(dataset: Dataset, limit: int | None) -> Dataset:
-    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
-
-
-def main(script_args: TranslationArguments, training_args, model_args):
-    from transformers import AutoTokenizer
-
-    check_launch(training_args, model_args, script_args)
-    pivot = script_args.alignment_pivot_language
-    train_directions = list(script_args.train_languages)
-    for direction in train_directions:
-        split_direction(direction, "--train_languages")
+def main(script_args: task.TranslationArguments, training_args: AlignmentConfig, model_args: RecipeModelConfig):
+    scripts.check_launch(training_args, model_args, script_args)
+    pivot, train_directions = script_args.alignment_pivot_language, script_args.train_languages
     eval_directions = script_args.eval_languages or train_directions
-    for direction in eval_directions:
-        split_direction(direction, "--eval_languages")
+    for option, directions in (("--train_languages", train_directions), ("--eval_languages", eval_directions)):
+        for direction in directions:
+            task.split_direction(direction, option)
     check_languages(script_args.alignment_languages or [], LANGUAGE_NAMES, "--alignment_languages")
-    eval_name = script_args.eval_dataset_name or (
-        script_args.dataset_name if is_local(script_args.dataset_name) else DEFAULT_TEST_SET
-    )
-    eval_config = script_args.eval_dataset_config or (
-        "{src}-{tgt}" if eval_name == DEFAULT_TEST_SET else script_args.dataset_config
-    )
-
-    alignment_languages: list[str] = []
+    alignment_languages = []
     if script_args.alignment and not script_args.eval_only:
-        default = [d.split("-")[0] if d.split("-")[1] == pivot else d.split("-")[1] for d in train_directions]
-        alignment_languages = script_args.alignment_languages or [
-            lang for lang in dict.fromkeys(default) if lang != pivot
-        ]
+        alignment_languages = script_args.alignment_languages or task.default_alignment_languages(
+            train_directions, pivot
+        )
         if not alignment_languages:
             raise ValueError(
                 "No alignment language: pass --alignment_languages, or --alignment false for the baseline."
             )
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # one push at the end, not per save
+    training_args.model_init_kwargs = scripts.model_init_kwargs(training_args, model_args)
+    args = (script_args, training_args, model_args)
 
+    def rows(name: str, config: str | None, split: str, directions: list[str], limit: int | None):
+        column, revision = script_args.translation_column, script_args.dataset_revision
+        return concatenate_datasets(
+            [task.direction_rows(name, config, split, d, pivot, column, revision, limit) for d in directions]
+        )
+
+    # Data: evaluation examples per direction, task rows, alignment pairs (the training pairs by default)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
     )
     conversational = tokenizer.chat_template is not None
-
-    def prompt(source_text: str, direction: str) -> str:
-        source, target = direction.split("-")
-        return PROMPT.format(source_name=LANGUAGE_NAMES[source], target_name=LANGUAGE_NAMES[target], text=source_text)
-
-    # Evaluation examples, per direction
-    examples = []
-    for direction in eval_directions:
-        rows = direction_rows(eval_name, eval_config, script_args.dataset_test_split, direction, script_args)
-        rows = _cap(rows, script_args.max_eval_samples)
-        for row in rows:
-            examples.append(
-                {
-                    "language": direction,
-                    "prompt": as_task_row(prompt(row["source"], direction), "", conversational)["prompt"],
-                    "reference": row["target"],
-                    "source": row["source"],
-                }
-            )
-
-    # Training rows and alignment pairs
+    local = loading.is_local(script_args.dataset_name)
+    eval_name = script_args.eval_dataset_name or (script_args.dataset_name if local else task.DEFAULT_TEST_SET)
+    default_config = "{src}-{tgt}" if eval_name == task.DEFAULT_TEST_SET else script_args.dataset_config
+    test_split, limit = script_args.dataset_test_split, script_args.max_eval_samples
+    test = rows(eval_name, script_args.eval_dataset_config or default_config, test_split, eval_directions, limit)
+    examples = task.examples(test, conversational)
     train_dataset = pair_dataset = None
     if not script_args.eval_only:
-        by_direction = {
-            d: _cap(
-                direction_rows(
-                    script_args.dataset_name,
-                    script_args.dataset_config,
-                    script_args.dataset_train_split,
-                    d,
-                    script_args,
-                ),
-                script_args.max_train_samples,
-            )
-            for d in train_directions
-        }
-        train_dataset = Dataset.from_list(
-            [
-                {**as_task_row(prompt(row["source"], d), row["target"], conversational), "language": d}
-                for d, rows in by_direction.items()
-                for row in rows
-            ]
-        )
-        if script_args.alignment:
-            if script_args.alignment_dataset_name:
-                script_args.alignment_languages = alignment_languages
-                pair_dataset = load_pair_dataset(script_args, seed=training_args.seed)
-            else:
-                parts = []
-                for lang in alignment_languages:
-                    pairs = {}
-                    for d, rows in by_direction.items():
-                        source, target = d.split("-")
-                        if (source, target) == (lang, pivot):
-                            pairs.update(zip(rows["source"], rows["target"]))
-                        elif (source, target) == (pivot, lang):
-                            pairs.update(zip(rows["target"], rows["source"]))
-                    if not pairs:
-                        raise ValueError(
-                            f"--alignment_languages {lang}: no training direction pairs {lang} with {pivot}, so the task "
-                            "rows hold no such pairs. Add the direction, or give --alignment_dataset_name."
-                        )
-                    parts.append(pairs_from_lists(list(pairs), list(pairs.values()), lang, script_args))
-                pair_dataset = concatenate_datasets(parts).shuffle(seed=training_args.seed)
+        train_split, limit = script_args.dataset_train_split, script_args.max_train_samples
+        train = rows(script_args.dataset_name, script_args.dataset_config, train_split, train_directions, limit)
+        train_dataset = task.train_dataset(train, conversational)
+    if alignment_languages and script_args.alignment_dataset_name:
+        pair_dataset = loading.load_pair_dataset(script_args, alignment_languages, seed=training_args.seed)
+    elif alignment_languages:
+        pair_dataset = task.pairs_from_directions(train, alignment_languages, pivot, script_args.max_alignment_pairs)
+        pair_dataset = pair_dataset.shuffle(seed=training_args.seed)
 
-    def score(predictions, references, direction):
-        sources = [e["source"] for e in examples if e["language"] == direction]
-        target = direction.split("-")[1]
-        return translation_scores(
-            predictions, references, target_language=target, sources=sources, comet_model=script_args.comet_model
+    # Train and save (AlignmentTrainer, or SFTTrainer for the baseline), or load the adapter of an earlier run
+    trainer = None
+    if script_args.eval_only:
+        model, tokenizer, aligned = scripts.load_adapter_for_eval(script_args, training_args, model_args)
+    else:
+        trainer = (AlignmentTrainer if script_args.alignment else SFTTrainer)(
+            model=model_args.model_name_or_path,
+            args=training_args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+            **({"alignment_dataset": pair_dataset} if script_args.alignment else {}),
         )
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model(training_args.output_dir)
+        trainer.hub_model_id = training_args.hub_model_id  # named in the quick start of TRL's model card
+        trainer.create_model_card(**scripts.model_card_arguments(args, task.NAME))
+        model, aligned = trainer.accelerator.unwrap_model(trainer.model), script_args.alignment
 
+    # Evaluate, add the results to the model card, push exactly the run's files
     aligned_directions = [d for d in eval_directions if set(d.split("-")) & set(alignment_languages)]
-    return train_evaluate_push(
-        "translation",
-        script_args,
-        training_args,
-        model_args,
-        tokenizer,
-        train_dataset,
-        pair_dataset,
-        examples,
-        score,
-        "chrf",
-        alignment_languages,
-        language_groups(eval_directions, train_directions, aligned_directions),
-        [script_args.dataset_name, eval_name, script_args.alignment_dataset_name],
+    groups = language_groups(eval_directions, train_directions, aligned_directions)
+    results = scripts.evaluate_run(
+        model, tokenizer, examples, task, args, aligned=aligned, alignment_languages=alignment_languages,
+        language_groups=groups, trainer=trainer, score=task.scorer(examples, script_args.comet_model),
+    )  # fmt: skip
+    scripts.publish_run(
+        results, args, aligned=aligned, alignment_languages=alignment_languages, push_to_hub=push_to_hub
     )
+    scripts.end_processes(trainer)
+    return results
 
 
-def make_parser():
-    from trl import TrlParser
-
-    from trl_midalign import AlignmentConfig
-
-    return TrlParser((TranslationArguments, AlignmentConfig, RecipeModelConfig))
+def make_parser() -> TrlParser:
+    return TrlParser((task.TranslationArguments, AlignmentConfig, RecipeModelConfig))
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = parse_args(make_parser())
-    main(script_args, training_args, model_args)
+    main(*scripts.parse_args(make_parser()))

@@ -16,7 +16,7 @@ import types
 import warnings
 
 import pytest
-from conftest import build_model, build_tokenizer
+from testing_utils import build_model, build_tokenizer
 
 from trl_midalign.cli import main as cli_main
 from trl_midalign.probing import ProbeResult
@@ -251,15 +251,24 @@ def test_probe_reads_the_same_pairs_from_every_format(tmp_path, tiny_model_dir):
     assert scores["pairs.jsonl"] == scores["pairs.tsv"] == scores["pairs.json"]
 
 
-def test_probe_data_with_only_non_string_sentences_is_refused(tmp_path, tiny_model_dir):
-    rows = [{"language": "de", "parallel_source": 1, "parallel_target": 2}, *[dict(r, parallel_source=None)
-            for r in pair_rows()]]  # fmt: skip
-    path = tmp_path / "pairs.jsonl"
-    path.write_bytes(b"\n".join(jsonl_lines(rows)))
-    with pytest.warns(UserWarning, match=r"Dropped 7 pair\(s\) whose 'parallel_source' or 'parallel_target'"):
-        with pytest.raises(ValueError, match="No language has at least 2 usable pairs"):
-            cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", str(path), "--output_dir",
-                      str(tmp_path / "out")])  # fmt: skip
+def test_probe_data_with_non_string_sentences_is_refused(tmp_path, tiny_model_dir):
+    """A sentence that is not a string is an error naming the file, where, and the column; no pair is dropped."""
+    path, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    argv = ["probe", "--model_name_or_path", tiny_model_dir, "--data", str(path), "--output_dir", str(out)]
+    numbers = [{"language": "de", "parallel_source": 1, "parallel_target": 2}, *pair_rows()]
+    path.write_bytes(b"\n".join(jsonl_lines(numbers)))
+    with pytest.raises(
+        ValueError,
+        match=r"pairs\.jsonl: the column 'parallel_source' mixes value types \(int at line 1, str at line 2\)",
+    ):
+        cli_main(argv)
+    nulls = [*pair_rows()[:2], dict(pair_rows()[2], parallel_source=None), *pair_rows()[3:]]
+    path.write_bytes(b"\n".join(jsonl_lines(nulls)))
+    with pytest.raises(
+        ValueError, match=rf"Row 2 of the pairs of {re.escape(str(path))}: column 'parallel_source' holds None"
+    ):
+        cli_main(argv)
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -318,13 +327,20 @@ MASSIVE = [  # (id, locale, utterance, annotated utterance)
 TOKEN = "hf_TestTokenThatMustNeverBeWritten0123456789"
 
 
-def test_recipe_keeps_the_hub_token_off_disk_and_pushes_only_its_own_files(tmp_path, monkeypatch):
-    import importlib
+def load_recipe(name: str):
+    """The module of `recipes/<name>.py`, loaded from its file (the recipes are scripts, not a package)."""
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(RECIPES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_keeps_the_hub_token_off_disk_and_pushes_only_its_own_files(tmp_path, monkeypatch):
     import torch
 
-    monkeypatch.syspath_prepend(RECIPES)
-    import _common
+    from trl_midalign.scripts import PUSH_FILES, parse_args
 
     model_dir = tmp_path / "models" / "tiny-llama"
     tokenizer = build_tokenizer()
@@ -351,7 +367,7 @@ def test_recipe_keeps_the_hub_token_off_disk_and_pushes_only_its_own_files(tmp_p
 
     hub = RecordingHub(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_some_other_token")  # restored after the test; --hub_token must win
-    module = importlib.import_module("slot_filling")
+    module = load_recipe("slot_filling")
     argv = [
         "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(output_dir),
         "--train_languages", "en-US", "--max_steps", "2", "--per_device_train_batch_size", "2",
@@ -359,7 +375,7 @@ def test_recipe_keeps_the_hub_token_off_disk_and_pushes_only_its_own_files(tmp_p
         "--save_strategy", "steps", "--save_steps", "1",
         "--hub_token", TOKEN, "--push_to_hub", "--hub_model_id", "tester/tiny-massive",
     ]  # fmt: skip
-    module.main(*_common.parse_args(module.make_parser(), argv))
+    module.main(*parse_args(module.make_parser(), argv))
 
     # transformers pickled the arguments into output_dir and every checkpoint; the token is in none of them
     pickled = sorted(os.path.relpath(os.path.join(d, n), output_dir) for d, _, names in os.walk(output_dir)
@@ -373,8 +389,6 @@ def test_recipe_keeps_the_hub_token_off_disk_and_pushes_only_its_own_files(tmp_p
     assert [repo["repo_id"] for repo in hub.repos] == ["tester/tiny-massive"]
     assert len(hub.commits) == 1 and hub.commits[0]["token"] == TOKEN and hub.repos[0]["token"] == TOKEN
     sent = hub.commits[0]["files"]
-    from trl_midalign.hub import PUSH_FILES
-
     expected = {name for name in PUSH_FILES if (output_dir / name).is_file()}
     assert set(sent) == expected
     must = {"adapter_config.json", "adapter_model.safetensors", "README.md", "eval_results.json", "eval_results.png"}
@@ -395,21 +409,19 @@ def test_recipe_keeps_the_hub_token_off_disk_and_pushes_only_its_own_files(tmp_p
 
 
 def test_keep_hub_token_off_disk_without_a_token_changes_nothing(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(RECIPES)
-    import _common
-
     from trl_midalign import AlignmentConfig
+    from trl_midalign.scripts import keep_hub_token_off_disk
 
     monkeypatch.setenv("HF_TOKEN", "hf_from_the_environment")
     config = AlignmentConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
-    assert _common.keep_hub_token_off_disk(config) is False
+    assert keep_hub_token_off_disk(config) is False
     assert os.environ["HF_TOKEN"] == "hf_from_the_environment" and config.hub_token is None
     config.hub_token = TOKEN
     import torch
 
     torch.save(config, tmp_path / "unprotected.bin")  # what transformers does with the arguments, unprotected
     assert files_containing(tmp_path, TOKEN.encode()) == ["unprotected.bin"]  # so the grep above can find it
-    assert _common.keep_hub_token_off_disk(config) is True
+    assert keep_hub_token_off_disk(config) is True
     assert os.environ["HF_TOKEN"] == TOKEN and config.hub_token is None
     torch.save(config, tmp_path / "protected.bin")
     assert files_containing(tmp_path, TOKEN.encode()) == ["unprotected.bin"]
@@ -441,14 +453,14 @@ def write_adapter_folder(folder, base_model: str) -> None:
             f.write(content)
 
 
-def test_push_folder_sends_exactly_the_named_files(tmp_path, monkeypatch):
-    from trl_midalign.hub import push_folder
+def test_push_run_files_sends_exactly_the_named_files(tmp_path, monkeypatch):
+    from trl_midalign.scripts import push_run_files
 
     folder = str(tmp_path / "run")
     base = str(tmp_path / "models" / "Llama-local")
     write_adapter_folder(folder, base)
     hub = RecordingHub(monkeypatch)
-    url = push_folder(folder, "me/adapter", token="hf_explicit", extra_files=["layer_probe/step-4/probe_curve.png"])
+    url = push_run_files(folder, "me/adapter", token="hf_explicit", extra_files=["layer_probe/step-4/probe_curve.png"])
     assert url == "https://huggingface.co/me/adapter/commit/0123"
     sent = hub.commits[0]["files"]
     assert set(sent) == {
@@ -462,7 +474,7 @@ def test_push_folder_sends_exactly_the_named_files(tmp_path, monkeypatch):
 
     # a Hub id as base is uploaded unchanged (the file as it is)
     write_adapter_folder(folder, "meta-llama/Meta-Llama-3-8B-Instruct")
-    push_folder(folder, "me/adapter")
+    push_run_files(folder, "me/adapter")
     assert (
         hub.commits[1]["files"]["adapter_config.json"]
         == open(os.path.join(folder, "adapter_config.json"), "rb").read()
@@ -470,8 +482,8 @@ def test_push_folder_sends_exactly_the_named_files(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra", ["../outside.png", "/etc/hostname", "private/missing.png", "link/plot.png"])
-def test_push_folder_refuses_files_outside_the_folder(extra, tmp_path, monkeypatch):
-    from trl_midalign.hub import push_folder
+def test_push_run_files_refuses_files_outside_the_folder(extra, tmp_path, monkeypatch):
+    from trl_midalign.scripts import push_run_files
 
     folder = str(tmp_path / "run")
     write_adapter_folder(folder, "org/model")
@@ -481,12 +493,12 @@ def test_push_folder_refuses_files_outside_the_folder(extra, tmp_path, monkeypat
     os.symlink(tmp_path / "elsewhere", os.path.join(folder, "link"))
     hub = RecordingHub(monkeypatch)
     with pytest.raises(ValueError, match="extra file .* (must be a path relative|is not a file inside)"):
-        push_folder(folder, "me/adapter", extra_files=[extra])
+        push_run_files(folder, "me/adapter", extra_files=[extra])
     assert hub.commits == [] and hub.repos == []
 
 
-def test_push_folder_refuses_a_top_level_link_leading_outside(tmp_path, monkeypatch):
-    from trl_midalign.hub import push_folder
+def test_push_run_files_refuses_a_top_level_link_leading_outside(tmp_path, monkeypatch):
+    from trl_midalign.scripts import push_run_files
 
     folder = str(tmp_path / "run")
     write_adapter_folder(folder, "org/model")
@@ -495,37 +507,77 @@ def test_push_folder_refuses_a_top_level_link_leading_outside(tmp_path, monkeypa
     os.symlink(tmp_path / "private_notes.md", os.path.join(folder, "README.md"))
     hub = RecordingHub(monkeypatch)
     with pytest.raises(ValueError, match=r"README\.md leads outside"):
-        push_folder(folder, "me/adapter")
+        push_run_files(folder, "me/adapter")
     assert hub.commits == []
 
 
-def test_model_card_holds_no_local_path(tmp_path, monkeypatch):
-    from trl_midalign.hub import model_card
+def test_model_card_section_holds_no_local_path(tmp_path, monkeypatch):
+    from trl_midalign.tasks.report import card_section
 
     base = tmp_path / "models" / "Llama-3-8B-local"
     base.mkdir(parents=True)
-    data = tmp_path / "data" / "massive.jsonl"
-    data.parent.mkdir()
-    data.write_text("{}\n")
     monkeypatch.chdir(tmp_path)
     results = {"main_metric": "slot_f1", "languages": {"de-DE": {"slot_f1": 0.5, "num_examples": 2}},
                "model": str(base)}  # fmt: skip
     for base_model in (str(base), "models/Llama-3-8B-local", "./models/Llama-3-8B-local/", "~/models/x"):
-        card = model_card(
-            base_model=base_model, task="slot_filling", train_languages=["en-US"], alignment_languages=["de-DE"],
-            align_settings={"align_layer": "middle"}, results=results, datasets=[str(data), "org/hub-data"],
+        section = card_section(
+            base_model, "slot_filling", ["en-US"], ["de-DE"], aligned=True, results=results,
             plots=["eval_results.png"], repo_id=None,
         )  # fmt: skip
-        assert str(tmp_path) not in card
-        assert "models/" not in card and "~" not in card, card
-        assert "base_model:" not in card  # no Hub base model in the metadata for a local one
-        assert "org/hub-data" in card and "massive.jsonl" not in card
-    assert "`Llama-3-8B-local` (a local copy of the base model)" in model_card(
-        str(base), "slot_filling", ["en-US"], [], None
+        assert str(tmp_path) not in section
+        assert "models/" not in section and "~" not in section, section
+    assert "`Llama-3-8B-local` (a local copy of the base model)" in card_section(
+        str(base), "slot_filling", ["en-US"], [], aligned=False
     )
-    card = model_card("meta-llama/Meta-Llama-3-8B-Instruct", "slot_filling", ["en-US"], [], None, repo_id="me/x")
-    assert "base_model: meta-llama/Meta-Llama-3-8B-Instruct" in card
-    assert 'AutoModelForCausalLM.from_pretrained("meta-llama/Meta-Llama-3-8B-Instruct")' in card
+    section = card_section("meta-llama/Meta-Llama-3-8B-Instruct", "slot_filling", ["en-US"], [], False, repo_id="me/x")
+    assert 'AutoModelForCausalLM.from_pretrained("meta-llama/Meta-Llama-3-8B-Instruct")' in section
+    assert 'PeftModel.from_pretrained(base, "me/x")' in section
+
+
+@pytest.mark.parametrize("base_kind", ["local", "hub"])
+def test_model_card_of_a_run_holds_no_local_path(base_kind, tmp_path, monkeypatch, tokenizer):
+    """TRL's card (`trainer.create_model_card` with the recipes' arguments) and the run's section, as a recipe writes
+    them: a local base model or dataset appears by its folder name or not at all, a Hub one by its id."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_midalign.scripts import model_card_arguments
+    from trl_midalign.tasks.report import write_card_section
+
+    base = tmp_path / "models" / "Llama-3-8B-local"
+    model = build_model("llama", len(tokenizer))
+    model.save_pretrained(base)
+    data = tmp_path / "data" / "massive.jsonl"
+    data.parent.mkdir()
+    data.write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    model.config._name_or_path = "models/Llama-3-8B-local" if base_kind == "local" else "meta-llama/Meta-Llama-3-8B"
+    output_dir = str(tmp_path / "run")
+    args = SFTConfig(output_dir=output_dir, report_to="none", use_cpu=True, bf16=False, max_steps=1)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"text": "Play some jazz"}] * 2),
+                         processing_class=tokenizer)  # fmt: skip
+    dataset = str(data) if base_kind == "local" else "org/hub-data"
+    script_args = types.SimpleNamespace(dataset_name=dataset)
+    trainer.create_model_card(**model_card_arguments((script_args, args, None), "slot_filling"))
+    results = {"task": "slot_filling", "main_metric": "slot_f1", "languages": {"de-DE": {"slot_f1": 0.5}}}
+    base_model = model.config._name_or_path
+    write_card_section(output_dir, results, base_model=base_model, aligned=False, train_languages=["en-US"],
+                       alignment_languages=[])  # fmt: skip
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert str(tmp_path) not in card and "models/" not in card and "massive.jsonl" not in card
+    assert "- trl-midalign" in card and "- slot_filling" in card and "plain supervised fine-tuning baseline" in card
+    assert "language:\n- de\n- en\n" in card
+    if base_kind == "local":
+        assert "base_model:" not in card and "datasets:" not in card  # no Hub base model or dataset in the metadata
+        assert "`Llama-3-8B-local` (a local copy of the base model)" in card
+    else:
+        assert "base_model: meta-llama/Meta-Llama-3-8B" in card and "datasets: org/hub-data" in card
+        assert 'AutoModelForCausalLM.from_pretrained("meta-llama/Meta-Llama-3-8B")' in card
+    # a second evaluation (--eval_only) replaces the run's section instead of adding another
+    write_card_section(output_dir, results, base_model=base_model, aligned=False, train_languages=["en-US"],
+                       alignment_languages=[])  # fmt: skip
+    again = (tmp_path / "run" / "README.md").read_text()
+    assert again == card and again.count("## slot_filling (baseline) with trl-midalign") == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -668,15 +720,15 @@ JAPANESE = [("par_id1", "ボタンをクリックしてドキュメントを保�
 
 
 def test_demo_shows_progress_while_extracting_the_help_pages(tmp_path, capsys):
+    from trl_midalign.data_sources import libreoffice_parallel_pairs
     from trl_midalign.demo import _show_progress
-    from trl_midalign.resources import libreoffice_parallel_pairs
 
     debs = tmp_path / "cache" / "libreoffice_help" / "debs"
     debs.mkdir(parents=True)
     fake_deb(debs / "libreoffice-help-en-us_1.0_all.deb", "en-US", {"shared/page.html": ENGLISH})
     fake_deb(debs / "libreoffice-help-ja_1.0_all.deb", "ja", {"shared/page.html": JAPANESE})
-    resources_logger = logging.getLogger("trl_midalign.resources")
-    level, handlers = resources_logger.level, list(resources_logger.handlers)
+    shown = [logging.getLogger(name) for name in ("trl_midalign.demo", "trl_midalign.data_sources")]
+    before = [(logger.level, list(logger.handlers)) for logger in shown]
     with _show_progress():
         pairs = libreoffice_parallel_pairs(["ja"], cache_dir=tmp_path / "cache")
     printed = capsys.readouterr().out
@@ -685,7 +737,7 @@ def test_demo_shows_progress_while_extracting_the_help_pages(tmp_path, capsys):
     assert sorted(zip(pairs["parallel_source"], pairs["parallel_target"])) == sorted(
         (ja, en) for (_, ja), (_, en) in zip(JAPANESE, ENGLISH)
     )
-    assert (resources_logger.level, resources_logger.handlers) == (level, handlers)  # restored
+    assert [(logger.level, logger.handlers) for logger in shown] == before  # restored
     # cached now: a second call is silent
     with _show_progress():
         libreoffice_parallel_pairs(["ja"], cache_dir=tmp_path / "cache")
@@ -693,34 +745,34 @@ def test_demo_shows_progress_while_extracting_the_help_pages(tmp_path, capsys):
 
 
 def test_demo_without_apt_get_says_what_to_do(tmp_path, capsys, monkeypatch):
-    import trl_midalign.resources as resources
+    from trl_midalign.data_sources import libreoffice
     from trl_midalign.demo import _show_progress
 
-    monkeypatch.setattr(resources.shutil, "which", lambda name: None)
+    monkeypatch.setattr(libreoffice.shutil, "which", lambda name: None)
     with _show_progress(), pytest.raises(RuntimeError, match=r"needs Debian's `apt-get`.*libreoffice_help/debs"):
-        resources.libreoffice_parallel_pairs(["ja"], cache_dir=tmp_path / "cache")
+        libreoffice.libreoffice_parallel_pairs(["ja"], cache_dir=tmp_path / "cache")
     assert "[demo] Downloading libreoffice-help-en-us (a few MB) with `apt-get download`" in capsys.readouterr().out
 
 
 def test_demo_shows_progress_while_converting_the_model(tmp_path, capsys, monkeypatch):
     import trl_midalign.modeling as modeling
-    import trl_midalign.resources as resources
+    from trl_midalign.data_sources import gemma
     from trl_midalign.demo import _show_progress
 
     tokenizer = build_tokenizer()
-    monkeypatch.setattr(resources, "_gemma_package", lambda: None)
-    monkeypatch.setattr(resources, "gemma3_270m_gguf", lambda cache_dir=None: "gemma.gguf")
+    monkeypatch.setattr(gemma, "_gemma_package", lambda: None)
+    monkeypatch.setattr(gemma, "gemma3_270m_gguf", lambda cache_dir=None: "gemma.gguf")
     monkeypatch.setattr(modeling, "load_causal_lm", lambda path, dtype=None: build_model("gemma3", len(tokenizer)))
     monkeypatch.setattr(modeling, "load_tokenizer", lambda path: tokenizer)
     with _show_progress():
-        path = resources.gemma3_270m(tmp_path / "cache")
+        path = gemma.gemma3_270m(tmp_path / "cache")
     printed = capsys.readouterr().out
     assert "[demo] Converting Gemma 3 270M to a float32 transformers checkpoint" in printed
     assert f"[demo] Saving the float32 checkpoint (about 1.1 GB) to {path} ..." in printed
     assert f"[demo] Gemma 3 270M is ready in {path}" in printed
     assert os.path.isfile(os.path.join(path, "config.json"))
     with _show_progress():
-        assert resources.gemma3_270m(tmp_path / "cache") == path
+        assert gemma.gemma3_270m(tmp_path / "cache") == path
     assert capsys.readouterr().out == ""  # cached: nothing to report
 
 

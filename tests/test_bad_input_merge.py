@@ -7,29 +7,32 @@ no model are checked with model loading disabled, so the error comes before any 
 
 import contextlib
 import hashlib
-import importlib
+import importlib.util
 import json
 import os
 import re
 import shutil
-import sys
 from dataclasses import fields
 
 import pytest
 import torch
-from conftest import build_model, build_tokenizer, task_rows
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from testing_utils import build_model, build_tokenizer, task_rows
 from transformers import AutoModelForCausalLM
 
 import trl_midalign
-from trl_midalign import merging
+from trl_midalign import scripts
 from trl_midalign.cli import NEGATIVE_FLAG_HELP, describe_negative_flags, make_parser
 from trl_midalign.cli import main as cli_main
-from trl_midalign.demo import DemoArguments
-from trl_midalign.merging import MergeArguments, merge_adapters, run_merge
-from trl_midalign.probing import ProbeArguments
-from trl_midalign.resources import cache_root
+from trl_midalign.cli import merge as cli_merge
+from trl_midalign.cli.demo import DemoArguments
+from trl_midalign.cli.merge import MergeArguments, run_merge
+from trl_midalign.cli.probe import ProbeArguments
+from trl_midalign.data_sources import cache_root
+from trl_midalign.merging import merge as merge_module
+from trl_midalign.merging import merge_adapters
+from trl_midalign.tasks.arguments import RecipeArguments, RecipeModelConfig
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +111,7 @@ def no_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were validated")
 
-    monkeypatch.setattr(merging, "_load_base_model", fail)
+    monkeypatch.setattr(merge_module, "_load_base_model", fail)
 
 
 def copy_adapter(source: str, target, **config_changes) -> str:
@@ -347,6 +350,24 @@ def test_weights_with_half_a_module(ws, tmp_path, no_loading):
     with unchanged(ws["root"], bad):
         with pytest.raises(ValueError, match=r"Adapter 'alignment'.*only one of lora_A / lora_B.*up_proj"):
             merge_adapters(None, adapters_of(ws, alignment=bad))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector", "base_model.model.lm_head.weight"],
+    ids=["dora_magnitude", "saved_module"],
+)
+def test_weights_with_state_besides_the_lora_factors(ws, tmp_path, extra, no_loading):
+    """State a weighted sum of deltas would drop, whatever setting made it: refused from the file, not the config."""
+    bad = copy_adapter(ws["alignment"], tmp_path / "extra")
+    rewrite_weights(bad, lambda state: {**state, extra: torch.ones(4)})
+    with unchanged(ws["root"], bad):
+        with pytest.raises(
+            ValueError,
+            match=rf"Adapter 'alignment'.*holds 1 tensor\(s\) besides the LoRA factors \(e\.g\. {re.escape(extra)}\)",
+        ) as error:
+            merge_adapters(None, adapters_of(ws, alignment=bad))
+    assert "merge_and_unload" in str(error.value)
 
 
 def test_weights_missing_a_targeted_module(ws, tmp_path):
@@ -614,7 +635,7 @@ def test_peft_model_as_base(ws, tmp_path):
     ],
 )
 def test_missing_required_options_are_a_usage_error(argv, missing, capsys, monkeypatch):
-    monkeypatch.setattr(merging, "run_merge", lambda args: pytest.fail("ran despite missing options"))
+    monkeypatch.setattr(cli_merge, "run_merge", lambda args: pytest.fail("ran despite missing options"))
     with pytest.raises(SystemExit) as exit_info:
         cli_main(argv)
     assert exit_info.value.code == 2
@@ -663,13 +684,20 @@ def test_no_or_unknown_command(argv, message, capsys):
     assert "usage: trl-midalign <command>" in err and f"trl-midalign: error: {message}" in err
 
 
+RECIPES = ("slot_filling", "translation", "structured_generation")
+
+
+def recipe(name: str):
+    """The recipe script `recipes/{name}.py` as a module (its `main` does not run)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def recipe_parsers():
-    sys.path.insert(0, os.path.join(ROOT, "recipes"))
-    try:
-        for name in ("slot_filling", "translation", "structured_generation"):
-            yield name, describe_negative_flags(importlib.import_module(name).make_parser())
-    finally:
-        sys.path.remove(os.path.join(ROOT, "recipes"))
+    for name in RECIPES:
+        yield name, describe_negative_flags(recipe(name).make_parser())
 
 
 def negative_flags(parser) -> dict[str, tuple[str, str]]:
@@ -693,29 +721,22 @@ def test_negative_flags_say_what_disabling_does():
 
 def test_every_project_negative_flag_has_its_own_text():
     """Guard against rot: each boolean option of ours that defaults to True has an entry in NEGATIVE_FLAG_HELP."""
-    sys.path.insert(0, os.path.join(ROOT, "recipes"))
-    try:
-        common = importlib.import_module("_common")
-        recipe_arguments, recipe_model_config = common.RecipeArguments, common.RecipeModelConfig
-    finally:
-        sys.path.remove(os.path.join(ROOT, "recipes"))
+    task_arguments = [
+        cls for _, parser in recipe_parsers() for cls in parser.dataclass_types if issubclass(cls, RecipeArguments)
+    ]
+    assert len(task_arguments) == len(RECIPES)
     ours = {
         f.name
-        for cls in (ProbeArguments, MergeArguments, DemoArguments, recipe_arguments, recipe_model_config)
+        for cls in (ProbeArguments, MergeArguments, DemoArguments, *task_arguments, RecipeModelConfig)
         for f in fields(cls)
-        if f.type in (bool, "bool") and f.default is True and (cls is not recipe_model_config or f.name == "use_peft")
+        if f.type in (bool, "bool") and f.default is True and (cls is not RecipeModelConfig or f.name == "use_peft")
     }
     assert ours == set(NEGATIVE_FLAG_HELP)
 
 
 def test_recipe_help_uses_the_negative_texts(capsys):
-    sys.path.insert(0, os.path.join(ROOT, "recipes"))
-    try:
-        common, recipe = importlib.import_module("_common"), importlib.import_module("slot_filling")
-        with pytest.raises(SystemExit):
-            common.parse_args(recipe.make_parser(), ["--help"])
-    finally:
-        sys.path.remove(os.path.join(ROOT, "recipes"))
+    with pytest.raises(SystemExit):
+        scripts.parse_args(recipe("slot_filling").make_parser(), ["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--no_check_ranks, --no-check-ranks Skip the check, after multi-process training" in out
     assert "--no_alignment, --no-alignment Train without the alignment loss" in out

@@ -16,9 +16,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import PAIRS, build_model, task_rows, tiny_config
 from datasets import Dataset, IterableDataset
 from safetensors.torch import load_file
+from testing_utils import PAIRS, alignment_config, build_model, task_rows, tiny_config
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -33,28 +33,14 @@ from transformers import (
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from trl_midalign import AlignmentConfig, AlignmentTrainer, DataCollatorForAlignment
+from trl_midalign.data import check_pairs
 
 
 TRAINER_LOGGER = "trl_midalign.trainer"
 
 
 def config(tmp_path, **kwargs) -> AlignmentConfig:
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
-    defaults.update(kwargs)
-    return AlignmentConfig(**defaults)
+    return alignment_config(**{"output_dir": tmp_path / "out", "max_steps": 2, "disable_tqdm": True, **kwargs})
 
 
 def make_trainer(tmp_path, tokenizer, rows=None, model=None, train_dataset=..., **kwargs):
@@ -720,3 +706,20 @@ def test_alignment_dataset_of_the_wrong_kind(tmp_path, tokenizer):
 def test_ddp_without_unused_parameter_search_is_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="ddp_find_unused_parameters=True.*align_schedule='joint'"):
         make_trainer(tmp_path, tokenizer, ddp_find_unused_parameters=False)
+
+
+def test_check_pairs_is_one_policy_for_datasets_rows_and_packed_rows():
+    rows = [{"src": "Danke", "tgt": "Thanks"}, {"src": ["Ja", "Nein"], "tgt": ["Yes", 3]}]
+    with pytest.raises(
+        ValueError, match=r"Row 1 of the file pairs.jsonl \(its pair 1\): column 'tgt' holds 3 \(int\)"
+    ):
+        check_pairs(rows, "src", "tgt", "file pairs.jsonl")
+    with pytest.raises(ValueError, match="Row 1 of the train dataset: column 'src' holds an empty"):
+        check_pairs(
+            Dataset.from_list([{"src": "Ja", "tgt": "Yes"}, {"src": " ", "tgt": "No"}]), "src", "tgt", "train dataset"
+        )
+    with pytest.raises(ValueError, match=r"The batch has no column 'tgt' .*\(its columns: \['src'\]\)\. Use --tgt"):
+        check_pairs([{"src": "Ja"}], "src", "tgt", "batch", fix="Use --{target}.")
+    stream = IterableDataset.from_generator(lambda: iter([{"src": "", "tgt": "x"}]))
+    check_pairs(stream, "src", "tgt", "train dataset")  # sentences of a stream are checked batch by batch
+    check_pairs(rows[:1], "src", "tgt", "batch")  # good pairs pass

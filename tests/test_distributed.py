@@ -7,21 +7,22 @@ aligned layer without gradients, and whose alignment forward must run inside one
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from testing_utils import free_port
 
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.abspath(os.path.dirname(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# The launched scripts import testing_utils and the package from the working tree
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": os.pathsep.join([HERE, ROOT]),
+}
 
 
 def launch(tmp_path, launcher_args, schedule="alternate"):
@@ -31,8 +32,7 @@ def launch(tmp_path, launcher_args, schedule="alternate"):
         sys.executable, "-m", "accelerate.commands.launch", *launcher_args,
         os.path.join(HERE, "scripts", "train_two_ranks.py"), str(output_dir), schedule,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     ranks = [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     return ranks
@@ -79,8 +79,7 @@ def test_fsdp2_two_processes_equal_the_unsharded_model(tmp_path, schedule, varia
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         os.path.join(HERE, "scripts", "fsdp2_steps.py"), str(output_dir), schedule, variant,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ROOT}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     ranks = [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for rank in ranks:

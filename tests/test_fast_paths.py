@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import PAIRS, TASKS, build_model
 from datasets import Dataset
+from testing_utils import PAIRS, TASKS, build_model
 from trl import SFTConfig, SFTTrainer
 
 from trl_midalign import AlignmentConfig, AlignmentTrainer

@@ -1,8 +1,7 @@
 import pytest
 import torch
-from conftest import MODEL_CLASSES, block_of, build_model
 from peft import LoraConfig, get_peft_model
-from test_losses import plain_info_nce, plain_pool
+from testing_utils import MODEL_CLASSES, block_of, build_model, plain_info_nce, plain_pool
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from trl_midalign import (
@@ -12,6 +11,7 @@ from trl_midalign import (
     masked_mean_pool,
     resolve_layer,
 )
+from trl_midalign.layers import parse_layer_spec
 
 
 def batch(seed=0, vocab=400):
@@ -141,3 +141,22 @@ def test_layer_outside_model_is_refused():
     model = build_model("llama", num_layers=4)
     with pytest.raises(ValueError, match="has 4 blocks"):
         layer_hidden_states(model, torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), 5)
+
+
+def test_parse_layer_spec_is_the_model_free_half_of_resolve_layer():
+    assert parse_layer_spec(" Auto ") == "auto" and parse_layer_spec("middle") == "middle"
+    assert parse_layer_spec("-2") == -2 and parse_layer_spec("0.5") == 0.5 and parse_layer_spec(3) == 3
+    for bad, error, message in [
+        (None, TypeError, "got None"),
+        (0, ValueError, "embedding output"),
+        ("0", ValueError, "embedding output"),
+        (2.5, ValueError, r"\(0, 1\]"),
+        (True, ValueError, "got True"),
+        ("top", ValueError, "'top' is not understood"),
+    ]:
+        with pytest.raises(error, match=message):
+            parse_layer_spec(bad)
+        with pytest.raises(error, match=message):
+            resolve_layer(bad, 8)
+    with pytest.raises(ValueError, match="'auto' is resolved by probing"):
+        resolve_layer("auto", 8)

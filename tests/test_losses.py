@@ -1,35 +1,10 @@
-import math
-
 import pytest
 import torch
+from testing_utils import build_tokenizer, plain_info_nce, plain_pool
 
-from trl_midalign import contrastive_alignment_loss, masked_mean_pool
-from trl_midalign.losses import last_token_pool
-
-
-def plain_pool(states, mask):
-    rows = []
-    for b in range(states.size(0)):
-        kept = [states[b, t] for t in range(states.size(1)) if mask[b, t] == 1]
-        rows.append(sum(kept) / len(kept))
-    return torch.stack(rows)
-
-
-def plain_info_nce(source, target, temperature, skip=None):
-    """Row-by-row InfoNCE with explicit cosines and log-sum-exp; `skip[i]` lists columns left out of row i."""
-    total = 0.0
-    n = source.size(0)
-    for i in range(n):
-        scores = []
-        for j in range(n):
-            if skip and j in skip.get(i, ()):
-                continue
-            cos = float(source[i] @ target[j]) / (float(source[i].norm()) * float(target[j].norm()))
-            scores.append((j, cos / temperature))
-        log_denominator = math.log(sum(math.exp(s) for _, s in scores))
-        positive = dict(scores)[i]
-        total += log_denominator - positive
-    return total / n
+from trl_midalign import contrastive_alignment_loss, masked_mean_pool, pool
+from trl_midalign.data import special_tokens_mask
+from trl_midalign.losses import POOLINGS, last_token_pool
 
 
 def test_masked_mean_pool_matches_plain_average():
@@ -109,3 +84,26 @@ def test_bf16_inputs_give_float32_loss_close_to_fp32():
     bf16 = contrastive_alignment_loss(source.bfloat16(), target.bfloat16())
     assert bf16.dtype == torch.float32
     assert bf16.item() == pytest.approx(fp32.item(), rel=2e-2)
+
+
+def test_pool_registry_dispatches_every_mode():
+    torch.manual_seed(2)
+    tokenizer = build_tokenizer()
+    input_ids = tokenizer(["Spiele etwas Jazz", "Joue du jazz"], padding=True, return_tensors="pt")
+    states = torch.randn(*input_ids["input_ids"].shape, 4)
+    mask = input_ids["attention_mask"]
+    special = special_tokens_mask(input_ids["input_ids"], tokenizer)
+    assert special[:, 0].all() and not special[mask.bool()][1:].all()  # BOS is special, words are not
+    assert special[~mask.bool()].all()  # padding is a special token
+    expected = {
+        "mean": plain_pool(states, mask),
+        "mean_no_special": plain_pool(states, mask * ~special),
+        "last": last_token_pool(states, mask),
+    }
+    assert set(expected) == set(POOLINGS)
+    for mode, value in expected.items():
+        torch.testing.assert_close(pool(states, mask, mode, special), value)
+    with pytest.raises(ValueError, match="needs the special_tokens_mask"):
+        pool(states, mask, "mean_no_special")
+    with pytest.raises(ValueError, match=r"pooling='max' is not supported; choose one of \['mean'"):
+        pool(states, mask, "max")

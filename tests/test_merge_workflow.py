@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
-from conftest import PAIRS, block_of, build_model, build_tokenizer, task_rows
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
+from testing_utils import PAIRS, block_of, build_model, build_tokenizer, task_rows
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 

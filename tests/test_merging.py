@@ -13,14 +13,15 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PAIRS, build_tokenizer, task_rows
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from testing_utils import PAIRS, build_tokenizer, task_rows
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from trl_midalign import merging
 from trl_midalign.cli import main as cli_main
-from trl_midalign.merging import merge_adapters, search_merge_weights
+from trl_midalign.cli.merge import MergeArguments, run_merge
+from trl_midalign.merging import format_search_table, merge_adapters, search_merge_weights
+from trl_midalign.merging import merge as merge_module
 from trl_midalign.probing import probe_layers
 
 
@@ -393,7 +394,7 @@ def no_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were validated")
 
-    monkeypatch.setattr(merging, "_load_base_model", fail)
+    monkeypatch.setattr(merge_module, "_load_base_model", fail)
 
 
 def copy_adapter(source: str, target, **config_changes) -> str:
@@ -548,7 +549,7 @@ def test_cli_merge_end_to_end(workspace, tmp_path, capsys):
         cli_main(["merge", "--adapters", f"task={ws['task']}"])
     assert exit_info.value.code == 2 and "arguments are required: --output_dir DIR" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--output_dir is required"):
-        merging.run_merge(merging.MergeArguments(adapters=[f"task={ws['task']}"]))
+        run_merge(MergeArguments(adapters=[f"task={ws['task']}"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -556,19 +557,27 @@ def test_cli_merge_end_to_end(workspace, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def plain_task_loss(model, tokenizer, rows) -> float:
-    """Mean NLL per completion token (EOS appended), one row at a time."""
+def plain_nll(model, examples: list[tuple[list[int], int]]) -> float:
+    """Mean NLL per scored token over all examples `(token ids, index of the first scored token)`, one at a time."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for row in rows:
-            prompt_ids = tokenizer(row["prompt"])["input_ids"]
-            ids = tokenizer(row["prompt"] + row["completion"] + tokenizer.eos_token)["input_ids"]
-            assert ids[: len(prompt_ids)] == prompt_ids
+        for ids, start in examples:
             logits = model(input_ids=torch.tensor([ids])).logits[0]
-            targets = torch.tensor(ids[len(prompt_ids) :])
-            total += F.cross_entropy(logits[len(prompt_ids) - 1 : -1].double(), targets, reduction="sum").item()
+            targets = torch.tensor(ids[start:])
+            total += F.cross_entropy(logits[start - 1 : -1].double(), targets, reduction="sum").item()
             count += len(targets)
     return total / count
+
+
+def plain_task_loss(model, tokenizer, rows) -> float:
+    """Mean NLL per completion token (EOS appended), one row at a time."""
+    examples = []
+    for row in rows:
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        ids = tokenizer(row["prompt"] + row["completion"] + tokenizer.eos_token)["input_ids"]
+        assert ids[: len(prompt_ids)] == prompt_ids
+        examples.append((ids, len(prompt_ids)))
+    return plain_nll(model, examples)
 
 
 def test_search_scores_and_selection_rule(workspace, capsys):
@@ -585,10 +594,10 @@ def test_search_scores_and_selection_rule(workspace, capsys):
         tokenizer=tokenizer,
         grid=grid,
         weights={"task": 1.0},
-        batch_size=3,
+        batch_size=8,  # all rows in one batch: SFTTrainer's eval_loss is then the mean over all completion tokens
         max_task_loss_increase=0.05,
     )
-    printed = capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # library code prints nothing; the CLI prints the table
     assert [row["weight"] for row in table] == [0.0, 0.5, 1.0, 2.0]  # 0 added as the reference
     assert all(row["layer"] == 2 for row in table)  # the alignment adapter changes blocks 0-1: aligned layer 2
 
@@ -605,7 +614,9 @@ def test_search_scores_and_selection_rule(workspace, capsys):
     top = max(row["retrieval_accuracy"] for row in eligible)
     assert best == min((row["weight"] for row in eligible if row["retrieval_accuracy"] == top), key=abs)
     assert [row["weight"] for row in table if row["selected"]] == [best]
+    printed = format_search_table(table, "alignment")
     assert "| alignment weight | task loss |" in printed and "retrieval acc @ layer 2" in printed
+    assert printed.splitlines()[2 + [row["weight"] for row in table].index(best)].endswith("| * |")
 
     # with no loss increase allowed, only weights that do not raise the loss qualify
     best_strict, strict = search_merge_weights(
@@ -674,34 +685,49 @@ def test_cli_search_then_merge(workspace, tmp_path, capsys):
         cli_main(["merge", "--adapters", f"task={ws['task']}", f"alignment={ws['alignment']}", "--search"])
     assert exit_info.value.code == 2 and "arguments are required: --dev_file FILE" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--search needs --dev_file"):
-        merging.run_merge(
-            merging.MergeArguments(adapters=[f"task={ws['task']}", f"alignment={ws['alignment']}"], search=True)
-        )
+        run_merge(MergeArguments(adapters=[f"task={ws['task']}", f"alignment={ws['alignment']}"], search=True))
 
 
-def test_task_rows_are_scored_like_sft(workspace):
+def chat_examples(tokenizer, rows) -> list[tuple[list[int], int]]:
+    """Conversational rows as SFT scores them: the completion turns of prompt/completion rows, all of messages."""
+    examples = []
+    for row in rows:
+        if "messages" in row:
+            examples.append((tokenizer.apply_chat_template(row["messages"], tokenize=False), None))
+            continue
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        assert full.startswith(prompt)
+        examples.append((full, len(tokenizer(prompt, add_special_tokens=False)["input_ids"])))
+    return [(tokenizer(text, add_special_tokens=False)["input_ids"], start or 1) for text, start in examples]
+
+
+@pytest.mark.parametrize("fmt", ["text", "messages", "conversational"])
+def test_search_task_loss_is_the_sft_loss_of_every_row_format(workspace, fmt):
     """Which tokens the task loss scores, per row format: completion only, or every token of text/messages."""
-    tokenizer = workspace["tokenizer"]
+    ws = workspace
+    tokenizer = ws["tokenizer"]
     eos = tokenizer.eos_token
-    plain = merging._task_examples([{"prompt": "Play some jazz", "completion": " genre: jazz"}], tokenizer, 64)
-    prompt_ids = tokenizer("Play some jazz")["input_ids"]
-    full_ids = tokenizer("Play some jazz genre: jazz" + eos)["input_ids"]
-    assert plain == [(full_ids, [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids)))]
-
-    text = merging._task_examples([{"text": "Play some jazz"}], tokenizer, 64)
-    assert text == [(tokenizer("Play some jazz" + eos)["input_ids"], [1] * len(text[0][0]))]
-
-    prompt = [{"role": "user", "content": "Play some jazz"}]
-    completion = [{"role": "assistant", "content": "genre: jazz"}]
-    chat = merging._task_examples([{"prompt": prompt, "completion": completion}], tokenizer, 64)
-    chat_prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    chat_full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    assert chat_full.startswith(chat_prompt)
-    ids, mask = chat[0]
-    assert ids == tokenizer(chat_full, add_special_tokens=False)["input_ids"]
-    scored = [token for token, keep in zip(ids, mask) if keep]
-    assert tokenizer.decode(scored) == chat_full[len(chat_prompt) :]  # the assistant turn and its end token
-
-    messages = merging._task_examples([{"messages": prompt + completion}], tokenizer, 64)
-    assert messages[0][0] == ids and all(messages[0][1])
-    assert merging._task_examples([{"text": "Play some jazz"}], tokenizer, 3)[0][0] == text[0][0][:3]
+    sentences = [("Play some jazz", "genre: jazz"), ("Turn off the light", "None"), ("Wake me up", "time: now")]
+    if fmt == "text":
+        rows = [{"text": f"{prompt} -> {completion}"} for prompt, completion in sentences]
+        examples = [(tokenizer(row["text"] + eos)["input_ids"], 1) for row in rows]
+    else:
+        turns = [
+            ([{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}])
+            for prompt, completion in sentences
+        ]
+        if fmt == "messages":
+            rows = [{"messages": prompt + completion} for prompt, completion in turns]
+        else:
+            rows = [{"prompt": prompt, "completion": completion} for prompt, completion in turns]
+        examples = chat_examples(tokenizer, rows)
+    pairs = [{"parallel_source": s, "parallel_target": t} for s, t in PAIRS[:4]]
+    _, table = search_merge_weights(
+        ws["base"], {"task": ws["task"], "alignment": ws["alignment"]}, rows, pairs, tokenizer=tokenizer, grid=[1.0]
+    )
+    assert [row["weight"] for row in table] == [0.0, 1.0]
+    for row in table:
+        model = model_with_deltas(ws["base"], weighted_sum([(ws["task"], 1.0), (ws["alignment"], row["weight"])]))
+        assert row["task_loss"] == pytest.approx(plain_nll(model, examples), rel=1e-4)
+    assert table[0]["task_loss"] != pytest.approx(table[1]["task_loss"], rel=1e-4)

@@ -7,16 +7,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import build_model
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
+from testing_utils import build_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
 from transformers.utils.quantization_config import GgufConfig
 from trl import SFTConfig, SFTTrainer
 
+from trl_midalign.data_sources import gemma3_270m, gemma3_270m_gguf
 from trl_midalign.modeling import load_causal_lm, load_tokenizer, prepare_gguf_model
-from trl_midalign.resources import gemma3_270m, gemma3_270m_gguf
 
 
 def write_tiny_llama_gguf(path, architecture="llama", unsupported_tensor_type=False):
@@ -78,6 +78,7 @@ def gemma_gguf_model():
 
 
 @pytest.mark.slow
+@pytest.mark.downloads
 def test_gguf_model_is_plain_and_matches_converted_copy(gemma_gguf_model):
     model = gemma_gguf_model
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.num_hidden_layers == 18
@@ -93,6 +94,7 @@ def test_gguf_model_is_plain_and_matches_converted_copy(gemma_gguf_model):
 
 
 @pytest.mark.slow
+@pytest.mark.downloads
 def test_gguf_model_saves_and_reloads(gemma_gguf_model, tmp_path):
     gemma_gguf_model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
@@ -103,6 +105,7 @@ def test_gguf_model_saves_and_reloads(gemma_gguf_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.downloads
 def test_gguf_model_trains_lora_with_sft_trainer(gemma_gguf_model, tmp_path):
     model = copy.deepcopy(gemma_gguf_model)
     tokenizer = AutoTokenizer.from_pretrained(gemma3_270m())
@@ -144,6 +147,7 @@ def test_gguf_model_trains_lora_with_sft_trainer(gemma_gguf_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.downloads
 def test_load_tokenizer_from_gguf_matches_converted_copy():
     from_gguf = load_tokenizer(gemma3_270m_gguf())
     converted = load_tokenizer(gemma3_270m())

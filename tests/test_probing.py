@@ -4,12 +4,14 @@ import sys
 
 import pytest
 import torch
-from conftest import PAIRS, TASKS, build_model
 from datasets import Dataset
+from testing_utils import PAIRS, TASKS, build_model, task_rows, write_jsonl
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
+from trl_midalign import AlignmentConfig, AlignmentTrainer
 from trl_midalign.cli import main as cli_main
+from trl_midalign.losses import pool
 from trl_midalign.probing import LayerProbeCallback, ProbeResult, probe_layers, recommend_layer
 
 
@@ -86,6 +88,47 @@ def test_probe_matches_plain_computation(kind, tokenizer):
     assert len({round(v, 6) for v in result.similarity_gap["mean"]}) > 1
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean_no_special"])
+def test_probe_pools_as_the_alignment_loss(pooling, tokenizer):
+    """`pooling=` is the trainer's pooling: each sentence alone through the model, pooled by hand, same scores."""
+    model = build_model("llama", len(tokenizer), num_layers=3, seed=5).eval()
+    pairs = language_pairs()[:6]
+    special = set(tokenizer.all_special_ids)
+    embeddings = {}
+    with torch.no_grad():
+        for row in pairs:
+            for sentence in (row["parallel_source"], row["parallel_target"]):
+                ids = tokenizer(sentence)["input_ids"]
+                states = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+                keep = [i for i, token in enumerate(ids) if token not in special]
+                assert 0 < len(keep) < len(ids)  # the BOS token is left out, and only it
+                embeddings[sentence] = [
+                    layer[0, -1] if pooling == "last" else layer[0, keep].mean(dim=0) for layer in states
+                ]
+    result = probe_layers(model, tokenizer, pairs, batch_size=5, pooling=pooling)
+    assert result.pooling == pooling
+    for layer in result.layers:
+        source = torch.stack([embeddings[row["parallel_source"]][layer] for row in pairs])
+        target = torch.stack([embeddings[row["parallel_target"]][layer] for row in pairs])
+        similarity = torch.nn.functional.cosine_similarity(source[:, None], target[None], dim=-1)  # (n, n)
+        hits = (similarity.argmax(dim=1) == torch.arange(6)).double().mean() + (
+            similarity.argmax(dim=0) == torch.arange(6)
+        ).double().mean()
+        assert result.retrieval_accuracy["de"][layer] == pytest.approx(hits.item() / 2)
+        gap = similarity.diagonal().mean() - (similarity.sum() - similarity.diagonal().sum()) / 30
+        assert result.similarity_gap["de"][layer] == pytest.approx(gap.item(), abs=1e-5)
+    mean_pooled = probe_layers(model, tokenizer, pairs, batch_size=5)
+    assert mean_pooled.similarity_gap["de"] != pytest.approx(result.similarity_gap["de"])  # the pooling matters
+    # and it is what losses.pool computes on the same states
+    ids = tokenizer([pairs[0]["parallel_source"]], return_tensors="pt")
+    with torch.no_grad():
+        states = model(**ids, output_hidden_states=True).hidden_states[2]
+    mask = torch.tensor([[token in special for token in ids["input_ids"][0].tolist()]])
+    torch.testing.assert_close(
+        pool(states, ids["attention_mask"], pooling, mask)[0], embeddings[pairs[0]["parallel_source"]][2]
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_identical_sides_are_retrieved_at_every_layer(dtype, tokenizer):
     """Known by construction: when each target is its source, every layer retrieves every pair."""
@@ -137,20 +180,26 @@ def test_probe_bad_input(tokenizer):
         probe_layers(model, tokenizer, pairs, languages=["de", "ja"])
     with pytest.raises(ValueError, match="no column 'src'.*source_column"):
         probe_layers(model, tokenizer, Dataset.from_list(pairs), source_column="src")
-    with pytest.raises(ValueError, match="pairs\\[0\\] has no key 'tgt'"):
+    with pytest.raises(ValueError, match="no column 'tgt'.*target_column"):
         probe_layers(model, tokenizer, pairs, target_column="tgt")
     with pytest.raises(ValueError, match="at least 2 pairs"):
         probe_layers(model, tokenizer, pairs, max_pairs_per_language=1)
+    with pytest.raises(ValueError, match="pooling='max' is not supported"):
+        probe_layers(model, tokenizer, pairs, pooling="max")
 
-    blank = [dict(pairs[0], parallel_source="  "), dict(pairs[1], parallel_target=""), *pairs[2:]]
+    # A bad pair is an error naming the row and the column (the one policy, trl_midalign.data.check_pairs), not dropped
+    blank = [*pairs[:3], dict(pairs[3], parallel_source="  "), *pairs[4:]]
+    with pytest.raises(ValueError, match=r"Row 3 of the pairs: column 'parallel_source' holds an empty"):
+        probe_layers(model, tokenizer, blank)
+    missing = Dataset.from_list([pairs[0], dict(pairs[1], parallel_target=None), *pairs[2:]])
+    with pytest.raises(ValueError, match=r"Row 1 of the pairs: column 'parallel_target' holds None"):
+        probe_layers(model, tokenizer, missing)
+
     lonely = [{"language": "ja", "parallel_source": "テスト", "parallel_target": "Test"}]
-    with pytest.warns(UserWarning) as record:
-        result = probe_layers(model, tokenizer, blank + lonely)
-    messages = " ".join(str(w.message) for w in record)
-    assert "Dropped 2 pair(s)" in messages
-    assert "fewer than 2 pairs" in messages and "ja (1)" in messages
+    with pytest.warns(UserWarning, match=r"fewer than 2 pairs.*ja \(1\)"):
+        result = probe_layers(model, tokenizer, pairs + lonely)
     assert result.languages == ["de", "fr"]
-    assert result.num_pairs == {"de": 4, "fr": 6}
+    assert result.num_pairs == {"de": 6, "fr": 6}
 
     with pytest.raises(ValueError, match="No language has at least 2 usable pairs"), pytest.warns(UserWarning):
         probe_layers(model, tokenizer, lonely)
@@ -187,7 +236,7 @@ def test_result_json_round_trip_table_and_plots(tmp_path, tokenizer):
     assert all(len(v) == 4 for v in data["retrieval_accuracy"].values())
     assert data["recommended_layer"] == result.recommended_layer
     assert data["num_pairs"] == {"de": 6, "fr": 6}
-    assert "model_name" in data
+    assert "model_name" in data and data["pooling"] == "mean"
     assert ProbeResult.from_json(path) == result
 
     table = result.to_markdown()
@@ -210,13 +259,6 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, tokenizer, monkey
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"trl-midalign\[plot\]"):
         result.plot(tmp_path)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return str(path)
 
 
 def test_cli_probe_end_to_end(tmp_path, tiny_model_dir, tokenizer, capsys):
@@ -249,6 +291,16 @@ def test_cli_probe_end_to_end(tmp_path, tiny_model_dir, tokenizer, capsys):
     printed = capsys.readouterr().out
     assert "| layer | fr (n=6) | de (n=6) | mean |" in printed
     assert f"Recommended layer: {direct.recommended_layer} of 4" in printed
+
+    last = tmp_path / "probe-last"
+    cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", data, "--output_dir", str(last), "--no_plot",
+              "--language_column", "lang", "--languages", "de", "fr", "--pooling", "last"])  # fmt: skip
+    result = ProbeResult.from_json(last / "probe.json")
+    assert result.pooling == "last"
+    direct_last = probe_layers(model, tokenizer, language_pairs(), pooling="last")
+    for key, scores in direct_last.similarity_gap.items():
+        assert result.similarity_gap[key] == pytest.approx(scores, abs=1e-5), key
+    assert "Retrieval accuracy of last-pooled states" in capsys.readouterr().out
 
 
 def test_cli_probe_bad_paths(tmp_path, tiny_model_dir):
@@ -403,6 +455,28 @@ def test_callback_every_n_steps_with_plain_trainer_keeps_log_lines(tmp_path, tok
     assert [e["step"] for e in trainer.state.log_history if "probe/retrieval_layer_0" in e] == [1, 2, 3]
 
 
+def test_callback_scores_between_log_lines_go_to_the_next_line(tmp_path, tokenizer):
+    """Probed at steps 3 and 6, logging every 4 steps: the first scores join step 4's training line, the last ones
+    the summary line at the end of training; none is lost and no regular line is dropped."""
+    model = build_model("llama", len(tokenizer), num_layers=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, logging_steps=4, per_device_train_batch_size=4,
+        report_to="none", save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(tokenizer), processing_class=tokenizer)
+    callback = LayerProbeCallback(language_pairs(), every_n_steps=3, trainer=trainer, save_plots=False)
+    trainer.add_callback(callback)
+    trainer.train()
+    history = trainer.state.log_history
+    assert_regular_lines_kept(history, logging_steps=4, max_steps=6)
+    assert [step for step, _ in callback.history] == [3, 6]
+    lines = [entry for entry in history if "probe/retrieval_layer_1" in entry]
+    assert [entry["step"] for entry in lines] == [4, 6]
+    assert "loss" in lines[0] and "train_runtime" in lines[1]
+    for entry, (_, result) in zip(lines, callback.history):
+        assert entry["probe/retrieval_layer_1"] == pytest.approx(result.retrieval_accuracy["mean"][1])
+
+
 def test_naive_logging_from_on_step_end_drops_lines(tmp_path, tokenizer):
     """Control for the tests above: calling `trainer.log` in `on_step_end` does drop the regular line."""
     model = build_model("llama", len(tokenizer), num_layers=1)
@@ -447,9 +521,10 @@ def test_callback_needs_a_trainer_and_valid_layers(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
+@pytest.mark.downloads
 def test_gemma3_270m_on_libreoffice_pairs_peaks_in_the_middle(tmp_path, capsys):
     """The paper's finding on a real multilingual model: alignment peaks in the middle layers, not at the top."""
-    from trl_midalign.resources import gemma3_270m, libreoffice_parallel_pairs
+    from trl_midalign.data_sources import gemma3_270m, libreoffice_parallel_pairs
 
     pairs = libreoffice_parallel_pairs(["de", "fr", "ja"], max_pairs_per_language=64, seed=0)
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs.to_list())
@@ -478,9 +553,10 @@ def test_gemma3_270m_on_libreoffice_pairs_peaks_in_the_middle(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.downloads
 def test_cli_probe_accepts_a_gguf_file(tmp_path):
     """A `.gguf` path is dequantized on load and probes exactly like the checkpoint converted from it."""
-    from trl_midalign.resources import gemma3_270m, gemma3_270m_gguf, libreoffice_parallel_pairs
+    from trl_midalign.data_sources import gemma3_270m, gemma3_270m_gguf, libreoffice_parallel_pairs
 
     pairs = libreoffice_parallel_pairs(["de", "ja"], max_pairs_per_language=8, seed=1)
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs.to_list())
@@ -500,14 +576,10 @@ def test_cli_probe_accepts_a_gguf_file(tmp_path):
 
 
 def test_callback_with_alignment_trainer_wires_itself_and_keeps_log_lines(tmp_path, tokenizer):
-    from conftest import task_rows
-
-    from trl_midalign import AlignmentConfig, AlignmentTrainer
-
     callback = LayerProbeCallback(language_pairs(), every_n_steps=2)  # no trainer given: AlignmentTrainer wires it
     args = AlignmentConfig(
         output_dir=str(tmp_path), max_steps=4, logging_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-        report_to="none", save_strategy="no", disable_tqdm=True, bf16=False, use_cpu=True,
+        report_to="none", save_strategy="no", disable_tqdm=True, bf16=False, use_cpu=True, align_pooling="last",
     )  # fmt: skip
     trainer = AlignmentTrainer(
         model=build_model("llama", len(tokenizer), num_layers=4),
@@ -523,3 +595,4 @@ def test_callback_with_alignment_trainer_wires_itself_and_keeps_log_lines(tmp_pa
         (line,) = [e for e in trainer.state.log_history if e["step"] == step and "loss" in e]
         assert {"probe/retrieval_de", "probe/retrieval_fr", "probe/retrieval_layer_2"} <= set(line)
         assert {"task_loss", "align_loss"} <= set(line)
+    assert [result.pooling for _, result in callback.history] == ["last", "last"]  # probes what the loss trains

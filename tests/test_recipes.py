@@ -1,14 +1,19 @@
 """End-to-end tests of the recipes: config parsing, in-process runs, bad input, the Hub push (against a local stand-in
 for the Hub's HTTP API) and 2-process `accelerate launch` runs under DDP, DeepSpeed ZeRO-2 and ZeRO-3 on CPU.
 
-Everything runs offline on a tiny Llama saved to a temporary folder with the offline tokenizer of conftest.py, and a
-few local rows per recipe.
+The launches also check what no user run checks any more: that every process ends training with the same trainable
+weights (those of the saved adapter), and that ZeRO-3 really partitions the model. A small wrapper script runs the
+recipe with a callback that records both (see `RANK_RECORDING_SCRIPT`).
+
+Everything runs offline on a tiny Llama saved to a temporary folder with the offline tokenizer of testing_utils.py,
+and a few local rows per recipe.
 """
 
 import base64
+import functools
 import glob
 import hashlib
-import importlib
+import importlib.util
 import json
 import os
 import re
@@ -19,15 +24,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
 import pytest
-from conftest import build_model, build_tokenizer
 from safetensors.torch import load_file
+from testing_utils import build_model, build_tokenizer, write_jsonl
+
+from trl_midalign.scripts import parse_args
+from trl_midalign.tasks.arguments import PAPER_LORA_MODULES
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
-sys.path.insert(0, RECIPES)
-
-import _common  # noqa: E402
 
 
 RECIPE_NAMES = ("slot_filling", "translation", "structured_generation")
@@ -45,8 +50,13 @@ FAST = [
 ]
 
 
+@functools.cache
 def recipe(name: str):
-    return importlib.import_module(name)
+    """The module of `recipes/<name>.py`, loaded from its file (the recipes are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(RECIPES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -85,13 +95,6 @@ NER = [  # (language, tokens, tags, parallel pair or None)
 ]
 
 
-def _write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A tiny Llama with the offline tokenizer, and local train/test files for the three recipes."""
@@ -112,14 +115,22 @@ def work(tmp_path_factory):
     data = {}
     for name, rows in (("slot_filling", massive), ("translation", mt), ("structured_generation", ner)):
         for split in ("train", "test"):
-            _write_jsonl(str(root / name / f"{split}.jsonl"), rows)
+            write_jsonl(str(root / name / f"{split}.jsonl"), rows)
         data[name] = str(root / name)
     return {"root": root, "model": model_dir, "data": data, "tokenizer": tokenizer}
 
 
+def fast_run(work: dict, name: str, output_dir) -> list[str]:
+    """The arguments of a short run of recipe `name` on the tiny model and the local rows of `work`."""
+    return [
+        "--model_name_or_path", work["model"], "--dataset_name", work["data"][name], "--output_dir", str(output_dir),
+        *FAST,
+    ]  # fmt: skip
+
+
 def run_main(name: str, argv: list[str]):
     module = recipe(name)
-    return module.main(*_common.parse_args(module.make_parser(), argv))
+    return module.main(*parse_args(module.make_parser(), argv))
 
 
 def reload_predictions(model_dir: str, adapter_dir: str, max_new_tokens: int = 6) -> tuple[list[str], list[str]]:
@@ -127,7 +138,7 @@ def reload_predictions(model_dir: str, adapter_dir: str, max_new_tokens: int = 6
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_midalign.evaluation import generate_completions
+    from trl_midalign.tasks.report import generate_completions
 
     with open(os.path.join(adapter_dir, "eval_predictions.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
@@ -155,12 +166,10 @@ def adapter_fingerprint(adapter_dir: str) -> dict:
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(RECIPES, "configs", "*.yaml"))))
 def test_shipped_configs_parse_with_current_trl(path):
     name = next(n for n in RECIPE_NAMES if os.path.basename(path).startswith(n))
-    script_args, training_args, model_args = _common.parse_args(
-        recipe(name).make_parser(), ["--config", path, "--use_cpu"]
-    )
+    script_args, training_args, model_args = parse_args(recipe(name).make_parser(), ["--config", path, "--use_cpu"])
     # The paper's settings
     assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (8, 16, 0.1)
-    assert set(model_args.lora_target_modules) == set(_common.PAPER_LORA_MODULES)
+    assert set(model_args.lora_target_modules) == set(PAPER_LORA_MODULES)
     assert training_args.learning_rate == 5e-4 and training_args.warmup_steps == 0.03
     assert training_args.lr_scheduler_type.value == "inverse_sqrt"
     assert (training_args.align_layer, training_args.align_temperature) == ("middle", 0.1)
@@ -188,7 +197,7 @@ def test_unknown_yaml_key_is_refused_with_a_suggestion(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("model_name_or_path: x\ndataset_name: y\nalign_layr: middle\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) 'align_layr' \(did you mean 'align_layer'"):
-        _common.parse_args(recipe("slot_filling").make_parser(), ["--config", str(config), "--output_dir", "o"])
+        parse_args(recipe("slot_filling").make_parser(), ["--config", str(config), "--output_dir", "o"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -206,12 +215,15 @@ def test_bad_input_fails_before_training(work, tmp_path):
         run_main("slot_filling", [*base, "--dataset_name", massive, "--eval_languages", "it-IT"])
     broken = tmp_path / "broken"
     rows = [{"locale": "en-US", "utt": "hi", "id": "0"}, {"locale": "de-DE", "utt": "hallo", "id": "0"}]
-    _write_jsonl(str(broken / "train.jsonl"), rows)
-    _write_jsonl(str(broken / "test.jsonl"), rows)
+    write_jsonl(str(broken / "train.jsonl"), rows)
+    write_jsonl(str(broken / "test.jsonl"), rows)
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['annot_utt'\]"):
         run_main("slot_filling", [*base, "--dataset_name", str(broken)])
     with pytest.raises(ValueError, match="--use_peft"):
         run_main("slot_filling", [*base, "--dataset_name", massive, "--no_use_peft"])
+    elsewhere = ["--eval_only", "--adapter_path", str(tmp_path / "other"), "--push_to_hub", "--hub_model_id", "me/x"]
+    with pytest.raises(ValueError, match="--eval_only with --push_to_hub pushes output_dir"):
+        run_main("slot_filling", [*base, "--dataset_name", massive, *elsewhere])
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
@@ -243,18 +255,7 @@ def test_slot_filling_runs_with_only_a_model_and_local_data(work, tmp_path):
 @pytest.mark.parametrize("name", ["translation", "structured_generation"])
 def test_recipe_main_in_process(work, tmp_path, name):
     output_dir = str(tmp_path / name)
-    results = run_main(
-        name,
-        [
-            "--model_name_or_path",
-            work["model"],
-            "--dataset_name",
-            work["data"][name],
-            "--output_dir",
-            output_dir,
-            *FAST,
-        ],
-    )
+    results = run_main(name, fast_run(work, name, output_dir))
     if name == "translation":
         assert list(results["languages"]) == ["de-en", "en-de"] and results["alignment_languages"] == ["de"]
         assert {"bleu", "chrf"} <= set(results["languages"]["en-de"])
@@ -390,7 +391,7 @@ RELOAD_FROM_HUB = """
 import json, sys
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl_midalign.evaluation import generate_completions
+from trl_midalign.tasks.report import generate_completions
 base, repo, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), repo)
 tokenizer = AutoTokenizer.from_pretrained(repo)
@@ -401,14 +402,13 @@ print(json.dumps(generate_completions(model, tokenizer, prompts, max_new_tokens=
 
 def test_push_to_hub_lands_files_that_peft_reloads(work, tmp_path):
     hub = FakeHub(str(tmp_path / "hub"))
-    env = {
-        **os.environ,
-        "HF_ENDPOINT": hub.endpoint,
-        "HF_HUB_OFFLINE": "0",
-        "HF_TOKEN": "hf_not_a_real_token",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = script_env(
+        HF_ENDPOINT=hub.endpoint,
+        HF_HUB_OFFLINE="0",
+        HF_TOKEN="hf_not_a_real_token",
+        HF_HOME=str(tmp_path / "hf_home"),
+        OMP_NUM_THREADS="1",
+    )
     output_dir = str(tmp_path / "run")
     try:
         command = [
@@ -451,23 +451,28 @@ BACKENDS = {
 }
 
 
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched script: this checkout's package and tests/ (for testing_utils) importable."""
+    path = os.pathsep.join(p for p in (os.path.join(ROOT, "tests"), ROOT, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def launch(script: str, backend_args: list[str], args: list[str], num_processes: int = 2):
+    """`accelerate launch` a script (a path, or the name of a recipe) on CPU processes."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *backend_args, "--num_processes", str(num_processes),
         "--main_process_port", "0", os.path.join(RECIPES, script), *args, "--bf16", "false",
     ]  # fmt: skip
     # PYTHONFAULTHANDLER: a process that aborts prints the Python stack of every thread
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONFAULTHANDLER"] = "1"
+    env = script_env(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1")
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 END_SCRIPT = """
 import json, os, sys, time
 import torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
 from accelerate import PartialState
-from _common import end_processes
+from trl_midalign.scripts import end_processes
 
 state = PartialState(cpu=True)  # joins the group the launcher set up, as --use_cpu does in the recipes
 gathered = [None] * state.num_processes
@@ -477,7 +482,7 @@ if state.process_index == 1:
 entered = time.time()
 end_processes()
 record = {"gathered": [g["rank"] for g in gathered], "initialized_after": dist.is_initialized()}
-with open(os.path.join(sys.argv[2], f"rank{state.process_index}.json"), "w") as f:
+with open(os.path.join(sys.argv[1], f"rank{state.process_index}.json"), "w") as f:
     json.dump({**record, "entered": entered, "left": time.time()}, f)
 """
 
@@ -486,7 +491,7 @@ with open(os.path.join(sys.argv[2], f"rank{state.process_index}.json"), "w") as 
 def test_end_processes_waits_and_destroys_the_group_on_every_rank(tmp_path):
     script = tmp_path / "end.py"
     script.write_text(END_SCRIPT)
-    done = launch(str(script), BACKENDS["ddp"], [RECIPES, str(tmp_path)])
+    done = launch(str(script), BACKENDS["ddp"], [str(tmp_path)])
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = []
     for rank in (0, 1):
@@ -496,34 +501,97 @@ def test_end_processes_waits_and_destroys_the_group_on_every_rank(tmp_path):
     assert ranks[0]["left"] >= ranks[1]["entered"]  # rank 0 waited for rank 1 before tearing down
 
 
+RANK_RECORDING_SCRIPT = """
+# Runs the recipe argv[1] with its arguments argv[2:], its trainer (AlignmentTrainer or SFTTrainer) given a callback
+# that writes, per process, into output_dir/rank_checksums/: at the start of training how many parameters ZeRO-3
+# partitions (refusing to train when it partitions none, which would hide partitioning bugs), and at the end a
+# checksum of the trainable weights this process holds.
+import json, os, runpy, sys
+
+import trl
+from testing_utils import rank_checksum
+from transformers import TrainerCallback
+
+import trl_midalign
+
+
+def partitioning(model):
+    # ds_tensor: this process's shard; ds_persist: DeepSpeed keeps the whole tensor on every process (a tensor no
+    # larger than stage3_param_persistence_threshold), gathered once and never released
+    shards = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+    return {
+        "parameters": len(shards),
+        "partitioned_parameters": sum(p.ds_tensor.numel() < p.ds_numel for p in shards),
+        "persistent_parameters": sum(bool(getattr(p, "ds_persist", False)) for p in shards),
+    }
+
+
+class RankRecords(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.partitioning = counts = partitioning(model)
+        if counts["parameters"] and counts["persistent_parameters"] == counts["parameters"]:
+            raise RuntimeError(
+                "DeepSpeed ZeRO-3 would partition no parameter of this model (stage3_param_persistence_threshold is "
+                "above the size of its tensors): the launch would not test partitioning."
+            )
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        record = {"rank": args.process_index, "num_processes": args.world_size, **self.partitioning}
+        record.update(rank_checksum(model))  # every process: gathering ZeRO-3 parameters is a collective
+        folder = os.path.join(args.output_dir, "rank_checksums")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{args.process_index}.json"), "w") as f:
+            json.dump(record, f)
+
+
+def recording(trainer_class):
+    class Recording(trainer_class):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[*(callbacks or []), RankRecords()], **kwargs)
+
+    return Recording
+
+
+trl.SFTTrainer = recording(trl.SFTTrainer)  # the recipe imports the trainers after this
+trl_midalign.AlignmentTrainer = recording(trl_midalign.AlignmentTrainer)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def launch_recipe(name: str, backend_args: list[str], args: list[str], tmp_path, num_processes: int = 2):
+    """Launch `recipes/<name>.py` under the rank-recording wrapper (see `RANK_RECORDING_SCRIPT`)."""
+    script = tmp_path / "record_ranks.py"
+    script.write_text(RANK_RECORDING_SCRIPT)
+    return launch(str(script), backend_args, [os.path.join(RECIPES, f"{name}.py"), *args], num_processes)
+
+
+def rank_records(output_dir: str) -> list[dict]:
+    records = []
+    for path in sorted(glob.glob(os.path.join(output_dir, "rank_checksums", "rank*.json"))):
+        with open(path) as f:
+            records.append(json.load(f))
+    return records
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("name", RECIPE_NAMES)
 def test_two_process_launch(work, tmp_path, name, backend):
     output_dir = str(tmp_path / f"{name}-{backend}")
-    args = [
-        "--model_name_or_path",
-        work["model"],
-        "--dataset_name",
-        work["data"][name],
-        "--output_dir",
-        output_dir,
-        *FAST,
-    ]
-    done = launch(f"{name}.py", BACKENDS[backend], args)
+    done = launch_recipe(name, BACKENDS[backend], fast_run(work, name, output_dir), tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     # Both ranks end with the same trainable weights, and those are the saved adapter's
-    with open(os.path.join(output_dir, _common.RANK_CHECKSUMS_FILE)) as f:
-        ranks = json.load(f)
-    assert ranks["num_processes"] == 2 and ranks["identical"]
-    assert [r["rank"] for r in ranks["ranks"]] == [0, 1]
-    assert ranks["ranks"][0]["sha256"] == ranks["ranks"][1]["sha256"]
+    ranks = rank_records(output_dir)
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["num_processes"] == 2 for r in ranks)
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
     saved = adapter_fingerprint(output_dir)
     assert saved["lora_B_abs_sum"] > 0
     for key in ("sum", "abs_sum", "sq_sum", "numel"):
-        assert ranks["ranks"][0][key] == pytest.approx(saved[key], rel=1e-9, abs=1e-9), key
+        assert ranks[0][key] == pytest.approx(saved[key], rel=1e-9, abs=1e-9), key
     if backend == "zero3":  # real partitioning: each rank held only a shard of most parameters
-        assert ranks["ranks"][0]["partitioned_parameters"] > ranks["ranks"][0]["parameters"] // 2
+        assert ranks[0]["partitioned_parameters"] > ranks[0]["parameters"] // 2
+        assert ranks[0]["persistent_parameters"] < ranks[0]["parameters"]  # and not every one is kept whole
     for file in ("eval_results.json", "eval_results.md", "eval_results.png", "eval_predictions.jsonl"):
         assert os.path.isfile(os.path.join(output_dir, file)), file
     results = json.load(open(os.path.join(output_dir, "eval_results.json")))
@@ -535,7 +603,9 @@ def test_two_process_launch(work, tmp_path, name, backend):
 
 
 @pytest.mark.slow
-def test_zero3_refuses_a_model_it_would_not_partition(work, tmp_path):
+def test_zero3_launches_refuse_a_model_zero3_would_not_partition(work, tmp_path):
+    # The partitioning check of the launches above can fail: with a persistence threshold above every tensor's size,
+    # ZeRO-3 keeps every parameter whole on every process, and the launch stops before training.
     ds_config = json.load(open(os.path.join(RECIPES, "accelerate_configs", "ds_zero3.json")))
     ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 10**9
     ds_path = tmp_path / "ds_unpartitioned.json"
@@ -547,16 +617,7 @@ def test_zero3_refuses_a_model_it_would_not_partition(work, tmp_path):
         str(ds_path),
     ]
     output_dir = tmp_path / "out"
-    args = [
-        "--model_name_or_path",
-        work["model"],
-        "--dataset_name",
-        work["data"]["slot_filling"],
-        "--output_dir",
-        str(output_dir),
-        *FAST,
-    ]
-    done = launch("slot_filling.py", backend, args, num_processes=1)
+    done = launch_recipe("slot_filling", backend, fast_run(work, "slot_filling", output_dir), tmp_path)
     assert done.returncode != 0
     assert "ZeRO-3 would partition no parameter" in done.stderr and "stage3_param_persistence_threshold" in done.stderr
     assert not (output_dir / "adapter_model.safetensors").exists()  # it stopped before training

@@ -6,33 +6,20 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PAIRS, block_of, build_model, task_rows
 from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+from testing_utils import PAIRS, alignment_config, block_of, build_model, plain_info_nce, plain_pool, task_rows
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainerCallback
 from trl import SFTConfig
 
 from trl_midalign import AlignmentConfig, AlignmentTrainer, contrastive_alignment_loss, masked_mean_pool
 from trl_midalign.layers import layer_hidden_states
+from trl_midalign.losses import POOLINGS
 
 
 def config(tmp_path, **kwargs) -> AlignmentConfig:
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=4,
-        logging_steps=1,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return AlignmentConfig(**defaults)
+    return alignment_config(**{"output_dir": tmp_path / "out", **kwargs})
 
 
 def trainer_for(tmp_path, tokenizer, rows=None, model=None, **kwargs):
@@ -401,7 +388,7 @@ def test_long_sentences_are_truncated_with_one_warning(tmp_path, tokenizer, capl
         row["parallel_source"] = " ".join([row["parallel_source"]] * 10)
     trainer = trainer_for(tmp_path, tokenizer, rows, align_max_length=8, max_steps=4)
     batches = record_batches(trainer)
-    with caplog.at_level(logging.WARNING, logger="trl_midalign.collator"):
+    with caplog.at_level(logging.WARNING, logger="trl_midalign.data"):
         trainer.train()
     warnings = [r for r in caplog.records if "align_max_length=8" in r.getMessage()]
     assert len(warnings) == 1
@@ -433,3 +420,87 @@ def test_auto_layer_takes_the_probe_s_best_layer(tmp_path, tokenizer):
     assert trainer.align_probe.retrieval_accuracy["mean"] == pytest.approx(expected.retrieval_accuracy["mean"])
     trainer.train()
     assert any("align_loss" in log for log in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_alignment_loss_pools_as_align_pooling_says(tmp_path, tokenizer, pooling):
+    trainer = trainer_for(tmp_path, tokenizer, align_pooling=pooling, align_layer=2, max_steps=1)
+    rows = task_rows(n=4)
+    pair = trainer.data_collator([dict(r, input_ids=[1, 5, 6]) for r in rows])
+    ids, mask = pair["align_input_ids"], pair["align_attention_mask"]
+    assert torch.equal(pair["align_special_tokens_mask"], torch.isin(ids, torch.tensor(tokenizer.all_special_ids)))
+    model = trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer._alignment_loss(model, pair)
+        states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2].double()
+    if pooling == "last":
+        lengths = mask.sum(dim=1)
+        pooled = torch.stack([states[row, lengths[row] - 1] for row in range(ids.size(0))])
+    else:
+        keep = mask if pooling == "mean" else mask * ~pair["align_special_tokens_mask"]
+        pooled = plain_pool(states, keep)
+    source, target = pooled.chunk(2)
+    assert loss.item() == pytest.approx(plain_info_nce(source, target, 0.1), abs=1e-5)
+
+
+def test_auto_layer_probes_with_the_training_pooling(tmp_path, tokenizer):
+    from trl_midalign.probing import probe_layers
+
+    model = build_model("llama", len(tokenizer), num_layers=6, seed=3)
+    rows = task_rows(n=12)
+    expected = probe_layers(copy.deepcopy(model), tokenizer, Dataset.from_list(rows), pooling="last")
+    by_mean = probe_layers(copy.deepcopy(model), tokenizer, Dataset.from_list(rows), pooling="mean")
+    assert expected.recommended_layer != by_mean.recommended_layer  # the pooling decides here
+    trainer = trainer_for(tmp_path, tokenizer, rows, model=model, align_layer="auto", align_pooling="last")
+    assert trainer.align_probe.pooling == "last"
+    assert trainer.align_layer == expected.recommended_layer
+    assert trainer.align_probe.retrieval_accuracy["mean"] == pytest.approx(expected.retrieval_accuracy["mean"])
+
+
+def test_model_given_by_path_is_loaded_before_the_layer_is_resolved(tmp_path, tokenizer, tiny_model_dir):
+    """A model name is loaded here (as SFTTrainer would, with model_init_kwargs), so that align_layer='auto' can probe
+    it and the adapter of an alignment-only module is created on the blocks below the layer from the start."""
+    from trl_midalign.probing import probe_layers
+
+    pairs = Dataset.from_list([{"parallel_source": s, "parallel_target": t} for s, t in PAIRS])
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    expected = probe_layers(reference, tokenizer, pairs, show_progress=False)
+    args = config(
+        tmp_path,
+        align_schedule="alignment_only",
+        align_layer="auto",
+        max_steps=1,
+        model_init_kwargs={"dtype": "float32"},
+    )
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = AlignmentTrainer(
+        model=tiny_model_dir, args=args, train_dataset=None, alignment_dataset=pairs, peft_config=peft_config
+    )
+    layer = expected.recommended_layer
+    assert trainer.align_layer == layer
+    assert trainer.processing_class.get_vocab() == tokenizer.get_vocab()  # loaded from the model's folder
+    assert trainer.args.model_init_kwargs == {"dtype": "float32"}  # the caller's settings are kept
+    assert trainer.model.peft_config["default"].layers_to_transform == list(range(layer))
+    assert {block_of(n) for n, _ in trainer.model.named_parameters() if "lora_" in n} == set(range(layer))
+    assert trainer.model.get_base_model().dtype == torch.float32
+    trainer.train()
+    assert any("align_loss" in log for log in trainer.state.log_history)
+
+
+def test_command_line_choices_come_from_where_they_are_implemented():
+    from transformers import HfArgumentParser
+
+    from trl_midalign.losses import DIRECTIONS, STOP_GRADIENTS
+    from trl_midalign.schedules import SCHEDULES
+
+    parser = HfArgumentParser(AlignmentConfig)
+    choices = {action.dest: action.choices for action in parser._actions if action.dest.startswith("align_")}
+    assert list(choices["align_pooling"]) == list(POOLINGS)
+    assert list(choices["align_directions"]) == list(DIRECTIONS)
+    assert list(choices["align_stop_gradient"]) == list(STOP_GRADIENTS)
+    assert list(choices["align_schedule"]) == list(SCHEDULES) == ["alternate", "joint", "alignment_only"]
+    common = ["--output_dir", "out", "--use_cpu", "--bf16", "false", "--report_to", "none"]
+    (args,) = parser.parse_args_into_dataclasses(common + ["--align_stop_gradient", "None", "--align_layer", "-1"])
+    assert args.align_stop_gradient is None and args.align_layer == -1
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(common + ["--align_pooling", "max"])

@@ -1,33 +1,18 @@
+"""[`AlignmentConfig`]: [`~trl.SFTConfig`] plus the `align_*` settings. Their choices are the `Literal` types of the
+modules that implement them (pooling, directions and stop-gradient in `losses.py`, schedules in `schedules.py`, layer
+keywords in `layers.py`), so the command line lists and checks exactly what the code can do.
+"""
+
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import get_args
 
 from trl import SFTConfig
 
-
-_SCHEDULES = ("alternate", "joint", "alignment_only")
-_POOLINGS = ("mean", "mean_no_special", "last")
-_DIRECTIONS = ("source_to_target", "both")
-_STOP_GRADIENTS = (None, "target")
-_LAYER_KEYWORDS = ("middle", "auto")
-
-
-def _parse_layer(value: int | float | str) -> int | float | str:
-    """Turn a command-line string into an int or float where it holds one; keep keywords as they are."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip().lower()
-    if text in _LAYER_KEYWORDS:
-        return text
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    raise ValueError(
-        f"align_layer={value!r} is not understood: use 'middle', 'auto', an int layer index (negative counts from the "
-        "top, -1 = last layer), or a float fraction of the depth in (0, 1]."
-    )
+from .layers import parse_layer_spec
+from .losses import Direction, PoolingMode, StopGradient
+from .schedules import Schedule
 
 
 def _parse_number(name: str, value, kind: type, example: str) -> int | float:
@@ -116,23 +101,21 @@ class AlignmentConfig(SFTConfig):
         default=0.1, metadata={"help": "Temperature dividing the cosine similarities of the contrastive loss."}
     )
     align_weight: float = field(default=1.0, metadata={"help": "Weight of the alignment loss."})
-    align_pooling: str = field(
+    align_pooling: PoolingMode = field(
         default="mean",
         metadata={
             "help": "Pooling of a sentence's token states: 'mean' over the attention mask (reference, BOS "
             "included), 'mean_no_special' (leaves out special tokens) or 'last' (last token).",
-            "choices": list(_POOLINGS),
         },
     )
-    align_directions: str = field(
+    align_directions: Direction = field(
         default="source_to_target",
         metadata={
             "help": "'source_to_target': each non-English sentence retrieves its English translation (reference); "
             "'both': averaged with the reverse direction.",
-            "choices": list(_DIRECTIONS),
         },
     )
-    align_stop_gradient: str | None = field(
+    align_stop_gradient: StopGradient = field(
         default=None,
         metadata={
             "help": "'target' detaches the English side (the paper's unidirectional variant); None trains both.",
@@ -142,12 +125,11 @@ class AlignmentConfig(SFTConfig):
         default=256,
         metadata={"help": "Maximum tokens per parallel sentence; longer ones are truncated with a warning."},
     )
-    align_schedule: str = field(
+    align_schedule: Schedule = field(
         default="alternate",
         metadata={
             "help": "'alternate': task and alignment micro-batches alternate, task first (the paper); 'joint': "
             "task_loss + align_weight * align_loss in one step; 'alignment_only': no task loss.",
-            "choices": list(_SCHEDULES),
         },
     )
     align_source_column: str = field(
@@ -165,24 +147,7 @@ class AlignmentConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.align_layer is None:
-            raise TypeError(
-                "align_layer must be 'middle', 'auto', an int layer index or a float fraction of the depth, got None; "
-                "leave it unset for the default 'middle'."
-            )
-        self.align_layer = _parse_layer(self.align_layer)
-        if isinstance(self.align_layer, bool) or not isinstance(self.align_layer, (int, float, str)):
-            raise ValueError(f"align_layer must be 'middle', 'auto', an int or a float, got {self.align_layer!r}.")
-        if isinstance(self.align_layer, float) and not 0 < self.align_layer <= 1:
-            raise ValueError(
-                f"align_layer={self.align_layer}: a float is a fraction of the model's depth and must lie in (0, 1]; "
-                "pass an int for a layer index."
-            )
-        if self.align_layer == 0:
-            raise ValueError(
-                "align_layer=0 is the embedding output, which has nothing below it to align; use a layer >= 1, "
-                "'middle' (the paper's choice) or 'auto'."
-            )
+        self.align_layer = parse_layer_spec(self.align_layer)
         self.align_temperature = _parse_number("align_temperature", self.align_temperature, float, "0.1")
         if not math.isfinite(self.align_temperature) or self.align_temperature <= 0:
             raise ValueError(
@@ -195,12 +160,13 @@ class AlignmentConfig(SFTConfig):
             )
         if isinstance(self.align_stop_gradient, str) and self.align_stop_gradient.lower() in ("none", "null", ""):
             self.align_stop_gradient = None
-        for name, value, allowed in (
-            ("align_pooling", self.align_pooling, _POOLINGS),
-            ("align_directions", self.align_directions, _DIRECTIONS),
-            ("align_stop_gradient", self.align_stop_gradient, _STOP_GRADIENTS),
-            ("align_schedule", self.align_schedule, _SCHEDULES),
+        for name, choices in (
+            ("align_pooling", PoolingMode),
+            ("align_directions", Direction),
+            ("align_stop_gradient", StopGradient),
+            ("align_schedule", Schedule),
         ):
+            value, allowed = getattr(self, name), get_args(choices)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
         if self.align_max_length is None:

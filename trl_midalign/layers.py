@@ -5,11 +5,10 @@ block 0) and layer `L` (1 <= L <= N) is the output of block `L - 1`. Layer `N` i
 after the final norm.
 """
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
-
-
-_LAYER_KEYWORDS = ("middle",)
 
 
 class _StopForward(Exception):
@@ -77,6 +76,61 @@ def num_decoder_layers(model: nn.Module) -> int:
     return len(get_decoder_layers(model))
 
 
+LayerKeyword = Literal["middle", "auto"]
+"""`"middle"`: block count // 2; `"auto"`: the layer a probe of the base model recommends (see `AlignmentTrainer`)."""
+LAYER_KEYWORDS: tuple[str, ...] = get_args(LayerKeyword)
+
+
+def parse_layer_spec(spec: int | float | str) -> int | float | str:
+    """
+    Check an `align_layer` setting as far as it can be checked without the model, and return it as a keyword
+    (`"middle"`, `"auto"`), an int or a float. Strings holding an int or a float are converted, as they come from the
+    command line. This is the one parser of layer settings: [`AlignmentConfig`] and [`resolve_layer`] both use it.
+
+    Args:
+        spec (`int`, `float` or `str`):
+            A keyword of `LayerKeyword`, an int layer index other than 0 (negative counts from the top), or a float in
+            `(0, 1]` giving a fraction of the depth.
+
+    Returns:
+        `int`, `float` or `str`: The setting, converted.
+    """
+    if spec is None:
+        raise TypeError(
+            "align_layer must be 'middle', 'auto', an int layer index or a float fraction of the depth, got None; "
+            "leave it unset for the default 'middle'."
+        )
+    value = spec
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in LAYER_KEYWORDS:
+            return text
+        for parse in (int, float):
+            try:
+                value = parse(text)
+                break
+            except ValueError:
+                pass
+        else:
+            raise ValueError(
+                f"align_layer={spec!r} is not understood: use 'middle', 'auto', an int layer index (negative counts "
+                "from the top, -1 = last layer), or a float fraction of the depth in (0, 1]."
+            )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"align_layer must be 'middle', 'auto', an int or a float, got {spec!r}.")
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ValueError(
+            f"align_layer={value}: a float is a fraction of the model's depth and must lie in (0, 1]; pass an int for "
+            "a layer index."
+        )
+    if value == 0:
+        raise ValueError(
+            "align_layer=0 is the embedding output, which has nothing below it to align; use a layer >= 1, "
+            "'middle' (the paper's choice) or 'auto'."
+        )
+    return value
+
+
 def resolve_layer(spec: int | float | str, num_layers: int) -> int:
     """
     Turn an `align_layer` setting into a layer index `1 <= L <= num_layers`.
@@ -85,36 +139,23 @@ def resolve_layer(spec: int | float | str, num_layers: int) -> int:
         spec (`int`, `float` or `str`):
             `"middle"` (`num_layers // 2`), a positive int (the layer itself), a negative int counted from the top
             (`-1` is the last layer, `num_layers`), or a float in `(0, 1]` giving a fraction of the depth (rounded).
-            Strings holding an int or a float are accepted, as they come from the command line.
+            Strings holding an int or a float are accepted, as they come from the command line. `"auto"` needs a
+            probe of the model: [`AlignmentTrainer`] resolves it.
         num_layers (`int`):
             Number of decoder blocks `N` of the model.
 
     Returns:
         `int`: The layer index, in the `hidden_states` convention (layer `L` is the output of block `L - 1`).
     """
-    value = spec
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "middle":
-            return max(1, num_layers // 2)
-        try:
-            value = int(text)
-        except ValueError:
-            try:
-                value = float(text)
-            except ValueError:
-                raise ValueError(
-                    f"align_layer={spec!r} is not understood: use 'middle', an int in [1, {num_layers}], a negative "
-                    f"int counted from the top (-1 = {num_layers}), or a fraction of the depth in (0, 1]."
-                ) from None
-    if isinstance(value, bool):
-        raise ValueError(f"align_layer must be 'middle', an int or a float, got {spec!r}.")
+    value = parse_layer_spec(spec)
+    if value == "auto":
+        raise ValueError(
+            "align_layer='auto' is resolved by probing the model on alignment pairs (AlignmentTrainer does it, or "
+            "`trl-midalign probe`); pass 'middle' or a layer to resolve_layer."
+        )
+    if value == "middle":
+        return max(1, num_layers // 2)
     if isinstance(value, float):
-        if not 0 < value <= 1:
-            raise ValueError(
-                f"align_layer={spec!r}: a float is a fraction of the model's depth and must lie in (0, 1]; for a "
-                f"layer index pass an int in [1, {num_layers}]."
-            )
         return max(1, round(value * num_layers))
     layer = value + num_layers + 1 if value < 0 else value
     if not 1 <= layer <= num_layers:

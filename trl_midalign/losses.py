@@ -1,16 +1,29 @@
 """Pooling and the contrastive alignment loss, as plain tensor functions (no model, no Trainer).
 
+[`pool`] is the one pooling registry: the trainer, the layer probe and its callback all pool through it, so a new
+pooling mode is a function in `_POOLERS` and a name in `PoolingMode`, here and nowhere else.
+
 The loss is the one of Liu & Niehues, "Middle-Layer Representation Alignment for Cross-Lingual Transfer in
 Fine-Tuned LLMs" (https://huggingface.co/papers/2502.14830): an InfoNCE objective on the cosine similarity of
 mean-pooled middle-layer states of parallel sentences, with the other pairs of the batch as negatives.
 """
 
+from collections.abc import Callable
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
 
-_DIRECTIONS = ("source_to_target", "both")
-_STOP_GRADIENT = (None, "target")
+PoolingMode = Literal["mean", "mean_no_special", "last"]
+"""How a sentence's token states become one vector; each mode has its function in `_POOLERS`."""
+POOLINGS: tuple[str, ...] = get_args(PoolingMode)
+Direction = Literal["source_to_target", "both"]
+"""Which retrieval directions the contrastive loss averages."""
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
+StopGradient = Literal["target", None]
+"""`"target"` detaches the English side of the pairs; `None` trains both sides."""
+STOP_GRADIENTS: tuple[str | None, ...] = get_args(StopGradient)
 
 
 def masked_mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -71,12 +84,69 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -
     return hidden_states[torch.arange(hidden_states.size(0), device=hidden_states.device), last]  # (batch, hidden)
 
 
+def _mean_without_special_tokens(
+    hidden_states: torch.Tensor, attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor | None
+) -> torch.Tensor:
+    if special_tokens_mask is None:
+        raise ValueError(
+            "pooling='mean_no_special' needs the special_tokens_mask of the sentences (True on special tokens); build "
+            "it with `trl_midalign.data.special_tokens_mask(input_ids, tokenizer)`."
+        )
+    return masked_mean_pool(hidden_states, attention_mask.bool() & ~special_tokens_mask.bool())
+
+
+# The one pooling registry: the trainer, the layer probe and its callback all pool through `pool`. A new mode is a
+# function here and a name in `PoolingMode`.
+_POOLERS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
+    "mean": lambda states, mask, special: masked_mean_pool(states, mask),
+    "mean_no_special": _mean_without_special_tokens,
+    "last": lambda states, mask, special: last_token_pool(states, mask),
+}
+
+
+def pool(
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooling: PoolingMode = "mean",
+    special_tokens_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    Pool the token states of each right-padded sentence into one vector, as `align_pooling` says.
+
+    Args:
+        hidden_states (`torch.Tensor`):
+            States of shape `(batch, seq_len, hidden)`.
+        attention_mask (`torch.Tensor`):
+            Right-padding mask of shape `(batch, seq_len)`.
+        pooling (`str`, *optional*, defaults to `"mean"`):
+            `"mean"` over the attention mask (the reference, BOS included), `"mean_no_special"` (mean leaving out
+            special tokens such as BOS/EOS) or `"last"` (the last non-padding token's state).
+        special_tokens_mask (`torch.Tensor`, *optional*):
+            Boolean `(batch, seq_len)` mask, `True` on special tokens (see
+            [`~trl_midalign.data.special_tokens_mask`]); needed by `"mean_no_special"` only.
+
+    Returns:
+        `torch.Tensor`: Pooled states of shape `(batch, hidden)`.
+
+    Example:
+
+    ```python
+    >>> states = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]])
+    >>> pool(states, torch.tensor([[1, 1, 0]]), "last")
+    tensor([[3., 4.]])
+    ```
+    """
+    if pooling not in _POOLERS:
+        raise ValueError(f"pooling={pooling!r} is not supported; choose one of {list(POOLINGS)}.")
+    return _POOLERS[pooling](hidden_states, attention_mask, special_tokens_mask)
+
+
 def contrastive_alignment_loss(
     source: torch.Tensor,
     target: torch.Tensor,
     temperature: float = 0.1,
-    directions: str = "source_to_target",
-    stop_gradient: str | None = None,
+    directions: Direction = "source_to_target",
+    stop_gradient: StopGradient = None,
     same_pair_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
@@ -130,10 +200,10 @@ def contrastive_alignment_loss(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if directions not in _DIRECTIONS:
-        raise ValueError(f"directions must be one of {_DIRECTIONS}, got {directions!r}.")
-    if stop_gradient not in _STOP_GRADIENT:
-        raise ValueError(f"stop_gradient must be one of {_STOP_GRADIENT}, got {stop_gradient!r}.")
+    if directions not in DIRECTIONS:
+        raise ValueError(f"directions must be one of {DIRECTIONS}, got {directions!r}.")
+    if stop_gradient not in STOP_GRADIENTS:
+        raise ValueError(f"stop_gradient must be one of {STOP_GRADIENTS}, got {stop_gradient!r}.")
 
     if stop_gradient == "target":
         target = target.detach()

@@ -1,4 +1,5 @@
-"""Loading models, GGUF files included, as ordinary trainable transformers models.
+"""Loading models, GGUF files included, as ordinary trainable transformers models, and checking that a model is one
+trl-midalign can train (a decoder-only causal LM with real weights).
 
 A model loaded with `from_pretrained(..., gguf_file=...)` is dequantized into plain floating-point weights, but it
 keeps the GGUF quantizer object that did the loading. While it is there, transformers refuses to save the model and
@@ -9,10 +10,25 @@ reports it as not trainable, so `SFTTrainer` and peft refuse it too. [`prepare_g
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.utils.quantization_config import GgufConfig, QuantizationMethod
+from trl.trainer.utils import create_model_from_path, get_config_model_id
+
+from ._logging import get_logger
+
+
+logger = get_logger(__name__)
 
 
 def _split_gguf_path(name_or_path: str | os.PathLike, gguf_file: str | None) -> tuple[str, str | None]:
@@ -183,7 +199,8 @@ def load_causal_lm(
     Example:
 
     ```python
-    >>> from trl_midalign import load_causal_lm, gemma3_270m_gguf
+    >>> from trl_midalign import load_causal_lm
+    >>> from trl_midalign.data_sources import gemma3_270m_gguf
 
     >>> model = load_causal_lm(gemma3_270m_gguf())
     >>> model.config.num_hidden_layers
@@ -237,3 +254,93 @@ def load_tokenizer(name_or_path: str | os.PathLike, gguf_file: str | None = None
         if translated is None:
             raise
         raise translated from error
+
+
+def load_model_for_training(
+    name_or_path: str, args: TrainingArguments, quantization_config: Any = None, processing_class: Any = None
+) -> tuple[PreTrainedModel, Any]:
+    """
+    Load a model given by name as [`~trl.SFTTrainer`] would, and its processing class when none is given, so that the
+    trainer can look at the model (its depth, a layer probe) before [`~trl.SFTTrainer`] sets it up.
+
+    The model is created from `args.model_init_kwargs` (plus `quantization_config`) with TRL's own
+    `create_model_from_path`, or with [`load_causal_lm`] for a GGUF file (a `.gguf` path, or `gguf_file` in
+    `model_init_kwargs`), whose tokenizer then comes from [`load_tokenizer`]. Any other processing class is loaded
+    as TRL loads it, at the revision of the model.
+
+    Args:
+        name_or_path (`str`):
+            Model directory, Hub id or `.gguf` path.
+        args ([`~transformers.TrainingArguments`]):
+            The trainer's arguments: `model_init_kwargs`, `seed`, `trust_remote_code` and the distributed setup.
+        quantization_config (*optional*):
+            The trainer's `quantization_config` argument; not allowed together with one in `model_init_kwargs`.
+        processing_class (*optional*):
+            The trainer's `processing_class`; returned as it is when given.
+
+    Returns:
+        `tuple`: The model and the processing class.
+    """
+    kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+    set_seed(args.seed)  # as SFTTrainer does before creating a model
+    if name_or_path.endswith(".gguf") or "gguf_file" in kwargs:
+        if quantization_config is not None:
+            logger.warning(
+                "quantization_config is ignored for a GGUF file: it is loaded dequantized, as plain weights."
+            )
+        if processing_class is None:
+            processing_class = load_tokenizer(name_or_path, gguf_file=kwargs.get("gguf_file"))
+        return load_causal_lm(name_or_path, **kwargs), processing_class
+    if quantization_config is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError(
+                "You set `quantization_config` both as a trainer argument and in `args.model_init_kwargs`. Set it in "
+                "only one place, preferably as a trainer argument."
+            )
+        kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # distributed training needs device_map=None ("auto" fails)
+    kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
+    model = create_model_from_path(name_or_path, **kwargs)
+    if processing_class is None:
+        processing_class = AutoProcessor.from_pretrained(
+            get_config_model_id(model.config),
+            revision=kwargs.get("revision"),
+            trust_remote_code=kwargs["trust_remote_code"],
+        )
+    return model, processing_class
+
+
+def check_decoder_only_lm(model: torch.nn.Module, meta_allowed: bool = False) -> None:
+    """
+    Refuse, naming the class, a model that is not a decoder-only causal LM with real (materialised) weights.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model, possibly a [`~peft.PeftModel`]. A model that is not a [`~transformers.PreTrainedModel`] passes:
+            the block-stack lookup says what it needs.
+        meta_allowed (`bool`, *optional*, defaults to `False`):
+            Whether parameters on the meta device are expected (FSDP's RAM-efficient loading keeps the model on the
+            meta device on every rank but 0 until accelerate shards it).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, PreTrainedModel):
+        return
+    name = type(base).__name__
+    if getattr(base.config, "is_encoder_decoder", False) or not base.can_generate():
+        kind = "an encoder-decoder model" if getattr(base.config, "is_encoder_decoder", False) else "not a causal LM"
+        raise ValueError(
+            f"{name} is {kind}: trl-midalign needs a decoder-only causal language model (such as LlamaForCausalLM, "
+            "Qwen2ForCausalLM, Gemma3ForCausalLM), whose hidden states are aligned and which the task loss trains to "
+            "generate. Encoders such as BERT or ModernBERT (masked LMs) and models without an LM head are not "
+            "supported; load a decoder-only checkpoint with AutoModelForCausalLM."
+        )
+    meta = [n for n, p in base.named_parameters() if p.is_meta]
+    if meta and not meta_allowed:
+        raise ValueError(
+            f"{name} has {len(meta)} parameter(s) on the meta device (for example {meta[0]!r}): it was created without "
+            "real weights (under `torch.device('meta')`, `init_empty_weights` or `device_map='meta'`). trl-midalign "
+            "trains a decoder-only causal LM with real, materialised weights: load it with "
+            "`AutoModelForCausalLM.from_pretrained(...)`, or materialise it (`model.to_empty(device=...)`, then load "
+            "a state dict) before passing it."
+        )

@@ -1,5 +1,12 @@
+"""[`AlignmentTrainer`]: [`~trl.SFTTrainer`] plus the middle-layer alignment loss.
+
+The model is set up and the aligned layer resolved before `SFTTrainer` takes over; the data's checks and attachment
+live in `data.py`. `compute_loss` runs the task loss and/or the alignment loss as the schedule says, the alignment
+forward inside one forward of the outermost wrapper. Checkpoints record the schedule's phase in
+`alignment_state.json`, checked on resume.
+"""
+
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -11,29 +18,37 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset, concatenate_datasets
-from peft import LoraConfig
+from datasets import Dataset, IterableDataset
 from torch import nn
-from transformers import PreTrainedModel, TrainingArguments
+from transformers import PreTrainedModel, ProcessorMixin, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import logging
-from trl import SFTTrainer, pack_dataset
-from trl.data_utils import get_dataset_column_names
+from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 
-from .collator import PAIR_KEYS, DataCollatorForAlignment, _as_list, check_sentence
+from ._logging import get_logger
 from .config import AlignmentConfig
-from .layers import get_decoder_layers, layer_hidden_states, num_decoder_layers, resolve_layer
-from .losses import contrastive_alignment_loss, last_token_pool, masked_mean_pool
-from .modeling import load_causal_lm, load_tokenizer, prepare_gguf_model
+from .data import (
+    PAIR_KEYS,
+    DataCollatorForAlignment,
+    all_rows_dropped_message,
+    attach_alignment_dataset,
+    check_eval_dataset,
+    check_prepared_dataset,
+    has_pair_columns,
+    named_datasets,
+    pack_with_pairs,
+)
+from .layers import layer_hidden_states, num_decoder_layers, resolve_layer
+from .losses import contrastive_alignment_loss, pool
+from .modeling import check_decoder_only_lm, load_model_for_training, prepare_gguf_model
 from .probing import LayerProbeCallback, ProbeResult, probe_layers
+from .schedules import is_alignment_step, is_task_step
 
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 STATE_FILE = "alignment_state.json"
-_ROW_COLUMN = "_align_row"  # row index carried through packing, on the first token of each row
 # Attention implementations that keep padding-free (packed) sequences apart, given per-sequence `position_ids` and no
 # cache: transformers builds a per-sequence mask for these, and flash-attention kernels read the sequence boundaries.
 _PADDING_FREE_ATTENTION = ("eager", "sdpa", "flex_attention")
@@ -41,139 +56,112 @@ _STATE_KEYS = {"align_micro_step": int, "align_layer": int}
 _CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
-def _check_pair_columns(dataset: Dataset | IterableDataset, args: AlignmentConfig, name: str) -> None:
-    """Fail early, naming the column, the row and the fix, when a dataset's alignment pairs are missing or empty."""
-    columns = dataset.column_names
-    missing = [c for c in (args.align_source_column, args.align_target_column) if c not in (columns or [])]
-    if columns is not None and missing:
-        raise ValueError(
-            f"The {name} dataset has no column {missing[0]!r} for the alignment pairs (its columns: {columns}). Give "
-            f"each row a non-English sentence in {args.align_source_column!r} and its English translation in "
-            f"{args.align_target_column!r}, pass the pairs separately as `alignment_dataset=`, or point "
-            "align_source_column / align_target_column at your columns (for the reference's files: "
-            "text_parallel_0 / text_parallel_1)."
-        )
-    if isinstance(dataset, Dataset):  # an IterableDataset is checked batch by batch in the collator
-        for column in (args.align_source_column, args.align_target_column):
-            for row, value in enumerate(dataset[column]):
-                check_sentence(value, column, f"{row} of the {name} dataset")
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _as_alignment_config(args: TrainingArguments | None, model: "str | PreTrainedModel") -> AlignmentConfig:
+    """`args` as an [`AlignmentConfig`]: any other arguments get the default `align_*` settings."""
+    if args is None:
+        model_name = model if isinstance(model, str) else model.config._name_or_path
+        return AlignmentConfig(f"{(model_name or 'model').split('/')[-1]}-MidAlign")
+    if isinstance(args, AlignmentConfig):
+        return args
+    # Copy the fields themselves: `to_dict` masks every `*_token` field (hub_token, eos_token, pad_token)
+    return AlignmentConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+
+
+def _fsdp_version(args: TrainingArguments) -> int | None:
+    """The FSDP version this run uses (from the arguments or an accelerate launch), or `None` without FSDP."""
+    if args.fsdp:
+        return int((args.fsdp_config or {}).get("version", 2))
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        return int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's own default
+    return None
 
 
 def _check_engine(args: TrainingArguments) -> None:
     """Refuse the distributed engines the alignment forward was not built and tested for, naming the fix."""
-    version = None
-    if args.fsdp:
-        version = int((args.fsdp_config or {}).get("version", 2))
-    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
-        version = int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's own default
-    if version == 1:
+    if _fsdp_version(args) == 1:
         raise ValueError(
             "FSDP version 1 is not supported by AlignmentTrainer: its flat-parameter wrapper does not let the "
             "alignment forward run the blocks below the aligned layer alone. Use FSDP2 (`fsdp_version: 2` in the "
             "accelerate config, as recipes/accelerate_configs/fsdp2.yaml, or fsdp_config={'version': 2}), DeepSpeed "
             "ZeRO or DDP."
         )
-    if os.environ.get("ACCELERATE_USE_MEGATRON_LM", "false").lower() in ("1", "true", "yes"):
+    if _env_flag("ACCELERATE_USE_MEGATRON_LM"):
         raise ValueError(
             "Megatron-LM is not supported by AlignmentTrainer (its model is not a transformers causal LM whose decoder "
             "blocks can be run alone). Use FSDP2, DeepSpeed ZeRO or DDP."
         )
 
 
-def _check_distinct_pairs(
-    dataset: Dataset | IterableDataset, args: AlignmentConfig, name: str, batch_size: int, warn: bool = True
-) -> None:
+def _require_unused_parameter_search(args: AlignmentConfig) -> None:
     """
-    Refuse pairs that can only make batches without a negative: two pairs that share a sentence are duplicates, not
-    used as negatives of each other, so a batch has a negative only where two pairs differ on both sides, which some
-    pairs of the dataset do exactly when it holds at least 2 distinct sources and at least 2 distinct targets. With
-    `warn`, also warn when there are fewer distinct sentences than pairs in a batch.
+    An alignment step leaves the blocks above the aligned layer (and the LM head) without gradients, so DDP must look
+    for unused parameters in every schedule that has alignment-only steps.
     """
-    if not isinstance(dataset, Dataset):  # an IterableDataset is counted batch by batch while training
+    if args.align_schedule == "joint":
         return
-    source, target = args.align_source_column, args.align_target_column
-    # packed rows carry lists of pairs
-    sources = [text for value in dataset[source] for text in _as_list(value)]
-    targets = [text for value in dataset[target] for text in _as_list(value)]
-    num_sources, num_targets = len(set(sources)), len(set(targets))
-    if min(num_sources, num_targets) < 2:
-        side, count, column = ("source", num_sources, source) if num_sources < 2 else ("target", num_targets, target)
+    if args.ddp_find_unused_parameters is False:
         raise ValueError(
-            f"The {name} dataset's {len(dataset)} alignment pairs hold only {count} distinct {side} sentence "
-            f"(column {column!r}; {num_sources} distinct sources, {num_targets} distinct targets). Pairs that share a "
-            "sentence are duplicates, which are not used as negatives of each other, so every batch would be left "
-            "without a negative and align_loss would be exactly 0.0: nothing would be aligned. Give the pairs at "
-            "least 2 (better: many) different sentences on each side."
+            f"align_schedule={args.align_schedule!r} runs alignment steps that leave the blocks above the aligned "
+            "layer unused, which DDP only accepts with ddp_find_unused_parameters=True. Leave it unset or set it to "
+            "True (or use align_schedule='joint')."
         )
-    if warn and min(num_sources, num_targets) < batch_size:
-        logger.warning(
-            f"The {name} dataset's alignment pairs hold only {num_sources} distinct sources and {num_targets} distinct "
-            f"targets, fewer than the {batch_size} pairs of a batch: every batch repeats sentences, repeated pairs are "
-            "masked as duplicates, and a batch made of one repeated pair has no negative at all (align_loss 0.0; "
-            "counted as align_steps_without_negatives in the logs). Use more distinct pairs."
-        )
+    args.ddp_find_unused_parameters = True
 
 
-def _check_eval_dataset(dataset: Dataset | IterableDataset, args: AlignmentConfig, name: str) -> bool:
-    """Check an evaluation set before evaluating it; return whether it carries alignment pairs."""
-    source, target = args.align_source_column, args.align_target_column
-    if isinstance(dataset, Dataset) and len(dataset) == 0:
-        raise ValueError(f"The {name} dataset is empty (0 rows); pass an evaluation set with rows, or none.")
-    columns = dataset.column_names or []
-    present = [column for column in (source, target) if column in columns]
-    if len(present) == 1:
-        missing = target if present[0] == source else source
-        raise ValueError(
-            f"The {name} dataset has the pair column {present[0]!r} but not {missing!r} (its columns: {columns}). Give "
-            "it both sides of each pair, drop the column to evaluate the task loss only, or point "
-            "align_source_column / align_target_column at your columns."
-        )
-    if present:
-        _check_pair_columns(dataset, args, name)
-        _check_distinct_pairs(dataset, args, name, args.per_device_eval_batch_size)
-        if args.per_device_eval_batch_size < 2:
-            raise ValueError(
-                f"per_device_eval_batch_size={args.per_device_eval_batch_size}: evaluating the alignment loss "
-                "needs at least 2 pairs per batch. Raise it to 2 or more."
-            )
-        return True
-    if args.align_schedule == "alignment_only":
-        raise ValueError(
-            f"align_schedule='alignment_only' evaluates the alignment loss, but the {name} dataset has no "
-            f"{source!r}/{target!r} columns. Give it pairs or drop it."
-        )
-    logger.warning(
-        f"The {name} dataset has no alignment pairs (no {source!r}/{target!r} columns): only the task loss is "
-        "evaluated on it (its eval loss and task_loss), without align_loss."
-    )
-    return False
+def _adapter_config_below_layer(peft_config: Any, model: nn.Module, args: AlignmentConfig, layer: int) -> Any:
+    """
+    The `peft_config` of an alignment-only module: it changes only the blocks below the aligned layer (the blocks
+    above never run), so the adapter created from it is put on those blocks only (`layers_to_transform`), and the
+    saved adapter holds them alone and merges with a task adapter as what it is. An explicit `layers_to_transform`,
+    a PEFT model passed in (for example an adapter trained before) and the other schedules are left as they are. A
+    copy: the caller's config stays as the caller wrote it.
+    """
+    if (
+        args.align_schedule != "alignment_only"
+        or peft_config is None
+        or hasattr(model, "peft_config")
+        or not hasattr(peft_config, "layers_to_transform")
+        or peft_config.layers_to_transform is not None
+    ):
+        return peft_config
+    return dataclasses.replace(peft_config, layers_to_transform=list(range(layer)))
 
 
-def _check_decoder_only_lm(model: nn.Module, args: AlignmentConfig) -> None:
-    """Refuse, naming the class, a model that is not a decoder-only causal LM with real (materialised) weights."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(base, PreTrainedModel):
-        return  # not a transformers model: the block-stack lookup says what it needs
-    name = type(base).__name__
-    if getattr(base.config, "is_encoder_decoder", False) or not base.can_generate():
-        kind = "an encoder-decoder model" if getattr(base.config, "is_encoder_decoder", False) else "not a causal LM"
+def _place_for_probe(model: nn.Module, args: AlignmentConfig) -> None:
+    """
+    Move a model that sits on the CPU to the training device, as `Trainer` does right after, so that the layer probe
+    of `align_layer="auto"` runs there. Models that `Trainer` does not move (placed by DeepSpeed, FSDP, a device map,
+    bitsandbytes, or under `*_full_eval`) stay where they are.
+    """
+    if (
+        args.device.type == "cpu"
+        or args.place_model_on_device is False
+        or args.deepspeed
+        or _env_flag("ACCELERATE_USE_DEEPSPEED")
+        or _fsdp_version(args) is not None
+        or args.fp16_full_eval
+        or args.bf16_full_eval
+        or getattr(model, "hf_device_map", None)
+        or getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+        or any(p.device.type != "cpu" for p in model.parameters())
+    ):
+        return
+    model.to(args.device)
+
+
+def _check_padding_free_attention(model: nn.Module) -> None:
+    attention = getattr(model.config, "_attn_implementation", None) or "eager"
+    if attention not in _PADDING_FREE_ATTENTION and "flash" not in attention:
         raise ValueError(
-            f"{name} is {kind}: trl-midalign needs a decoder-only causal language model (such as LlamaForCausalLM, "
-            "Qwen2ForCausalLM, Gemma3ForCausalLM), whose hidden states are aligned and which the task loss trains to "
-            "generate. Encoders such as BERT or ModernBERT (masked LMs) and models without an LM head are not "
-            "supported; load a decoder-only checkpoint with AutoModelForCausalLM."
-        )
-    # Under FSDP's RAM-efficient loading, the ranks other than 0 hold the model on the meta device until accelerate
-    # shards it, so meta parameters are expected there
-    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
-    meta = [n for n, p in base.named_parameters() if p.is_meta]
-    if meta and not fsdp:
-        raise ValueError(
-            f"{name} has {len(meta)} parameter(s) on the meta device (for example {meta[0]!r}): it was created without "
-            "real weights (under `torch.device('meta')`, `init_empty_weights` or `device_map='meta'`). trl-midalign "
-            "trains a decoder-only causal LM with real, materialised weights: load it with "
-            "`AutoModelForCausalLM.from_pretrained(...)`, or materialise it (`model.to_empty(device=...)`, then load "
-            "a state dict) before passing it."
+            f"padding_free=True (or packing with a 'bfd' strategy) puts several sequences in one row, and "
+            f"attn_implementation={attention!r} is not known to keep them apart: they would attend to each other. "
+            "Load the model with attn_implementation='sdpa' or 'flash_attention_2' (model_init_kwargs or "
+            "from_pretrained), or set padding_free=False and packing=False."
         )
 
 
@@ -332,7 +320,11 @@ class AlignmentTrainer(SFTTrainer):
         peft_config, formatting_func:
             As in [`~trl.SFTTrainer`]. `args` may be an [`AlignmentConfig`], an [`~trl.SFTConfig`] or a
             [`~transformers.TrainingArguments`] (converted to an [`AlignmentConfig`] with default `align_*`
-            settings). A `data_collator` is wrapped so that it still builds the task part of each batch.
+            settings). A `data_collator` is wrapped so that it still builds the task part of each batch. A model
+            given by name is loaded here as `SFTTrainer` would load it (from `args.model_init_kwargs`, GGUF files
+            included), so that the aligned layer is known before the adapter is created: with
+            `align_schedule="alignment_only"`, an adapter created from `peft_config` is put on the blocks below that
+            layer only (`layers_to_transform`, unless it is set).
         alignment_dataset ([`~datasets.Dataset`], *optional*):
             Parallel pairs kept apart from the task rows, with the columns named by `align_source_column` and
             `align_target_column`. They are shuffled with `args.seed` and attached to the training rows in turn
@@ -374,285 +366,119 @@ class AlignmentTrainer(SFTTrainer):
         formatting_func: Callable[[dict], str] | None = None,
         alignment_dataset: Dataset | None = None,
     ):
-        # Args: anything else becomes an AlignmentConfig with default align_* settings
-        if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            args = AlignmentConfig(f"{(model_name or 'model').split('/')[-1]}-MidAlign")
-        elif not isinstance(args, AlignmentConfig):
-            # Copy the fields themselves: `to_dict` masks every `*_token` field (hub_token, eos_token, pad_token)
-            values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-            args = AlignmentConfig(**values)
-
+        args = _as_alignment_config(args, model)
         _check_engine(args)
+        _ = args.distributed_state  # sets up the accelerate state: from here on, logs come from the main process only
 
-        # Models from GGUF files: loaded dequantized, without the leftover quantizer that blocks training and saving
-        if isinstance(model, str) and (model.endswith(".gguf") or "gguf_file" in (args.model_init_kwargs or {})):
-            model_init_kwargs = dict(args.model_init_kwargs or {})
-            if processing_class is None:
-                processing_class = load_tokenizer(model, gguf_file=model_init_kwargs.get("gguf_file"))
-            model = load_causal_lm(model, **model_init_kwargs)
-        elif not isinstance(model, str):
+        # The model, loaded here when given by name: its depth (and, for align_layer="auto", a probe) gives the layer
+        model_init_kwargs = args.model_init_kwargs
+        if isinstance(model, str):
+            model, processing_class = load_model_for_training(model, args, quantization_config, processing_class)
+            quantization_config = None
+        else:
             model = prepare_gguf_model(model)
-        if not isinstance(model, str):
-            _check_decoder_only_lm(model, args)
+        check_decoder_only_lm(model, meta_allowed=_fsdp_version(args) is not None)
 
-        # Training data: the task rows with their pairs, or the pairs alone for an alignment-only module
-        source, target = args.align_source_column, args.align_target_column
-        if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
-            raise ValueError("The train dataset is empty (0 rows); pass a dataset with training rows.")
-        if alignment_dataset is not None:
-            if not isinstance(alignment_dataset, Dataset):
-                raise TypeError(
-                    f"`alignment_dataset` must be a datasets.Dataset, got {type(alignment_dataset).__name__}; load "
-                    "it with `datasets.load_dataset(...)` or `Dataset.from_list(...)`."
-                )
-            _check_pair_columns(alignment_dataset, args, "alignment")
-            if len(alignment_dataset) < 2:
-                raise ValueError(
-                    f"`alignment_dataset` has {len(alignment_dataset)} pair(s); the contrastive loss needs at least 2."
-                )
-            _check_distinct_pairs(alignment_dataset, args, "alignment", args.per_device_train_batch_size)
-            pairs = alignment_dataset.select_columns([source, target]).shuffle(seed=args.seed)
-        # align_layer="auto" probes these pairs per language (the language column is dropped from the training rows)
+        # The training rows with their pairs (or the pairs alone, for an alignment-only module), the evaluation sets
         probe_pairs = alignment_dataset if alignment_dataset is not None else train_dataset
-        if train_dataset is None and alignment_dataset is not None and args.align_schedule == "alignment_only":
-            train_dataset = pairs
+        pairs_only = train_dataset is None and alignment_dataset is not None
+        train_dataset = attach_alignment_dataset(train_dataset, alignment_dataset, args)
+        if pairs_only:  # already in their final form
             args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        elif alignment_dataset is not None:
-            if not isinstance(train_dataset, Dataset):
-                raise TypeError(
-                    "`alignment_dataset` is attached row by row to the training rows, which needs a map-style "
-                    f"`train_dataset` (datasets.Dataset), got {type(train_dataset).__name__}. Put the pairs in the "
-                    "training rows instead."
-                )
-            clash = [c for c in (source, target) if c in train_dataset.column_names]
-            if clash:
-                raise ValueError(
-                    f"The train dataset already has the pair column {clash[0]!r} and an `alignment_dataset` was passed "
-                    "too; keep the pairs in one place (drop the columns or the alignment_dataset)."
-                )
-            if len(pairs) > len(train_dataset):
-                logger.warning(
-                    f"alignment_dataset has {len(pairs)} pairs but the train dataset only {len(train_dataset)} rows: "
-                    f"each epoch uses the same {len(train_dataset)} pairs; the rest are never seen."
-                )
-            cycled = pairs.select([i % len(pairs) for i in range(len(train_dataset))])
-            train_dataset = concatenate_datasets([train_dataset, cycled], axis=1)
-        elif train_dataset is not None:
-            _check_pair_columns(train_dataset, args, "train")
-        # Rows TRL's preparation may drop (for max_length) are counted against the sizes given here
-        given_rows = len(train_dataset) if isinstance(train_dataset, Dataset) else None
-
-        self._eval_has_pairs = {}
-        eval_datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
-        given_eval_rows = {}
+        eval_datasets = named_datasets(eval_dataset)
         for name, dataset in eval_datasets.items():
-            if dataset is not None:
-                self._eval_has_pairs[name] = _check_eval_dataset(dataset, args, name)
-                given_eval_rows[name] = len(dataset) if isinstance(dataset, Dataset) else None
+            check_eval_dataset(dataset, args, name)
+        # TRL's preparation may drop rows: the sizes given, to say so after it (packing changes them by design)
+        given_rows = len(train_dataset) if isinstance(train_dataset, Dataset) and not args.packing else None
+        given_eval_rows = {name: len(d) if isinstance(d, Dataset) else None for name, d in eval_datasets.items()}
 
-        # Only an adapter created here from `peft_config` is cut down to the blocks an alignment-only module trains; a
-        # PEFT model passed in (for example an adapter trained before) keeps all its modules
-        created_adapter = peft_config is not None and not hasattr(model, "peft_config")
-
-        # An alignment step leaves the blocks above the aligned layer (and the LM head) without gradients, so DDP
-        # must look for unused parameters in every schedule that has alignment-only steps.
-        if args.align_schedule != "joint":
-            if args.ddp_find_unused_parameters is False:
-                raise ValueError(
-                    f"align_schedule={args.align_schedule!r} runs alignment steps that leave the blocks above the "
-                    "aligned layer unused, which DDP only accepts with ddp_find_unused_parameters=True. Leave it unset "
-                    "or set it to True (or use align_schedule='joint')."
-                )
-            args.ddp_find_unused_parameters = True
+        # The aligned layer, known before SFTTrainer creates an adapter from peft_config
+        self.num_layers = num_decoder_layers(model)
+        self.align_probe = None
+        if args.align_layer == "auto":
+            self.align_probe = self._probe_for_layer(model, processing_class, probe_pairs, args)
+            self.align_layer = self.align_probe.recommended_layer
+        else:
+            self.align_layer = resolve_layer(args.align_layer, self.num_layers)
+        peft_config = _adapter_config_below_layer(peft_config, model, args, self.align_layer)
+        _require_unused_parameter_search(args)
 
         # Metric bookkeeping read by `log`, which Trainer may call as soon as it exists
         self._eval_metric_prefix = "eval"
         self._evaluate_depth = 0
         self._steps_without_negatives = {"train": [0, 0], "eval": [0, 0]}  # [without a negative, alignment steps]
         self._warned_single_pair_eval = False
+        # Number of training micro-batches seen: its parity is the phase of the alternate schedule. Saved in checkpoints.
+        self._align_micro_step = 0
+        self._window_align_steps = 1
 
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            formatting_func=formatting_func,
-        )
+        args.model_init_kwargs = None  # used above; SFTTrainer would warn that they are ignored for a loaded model
+        try:
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_loss_func=compute_loss_func,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                formatting_func=formatting_func,
+            )
+        finally:
+            args.model_init_kwargs = model_init_kwargs
 
         if self.padding_free:
-            attention = getattr(self.model.config, "_attn_implementation", None) or "eager"
-            if attention not in _PADDING_FREE_ATTENTION and "flash" not in attention:
-                raise ValueError(
-                    f"padding_free=True (or packing with a 'bfd' strategy) puts several sequences in one row, and "
-                    f"attn_implementation={attention!r} is not known to keep them apart: they would attend to each "
-                    f"other. Load the model with attn_implementation='sdpa' or 'flash_attention_2' (model_init_kwargs "
-                    "or from_pretrained), or set padding_free=False and packing=False."
-                )
-
+            _check_padding_free_attention(self.model)
         # Callbacks get no trainer from transformers; a layer probe needs this one to log through
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, LayerProbeCallback) and callback.trainer is None:
                 callback.set_trainer(self)
-
-        if isinstance(model, str):
-            _check_decoder_only_lm(self.model, args)
-        # TRL's preparation may have dropped rows (those that truncation to max_length leaves without a token to
-        # train on): check the data the training will really see
-        self._check_prepared_dataset(
-            self.train_dataset,
-            "train",
-            None if args.packing else given_rows,  # packing changes the row count by design
-            args.per_device_train_batch_size,
-            alignment_dataset is None,
-        )
-        prepared_eval = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
-        for name, rows in given_eval_rows.items():
-            dataset = prepared_eval.get(name)
+        # The data the training will really see, after TRL's preparation
+        check_prepared_dataset(self.train_dataset, args, "train", given_rows, warn=alignment_dataset is None)
+        for name, dataset in named_datasets(self.eval_dataset).items():
             if isinstance(dataset, Dataset) and len(dataset) == 0:
-                raise ValueError(self._all_rows_dropped_message(name, rows))
+                raise ValueError(all_rows_dropped_message(args, name, given_eval_rows.get(name)))
 
-        self.num_layers = num_decoder_layers(self.model)
-        self.align_probe = None
-        if args.align_layer == "auto":
-            self.align_probe = self._probe_for_layer(probe_pairs)
-            self.align_layer = self.align_probe.recommended_layer
-        else:
-            self.align_layer = resolve_layer(args.align_layer, self.num_layers)
-        if args.align_schedule == "alignment_only" and created_adapter:
-            self._restrict_lora_to_blocks_below(self.align_layer)
         self.data_collator = DataCollatorForAlignment(
             tokenizer=self._tokenizer,
             task_collator=self.data_collator,
-            source_column=source,
-            target_column=target,
+            source_column=args.align_source_column,
+            target_column=args.align_target_column,
             max_length=args.align_max_length,
-            pooling=args.align_pooling,
         )
-        # Number of training micro-batches seen: its parity is the phase of the alternate schedule. Saved in checkpoints.
-        self._align_micro_step = 0
-        self._window_align_steps = 1
         logger.info(
             f"Aligning layer {self.align_layer} of {self.num_layers} (align_layer={args.align_layer!r}) with the "
             f"{args.align_schedule!r} schedule."
         )
 
-    def _all_rows_dropped_message(self, name: str, given_rows: int | None) -> str:
-        args = self.args
-        given = f"All {given_rows} rows" if given_rows else "All rows"
-        return (
-            f"{given} of the {name} dataset were dropped by TRL's dataset preparation, which drops the rows that "
-            f"truncation to max_length={args.max_length} tokens (truncation_mode={args.truncation_mode!r}) leaves "
-            "without a token to compute the loss on (with completion_only_loss, a prompt that alone fills max_length "
-            "leaves nothing of the completion). Raise max_length (or set it to None), use truncation_mode='keep_end', "
-            "or shorten the prompts."
-        )
-
-    def _check_prepared_dataset(
-        self,
-        dataset: Dataset | IterableDataset | None,
-        name: str,
-        given_rows: int | None,
-        batch_size: int,
-        warn_few_pairs: bool,
-    ) -> None:
-        """Check the prepared training rows: not empty, no trailing batch of one pair, at least 2 distinct pairs."""
-        if not isinstance(dataset, Dataset):
-            return  # an IterableDataset has no length: its batches are checked as they come
-        args = self.args
-        rows = len(dataset)
-        if rows == 0:
-            raise ValueError(self._all_rows_dropped_message(name, given_rows))
-        dropped = (given_rows or rows) - rows
-        note = (
-            f" ({dropped} of the {given_rows} rows given were dropped by TRL's preparation: truncation to "
-            f"max_length={args.max_length} left them without a token to train on)"
-            if dropped > 0
-            else ""
-        )
-        # A packed row carries the pairs of all its rows: a batch of one packed row may still hold several pairs
-        fewest_pairs = min(len(_as_list(value)) for value in dataset[args.align_source_column])
-        if rows < 2 and fewest_pairs < 2:
-            raise ValueError(
-                f"The {name} dataset has {rows} row{note}, but the contrastive alignment loss needs at least 2 pairs "
-                "per batch. Give it more rows."
-            )
-        if args.dataloader_drop_last and rows < batch_size * args.world_size:
-            raise ValueError(
-                f"The {name} dataset has {rows} rows{note}, fewer than one batch of per_device_train_batch_size="
-                f"{batch_size} on each of {args.world_size} process(es), and dataloader_drop_last=True drops that "
-                "partial batch: nothing would be trained. Lower the batch size or set dataloader_drop_last=False."
-            )
-        if not args.dataloader_drop_last and args.world_size == 1 and rows % batch_size == 1 and fewest_pairs < 2:
-            raise ValueError(
-                f"With {rows} rows{note} and per_device_train_batch_size={batch_size}, the last batch of each epoch "
-                "holds a single pair, which has no negative for the contrastive loss. Set dataloader_drop_last=True or "
-                "change the batch size."
-            )
-        _check_distinct_pairs(dataset, args, name, batch_size, warn=warn_few_pairs)
-
-    def _restrict_lora_to_blocks_below(self, layer: int) -> None:
-        """
-        An alignment-only module changes only the blocks below the aligned layer (the blocks above never run): keep
-        the new LoRA adapter on those blocks only and say so in its config (`layers_to_transform`), so that the saved
-        adapter holds them alone and merges with a task adapter as what it is. An explicit `layers_to_transform` is
-        kept. Done before training, while the LoRA weights above the layer are still at their initial (zero) delta.
-        """
-        from peft import PeftModel
-        from peft.tuners.lora import LoraLayer
-
-        if not isinstance(self.model, PeftModel):
-            return
-        name = self.model.active_adapter
-        config = self.model.peft_config[name]
-        if not isinstance(config, LoraConfig) or config.layers_to_transform is not None:
-            return
-        tuner = self.model.base_model
-        removed = 0
-        for index, block in enumerate(get_decoder_layers(self.model)):
-            if index < layer:
-                continue
-            for module_name, module in list(block.named_modules()):
-                if isinstance(module, LoraLayer):
-                    removed += 1
-                    parent_name, _, child = module_name.rpartition(".")
-                    setattr(block.get_submodule(parent_name), child, module.get_base_layer())
-        if not removed:
-            return
-        kept = {module_name for module_name, module in tuner.model.named_modules() if isinstance(module, LoraLayer)}
-        if isinstance(getattr(tuner, "targeted_module_names", None), list):
-            tuner.targeted_module_names = [n for n in tuner.targeted_module_names if n in kept]
-        # a copy: PEFT keeps the caller's LoraConfig object, which must stay as the caller wrote it
-        self.model.peft_config[name] = dataclasses.replace(config, layers_to_transform=list(range(layer)))
-
-    def _probe_for_layer(self, pairs: Dataset) -> ProbeResult:
+    def _probe_for_layer(
+        self, model: nn.Module, processing_class: Any, pairs: Dataset, args: AlignmentConfig
+    ) -> ProbeResult:
         """Probe the base model on a sample of the pairs, per language; `align_layer="auto"` takes the best layer."""
-        args = self.args
-        if any(getattr(p, "ds_id", None) is not None and p.numel() == 0 for p in self.model.parameters()):
+        if any(getattr(p, "ds_id", None) is not None and p.numel() == 0 for p in model.parameters()):
             raise ValueError(
                 "align_layer='auto' probes the model before training, but its parameters are already partitioned by "
                 "DeepSpeed ZeRO-3 (zero3_init_flag). Probe it once with `trl-midalign probe` and set align_layer to "
                 "the recommended layer, or disable zero3_init_flag."
             )
+        _place_for_probe(model, args)
         sample = pairs.shuffle(seed=args.seed).select(range(min(len(pairs), args.align_auto_num_pairs)))
         result = probe_layers(
-            self.model,
-            self._tokenizer,
+            model,
+            processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class,
             sample,
             batch_size=args.per_device_eval_batch_size * 4,
             max_length=args.align_max_length,
             source_column=args.align_source_column,
             target_column=args.align_target_column,
+            pooling=args.align_pooling,
             show_progress=False,
         )
         logger.warning(
@@ -664,58 +490,16 @@ class AlignmentTrainer(SFTTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Data
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        """
-        As [`~trl.SFTTrainer`], except that packing keeps the alignment pairs: TRL packs only `input_ids` and `labels`,
-        so the rows are prepared unpacked, then packed here with TRL's `pack_dataset` (same order, same strategy) while
-        each row's index travels with its first token. Each packed row then carries, as lists, the pairs of the rows
-        that start in it; a packed row in which no row starts (only with `packing_strategy="wrapped"`) gets a pair in
-        turn from all pairs. An epoch therefore uses every row's pair once.
-        """
-        source, target = args.align_source_column, args.align_target_column
-        columns = get_dataset_column_names(dataset) or []
-        if not packing or source not in columns or target not in columns:
+        """As [`~trl.SFTTrainer`], except that packing keeps the alignment pairs (see [`pack_with_pairs`])."""
+        if not packing or not has_pair_columns(dataset, args):
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        if not isinstance(dataset, Dataset):
-            raise ValueError(
-                f"packing=True with alignment pairs needs a map-style {dataset_name} dataset (datasets.Dataset), got "
-                f"{type(dataset).__name__}: the pairs of the rows packed together are found by row index. Load the "
-                "dataset without streaming, or set packing=False."
+
+        def prepare_unpacked(rows: Dataset, unpacked_args: AlignmentConfig) -> Dataset:
+            return super(AlignmentTrainer, self)._prepare_dataset(
+                rows, processing_class, unpacked_args, False, formatting_func, dataset_name
             )
-        if args.max_length is None:
-            raise ValueError("When packing is enabled, `max_length` can't be `None`.")  # TRL's own check, kept
-        sources, targets = dataset[source], dataset[target]
-        # Tokenized and labelled as TRL does; TRL skips truncation when packing, so pass max_length=None here
-        unpacked_args = copy.copy(args)
-        unpacked_args.max_length = None
-        unpacked_args.shuffle_dataset = False
-        rows = dataset.add_column(_ROW_COLUMN, list(range(len(dataset))))
-        rows = super()._prepare_dataset(rows, processing_class, unpacked_args, False, formatting_func, dataset_name)
-        rows = rows.map(
-            lambda row: {_ROW_COLUMN: [row[_ROW_COLUMN]] + [-1] * (len(row["input_ids"]) - 1)},
-            desc=f"Marking the rows of the {dataset_name} dataset",
-        ).select_columns(["input_ids", "labels", _ROW_COLUMN])
-        if args.shuffle_dataset:  # the steps of TRL's packing, in its order
-            rows = rows.shuffle(seed=args.seed)
-        packed = pack_dataset(
-            rows, args.max_length, args.packing_strategy, {"desc": f"Packing {dataset_name} dataset"}
-        )
-        starts = [[index for index in marks if index >= 0] for marks in packed[_ROW_COLUMN]]
-        spare = 0
-        for carried in starts:
-            if not carried:  # no row starts here (wrapped packing): reuse pairs in turn
-                carried.append(spare % len(sources))
-                spare += 1
-        packed = packed.remove_columns(_ROW_COLUMN)
-        packed = packed.add_column(source, [[sources[i] for i in carried] for carried in starts])
-        packed = packed.add_column(target, [[targets[i] for i in carried] for carried in starts])
-        if args.shuffle_dataset:
-            packed = packed.shuffle(seed=args.seed)
-        logger.info(
-            f"Packed {len(sources)} rows of the {dataset_name} dataset into {len(packed)} sequences; each carries "
-            f"the pairs of the rows packed into it ({len(sources) + spare} pairs per epoch, "
-            f"{(len(sources) + spare) / max(1, len(packed)):.1f} per packed sequence on average)."
-        )
-        return packed
+
+        return pack_with_pairs(dataset, args, dataset_name, prepare_unpacked)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -739,7 +523,7 @@ class AlignmentTrainer(SFTTrainer):
         dataset = self.eval_dataset if dataset is None else dataset
         if isinstance(dataset, Dataset) and len(dataset) == 0:
             name = eval_dataset if isinstance(eval_dataset, str) else self._eval_metric_prefix
-            raise ValueError(self._all_rows_dropped_message(name, None))
+            raise ValueError(all_rows_dropped_message(self.args, name, None))
         with self._pairs_optional():
             return super().get_eval_dataloader(eval_dataset)
 
@@ -760,7 +544,7 @@ class AlignmentTrainer(SFTTrainer):
         if self._evaluate_depth == 0 and eval_dataset is not None and not isinstance(eval_dataset, str):
             datasets = eval_dataset if isinstance(eval_dataset, dict) else {metric_key_prefix: eval_dataset}
             for name, dataset in datasets.items():
-                _check_eval_dataset(dataset, self.args, name)
+                check_eval_dataset(dataset, self.args, name)
         previous = self._eval_metric_prefix
         self._eval_metric_prefix = metric_key_prefix
         self._evaluate_depth += 1
@@ -794,16 +578,13 @@ class AlignmentTrainer(SFTTrainer):
             metrics.clear()
         super().log(logs, start_time)
 
-    def _is_task_step(self, micro_step: int) -> bool:
-        schedule = self.args.align_schedule
-        return schedule == "joint" or (schedule == "alternate" and micro_step % 2 == 0)
-
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.args.align_schedule == "alternate":
             # Normalise the task loss over the task micro-batches of this accumulation window only, and the alignment
             # loss over its alignment micro-batches, so both terms are means whatever the accumulation.
-            task_flags = [self._is_task_step(self._align_micro_step + i) for i in range(len(batch_samples))]
+            schedule, start = self.args.align_schedule, self._align_micro_step
+            task_flags = [is_task_step(schedule, start + i) for i in range(len(batch_samples))]
             task_batches = [batch for batch, is_task in zip(batch_samples, task_flags) if is_task]
             num_items_in_batch = self._get_num_items_in_batch(task_batches, device) if task_batches else None
             self._window_align_steps = max(1, task_flags.count(False))
@@ -819,10 +600,9 @@ class AlignmentTrainer(SFTTrainer):
         states = layer_hidden_states(
             model, pair["align_input_ids"], pair["align_attention_mask"], self.align_layer
         )  # (2 * batch, seq, hidden)
-        if args.align_pooling == "last":
-            pooled = last_token_pool(states, pair["align_attention_mask"])
-        else:
-            pooled = masked_mean_pool(states, pair.get("align_pool_mask", pair["align_attention_mask"]))
+        pooled = pool(
+            states, pair["align_attention_mask"], args.align_pooling, pair["align_special_tokens_mask"]
+        )  # (2 * batch, hidden)
         source, target = pooled.chunk(2)  # (batch, hidden) each
         return contrastive_alignment_loss(
             source,
@@ -870,8 +650,8 @@ class AlignmentTrainer(SFTTrainer):
         has_task = "input_ids" in inputs
 
         if mode == "train":
-            is_task = self._is_task_step(self._align_micro_step)
-            is_align = schedule != "alternate" or not is_task
+            is_task = is_task_step(schedule, self._align_micro_step)
+            is_align = is_alignment_step(schedule, self._align_micro_step)
             self._align_micro_step += 1
         else:
             if pair and pair["align_input_ids"].size(0) < 4 and has_task and schedule != "alignment_only":

@@ -6,7 +6,7 @@ transformer-based wrap does (`fully_shard` on every decoder block, then on the r
 model (whose gradients are averaged across the ranks by hand, as FSDP's reduce-scatter does). Each rank writes the
 largest loss, gradient and weight differences it saw.
 
-Usage: fsdp2_steps.py OUTPUT_DIR SCHEDULE {plain,checkpointing}
+Usage: PYTHONPATH=<repo>/tests:<repo> fsdp2_steps.py OUTPUT_DIR SCHEDULE {plain,checkpointing}
 """
 
 import copy
@@ -17,15 +17,11 @@ import sys
 import torch
 import torch.distributed as dist
 from datasets import Dataset
+from testing_utils import alignment_config, build_model, build_tokenizer, task_rows
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from conftest import build_model, build_tokenizer, task_rows  # noqa: E402
-
-from trl_midalign import AlignmentConfig, AlignmentTrainer  # noqa: E402
+from trl_midalign import AlignmentTrainer
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -37,14 +33,9 @@ def main(output_dir: str, schedule: str, variant: str) -> None:
     reference = build_model("llama", len(tokenizer), num_layers=4)
     if variant == "checkpointing":
         reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    args = AlignmentConfig(
-        output_dir=output_dir,
+    args = alignment_config(
+        output_dir,
         per_device_train_batch_size=2,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
         align_schedule=schedule,
         align_layer=2,
         ddp_timeout=300,  # a rank waiting for a collective fails after 5 minutes instead of hanging

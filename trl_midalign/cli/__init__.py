@@ -1,12 +1,24 @@
-"""The `trl-midalign` command line: `trl-midalign <command> --help` lists each command's options."""
+"""The `trl-midalign` command line: `trl-midalign <command> --help` lists each command's options.
+
+Each command is a module of this package named after it, holding the command's arguments dataclass, the function that
+runs it and, optionally, a `USAGE` line; only the module of the command that runs is imported.
+"""
 
 import argparse
+import importlib
 import sys
+from types import ModuleType
 
 from transformers import HfArgumentParser
 
-from . import __version__
+from .. import __version__
 
+
+COMMANDS = {  # name: (arguments dataclass, run function) in the module `trl_midalign.cli.<name>`, and the help
+    "probe": ("ProbeArguments", "run_probe", "per-layer cross-lingual retrieval accuracy (choose align_layer)"),
+    "merge": ("MergeArguments", "run_merge", "combine LoRA adapters (task + alignment) into one, or into the base"),
+    "demo": ("DemoArguments", "run_demo", "the method end to end on Gemma 3 270M and real parallel text (CPU)"),
+}
 
 # HfArgumentParser adds a `--no_X` flag for every boolean option that defaults to True and gives it the help of `--X`,
 # which then reads as the opposite of what the flag does. These say what turning the option off does.
@@ -45,41 +57,19 @@ def describe_negative_flags(parser: argparse.ArgumentParser) -> argparse.Argumen
     return parser
 
 
-def _commands() -> dict:
-    # Each entry: (arguments dataclass, run function, help, usage line or None for argparse's own).
-    commands = {}
-    from .probing import ProbeArguments, run_probe
-
-    commands["probe"] = (
-        ProbeArguments,
-        run_probe,
-        "per-layer cross-lingual retrieval accuracy (choose align_layer)",
-        None,
-    )
-    from .merging import MERGE_USAGE, MergeArguments, run_merge
-
-    commands["merge"] = (
-        MergeArguments,
-        run_merge,
-        "combine LoRA adapters (task + alignment) into one, or into the base",
-        MERGE_USAGE,
-    )
-    from .demo import DemoArguments, run_demo
-
-    commands["demo"] = (
-        DemoArguments,
-        run_demo,
-        "the method end to end on Gemma 3 270M and real parallel text (CPU)",
-        None,
-    )
-    return commands
+def _module(command: str) -> ModuleType:
+    return importlib.import_module(f".{command}", __name__)
 
 
 def make_parser(command: str) -> HfArgumentParser:
     """The argument parser of `trl-midalign <command>` (`probe`, `merge` or `demo`)."""
-    arguments_cls, _, help_text, usage = _commands()[command]
+    module = _module(command)
+    arguments_cls, _, help_text = COMMANDS[command]
     parser = HfArgumentParser(
-        arguments_cls, prog=f"trl-midalign {command}", usage=usage, description=help_text[:1].upper() + help_text[1:]
+        getattr(module, arguments_cls),
+        prog=f"trl-midalign {command}",
+        usage=getattr(module, "USAGE", None),
+        description=help_text[:1].upper() + help_text[1:],
     )
     return describe_negative_flags(parser)
 
@@ -90,9 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "--version":
         print(f"trl-midalign {__version__}")
         return
-    commands = _commands()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        names = "\n".join(f"  {name:<8} {help_text}" for name, (_, _, help_text, _) in commands.items())
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        names = "\n".join(f"  {name:<8} {help_text}" for name, (_, _, help_text) in COMMANDS.items())
         usage = (
             "usage: trl-midalign <command> [options]\n       trl-midalign --version\n\n"
             f"commands:\n{names}\n\n`trl-midalign <command> --help` lists the options of a command."
@@ -109,9 +98,4 @@ def main(argv: list[str] | None = None) -> None:
     missing = arguments.missing_options() if hasattr(arguments, "missing_options") else []
     if missing:
         parser.error("the following arguments are required: " + ", ".join(missing))  # exits with code 2
-    _, run, _, _ = commands[argv[0]]
-    run(arguments)
-
-
-if __name__ == "__main__":
-    main()
+    getattr(_module(argv[0]), COMMANDS[argv[0]][1])(arguments)

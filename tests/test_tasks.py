@@ -1,31 +1,28 @@
-"""Tests of trl_midalign.evaluation: metrics against independent computations, generation, reports and plots."""
+"""Tests of the task library (trl_midalign.tasks): metrics against independent computations, answer formats, generation,
+reports, plots, the model card's section and the loading of task data and pairs."""
 
 import json
 import random
+import types
 
 import pytest
 import sacrebleu
 import torch
-from conftest import build_model
 from seqeval.metrics import f1_score, precision_score, recall_score
+from testing_utils import build_model
 
-from trl_midalign.evaluation import (
-    entity_scores,
-    exact_match,
-    format_entities,
-    format_slots,
+from trl_midalign.tasks.metrics import exact_match, span_f1
+from trl_midalign.tasks.report import (
     generate_completions,
     load_results,
-    parse_entities,
-    parse_slots,
     plot_results,
     results_table,
-    slot_scores,
-    span_f1,
     summarize_groups,
-    translation_scores,
     write_results,
 )
+from trl_midalign.tasks.slot_filling import format_slots, parse_slots, slot_scores
+from trl_midalign.tasks.structured_generation import entity_scores, format_entities, parse_entities
+from trl_midalign.tasks.translation import translation_scores
 
 
 def _spans_from_bio(tokens, tags):
@@ -203,3 +200,86 @@ def test_reports_table_json_and_plot(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileNotFoundError, match="eval_results.json"):
         load_results(str(tmp_path / "missing"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The task library's shape and the loading of task data and pairs
+def test_every_task_module_has_what_a_recipe_uses():
+    from trl_midalign.tasks import TASKS
+
+    assert list(TASKS) == ["slot_filling", "translation", "structured_generation"]
+    for name, module in TASKS.items():
+        assert module.NAME == name and isinstance(module.MAIN_METRIC, str)
+        for function in ("score", "examples", "train_dataset"):
+            assert callable(getattr(module, function)), (name, function)
+    # the main metric is one of the scores of the task
+    assert "slot_f1" in TASKS["slot_filling"].score(["time: six"], ["time: six"], "en-US")
+    assert "chrf" in TASKS["translation"].score(["Hallo"], ["Hallo"], "en-de")
+    assert "entity_f1" in TASKS["structured_generation"].score(['{"person": []}'], ['{"person": []}'], "en")
+
+
+def test_single_massive_file_gives_the_rows_of_each_partition(tmp_path):
+    from testing_utils import write_jsonl
+
+    from trl_midalign.tasks.loading import load_language_rows, load_split
+
+    rows = [
+        {"id": str(i), "locale": "en-US", "partition": partition, "utt": f"u{i}", "annot_utt": f"u{i}"}
+        for i, partition in enumerate(["train", "train", "dev", "test"])
+    ]
+    path = write_jsonl(tmp_path / "en-US.jsonl", rows)
+    assert load_split(path, None, "train")["id"] == ["0", "1"]  # not the dev and test rows
+    assert load_split(path, None, "validation")["id"] == ["2"]
+    assert load_language_rows(path, None, "test", ["en-US"], "locale")["id"] == ["3"]
+    with pytest.raises(ValueError, match=r"has no rows for language\(s\) \['de-DE'\]"):
+        load_language_rows(path, None, "test", ["de-DE"], "locale")
+    with pytest.raises(ValueError, match="has no language column 'language'"):
+        load_language_rows(path, None, "test", None, "language")
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"locale": "en-US", "utt": "u"}])
+    with pytest.raises(ValueError, match="single file, which holds only the 'train' split"):
+        load_split(plain, None, "test")
+
+
+def test_alignment_pairs_are_checked_not_dropped(tmp_path):
+    from testing_utils import write_jsonl
+
+    from trl_midalign.tasks.loading import load_pair_dataset, pairs_from_lists
+
+    pairs = pairs_from_lists(["Danke", "Hallo", "Tschüss"], ["Thanks", "Hello", "Bye"], "de", max_pairs=2)
+    assert pairs.to_dict() == {
+        "parallel_source": ["Danke", "Hallo"], "parallel_target": ["Thanks", "Hello"], "language": ["de", "de"],
+    }  # fmt: skip
+    # an empty side used to be dropped silently; it is refused, naming the row and the column
+    with pytest.raises(ValueError, match=r"Row 1 of the de alignment pairs.*'parallel_target'"):
+        pairs_from_lists(["Danke", "Hallo"], ["Thanks", " "], "de")
+    translation = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"translation": {"de": "Danke", "en": "Thanks"}}, {"translation": {"fr": "Merci", "en": "Thanks"}},
+         {"translation": {"de": "Hallo", "en": "Hello"}}],
+    )  # fmt: skip
+    args = types.SimpleNamespace(
+        alignment_dataset_name=translation, alignment_dataset_config=None, alignment_dataset_split="train",
+        alignment_pivot_language="en", language_column="language", max_alignment_pairs=None,
+    )  # fmt: skip
+    loaded = load_pair_dataset(args, ["de", "fr"], seed=0)
+    assert sorted(zip(loaded["language"], loaded["parallel_source"], loaded["parallel_target"])) == [
+        ("de", "Danke", "Thanks"), ("de", "Hallo", "Hello"), ("fr", "Merci", "Thanks"),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="has no it-en pairs"):
+        load_pair_dataset(args, ["it"], seed=0)
+
+
+def test_card_section_without_a_trainer_card_is_the_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from trl_midalign.tasks.report import write_card_section
+
+    results = _results("aligned", {"en-US": 0.8, "de-DE": 0.6, "sw-KE": 0.3})
+    path = write_card_section(
+        str(tmp_path), results, base_model="org/base", aligned=True, train_languages=["en-US"],
+        alignment_languages=["de-DE"], training_settings={"lora_r": 8}, repo_id="me/run",
+    )  # fmt: skip
+    card = ModelCard.load(path)
+    assert card.data.language == ["de", "en", "sw"] and card.data.library_name == "peft"
+    assert "| de-DE | transfer | 0.6000 | 0.3000 | 10 |" in card.text and "| `lora_r` | `8` |" in card.text
+    assert 'base = AutoModelForCausalLM.from_pretrained("org/base")' in card.text

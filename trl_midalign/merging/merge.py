@@ -2,7 +2,7 @@
 
 Liu & Niehues (2025, https://huggingface.co/papers/2502.14830) show that an alignment module trained on its own can
 be merged into an existing task module and still improve cross-lingual transfer. [`merge_adapters`] does this with
-PEFT's `add_weighted_adapter`; [`search_merge_weights`] picks the alignment adapter's weight on a dev set.
+PEFT's `add_weighted_adapter` ([`search_merge_weights`], in `search.py`, picks the alignment adapter's weight).
 
 Three combinations are offered. With `w_i` the weights and `ΔW_i = s_i B_i A_i` the weight delta of adapter `i`
 (`s_i` its scaling) on a module:
@@ -19,6 +19,10 @@ PEFT's `add_weighted_adapter` gives the merged adapter the `target_modules` and 
 input adapter (or the union of the target module names over all layers). When the adapters cover different modules,
 which is the rule for an alignment adapter (it only touches the blocks below the aligned layer), that loses deltas or
 fails. [`merge_adapters`] therefore gives the merged adapter the exact list of modules that any input adapter covers.
+
+What PEFT does not check is checked here, before any model is loaded: damaged or incomplete adapter files, adapters
+of different base models, adapter state that is not a low-rank delta (`add_weighted_adapter` would drop it without a
+word), and an `output_dir` that would overwrite an input.
 """
 
 import json
@@ -29,39 +33,32 @@ import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from peft import PeftConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.utils import logging
+
+from .._logging import get_logger
 
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
-COMBINATIONS = ("cat", "svd", "linear")
+Combination = Literal["cat", "svd", "linear"]
+"""How `add_weighted_adapter` combines the adapters, see the module docstring."""
+COMBINATIONS: tuple[str, ...] = get_args(Combination)
 _MERGED_NAME = "default"  # saved at the root of output_dir, and what PeftModel.from_pretrained loads by default
 _INPUT_PREFIX = "merge_input_"
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-# LoRA settings whose effect is not a low-rank delta `s * B @ A` on a module's weight: these cannot be combined
-# as a weighted sum of deltas (or PEFT refuses them in add_weighted_adapter).
-_UNMERGEABLE_SETTINGS = (
-    "use_dora",
-    "lora_bias",
-    "modules_to_save",
-    "trainable_token_indices",
-    "target_parameters",
-    "layer_replication",
-    "alora_invocation_tokens",
-    "use_bdlora",
-    "arrow_config",
-    "kasa_config",
-    "velora_config",
-    "monteclora_config",
-    "use_qalora",
-    "megatron_config",
-)
+# Settings that train state besides the low-rank delta `s * B @ A`, which add_weighted_adapter drops without a word
+# (PEFT itself refuses `target_parameters`). Any other such state shows up as extra tensors in the weights file.
+_STATE_BESIDES_THE_DELTA = {
+    "use_dora": "DoRA's magnitude vectors",
+    "lora_bias": "a trained bias of lora_B",
+    "modules_to_save": "full copies of modules",
+}
 # Mean |cosine| between the lora_A matrices of two adapters above which they count as sharing their initialisation
 # (training moves A little; independently initialised A matrices have cosine close to 0).
 _SHARED_INIT_THRESHOLD = 0.5
@@ -242,10 +239,20 @@ def _lora_modules_in_file(name: str, path: str) -> set[str]:
             f"({type(error).__name__}: {error}). {_RESAVE}"
         ) from error
     parts: dict[str, set[str]] = {}
+    others = []
     for key in keys:
         match = _LORA_KEY.match(key)
         if match:
             parts.setdefault(match["module"], set()).add(match["part"][-1])
+        else:
+            others.append(key)
+    if parts and others:
+        raise ValueError(
+            f"Adapter {name!r}: the weights file {file} holds {len(others)} tensor(s) besides the LoRA factors (e.g. "
+            f"{others[0]}): trained state that is not a low-rank delta (DoRA magnitudes, biases, saved modules, new "
+            "token embeddings, ...), which a weighted sum of deltas would drop. Merge that adapter into the base "
+            "model first (merge_and_unload) or train it without such settings."
+        )
     if not parts:
         raise ValueError(
             f"Adapter {name!r}: the weights file {file} holds no LoRA weights (keys: {keys[:5]}). {_RESAVE}"
@@ -276,12 +283,12 @@ def _check_configs(configs: dict[str, PeftConfig], combination: str, base_name: 
         peft_type = getattr(config.peft_type, "value", config.peft_type)
         if peft_type != "LORA":
             raise ValueError(f"Adapter {name!r} is a {peft_type} adapter; merge_adapters combines LoRA adapters only.")
-        for setting in _UNMERGEABLE_SETTINGS:
+        for setting, state in _STATE_BESIDES_THE_DELTA.items():
             if getattr(config, setting, None):
                 raise ValueError(
-                    f"Adapter {name!r} uses {setting}={getattr(config, setting)!r}, which is not a low-rank weight "
-                    "delta and cannot be combined as a weighted sum. Merge that adapter into the base model first "
-                    "(merge_and_unload) or train it without this setting."
+                    f"Adapter {name!r} uses {setting}={getattr(config, setting)!r}: it trains {state}, which is not a "
+                    "low-rank weight delta and cannot be combined as a weighted sum. Merge that adapter into the base "
+                    "model first (merge_and_unload) or train it without this setting."
                 )
         if getattr(config, "bias", "none") != "none":
             raise ValueError(
@@ -580,7 +587,7 @@ def _deviation(model: PeftModel, inputs: dict[str, str], weights: dict[str, floa
     }
 
 
-def _combine(
+def add_combined_adapter(
     model: PeftModel,
     inputs: dict[str, str],
     weights: dict[str, float],
@@ -716,8 +723,8 @@ Alignment for Cross-Lingual Transfer in Fine-Tuned LLMs", ACL 2025 (https://hugg
 
 
 @dataclass
-class _Prepared:
-    """Validated inputs of a merge."""
+class PreparedMerge:
+    """Validated inputs of a merge, from [`prepare_merge`]."""
 
     paths: dict[str, str]
     configs: dict[str, PeftConfig]
@@ -765,7 +772,7 @@ def _protected_inputs(
     return inputs
 
 
-def _prepare(
+def prepare_merge(
     base_model,
     adapters: Mapping[str, str],
     weights,
@@ -774,7 +781,7 @@ def _prepare(
     output_dir: str | None,
     overwrite: bool,
     extra_inputs: Sequence[tuple[str, str | None]] = (),
-) -> _Prepared:
+) -> PreparedMerge:
     """
     Validates a merge before any model is loaded. `extra_inputs` (`(what, path)` pairs, e.g. the CLI's `--dev_file`)
     are protected from `output_dir` like the adapters and base model.
@@ -828,14 +835,30 @@ def _prepare(
     if base_path is None and recorded and os.path.isdir(recorded):
         sources.append(recorded)
     sources += list(paths.values())
-    return _Prepared(paths, configs, weight_map, given_name or recorded, sources, in_files, origin)
+    return PreparedMerge(paths, configs, weight_map, given_name or recorded, sources, in_files, origin)
+
+
+def load_for_merge(
+    base_model: PreTrainedModel | str | None, prepared: PreparedMerge, combination: str, svd_rank: int | None
+) -> tuple[PeftModel, dict[str, str]]:
+    """
+    Load the base model and every adapter of a validated merge into one PeftModel, check that the weights files
+    match the configs and that the combination fits every module, and make the union of the adapters' coverage
+    exact. Returns the model and `{adapter name: its internal adapter name}`.
+    """
+    model = _load_base_model(base_model if base_model is not None else prepared.base_name, prepared.base_origin)
+    peft_model, inputs = _load_adapters(model, prepared.paths)
+    _check_weights_complete(peft_model, inputs, prepared.in_files)
+    _check_loaded(peft_model, inputs, combination, svd_rank)
+    _prepare_configs(peft_model, list(inputs.values()))
+    return peft_model, inputs
 
 
 def merge_adapters(
     base_model: PreTrainedModel | str | None,
     adapters: Mapping[str, str],
     weights: Mapping[str, float] | Sequence[float] | None = None,
-    combination: str = "cat",
+    combination: Combination = "cat",
     svd_rank: int | None = None,
     output_dir: str | None = None,
     merge_into_base: bool = False,
@@ -902,13 +925,9 @@ def merge_adapters(
     ... )
     ```
     """
-    prepared = _prepare(base_model, adapters, weights, combination, svd_rank, output_dir, overwrite)
-    model = _load_base_model(base_model if base_model is not None else prepared.base_name, prepared.base_origin)
-    peft_model, inputs = _load_adapters(model, prepared.paths)
-    _check_weights_complete(peft_model, inputs, prepared.in_files)
-    _check_loaded(peft_model, inputs, combination, svd_rank)
-    _prepare_configs(peft_model, list(inputs.values()))
-    deviation = _combine(peft_model, inputs, prepared.weights, combination, svd_rank, _MERGED_NAME)
+    prepared = prepare_merge(base_model, adapters, weights, combination, svd_rank, output_dir, overwrite)
+    peft_model, inputs = load_for_merge(base_model, prepared, combination, svd_rank)
+    deviation = add_combined_adapter(peft_model, inputs, prepared.weights, combination, svd_rank, _MERGED_NAME)
     merged_rank = _merged_rank(peft_model, _MERGED_NAME)
     logger.info(
         f"Merged {list(inputs)} with weights {prepared.weights} ({combination}, rank {merged_rank}); relative "
@@ -939,540 +958,3 @@ def merge_adapters(
             merge_into_base=merge_into_base,
         )
     return result
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Weight search
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _token_ids(encoded) -> list[int]:
-    ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
-    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
-
-
-def _task_examples(rows, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Tokenizes task rows as TRL's SFT does: `(input_ids, loss_mask)`, the mask selecting the scored tokens."""
-    eos = tokenizer.eos_token or ""
-    examples = []
-    for index, row in enumerate(rows):
-        if "prompt" in row and "completion" in row:
-            prompt, completion = row["prompt"], row["completion"]
-            if isinstance(prompt, str) and isinstance(completion, str):
-                prompt_ids = _token_ids(tokenizer(prompt))
-                if eos and not completion.endswith(eos):
-                    completion = completion + eos
-                ids = _token_ids(tokenizer(prompt + completion))
-            else:  # conversational: lists of {"role", "content"} messages
-                prompt_ids = _token_ids(
-                    tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-                )
-                ids = _token_ids(tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=True))
-            start = 0
-            while start < min(len(prompt_ids), len(ids)) and prompt_ids[start] == ids[start]:
-                start += 1
-            mask = [0] * start + [1] * (len(ids) - start)
-        elif "text" in row and isinstance(row["text"], str):
-            text = row["text"] if not eos or row["text"].endswith(eos) else row["text"] + eos
-            ids = _token_ids(tokenizer(text))
-            mask = [1] * len(ids)
-        elif "messages" in row:
-            ids = _token_ids(tokenizer.apply_chat_template(row["messages"], tokenize=True))
-            mask = [1] * len(ids)
-        else:
-            raise ValueError(
-                f"Task row {index} has keys {sorted(row)}; a task row needs 'prompt' and 'completion', 'text' or "
-                "'messages' (the formats TRL's SFTTrainer accepts)."
-            )
-        ids, mask = ids[:max_length], mask[:max_length]
-        if sum(mask[1:]) > 0:  # the first token is never predicted
-            examples.append((ids, mask))
-    if not examples:
-        raise ValueError(
-            f"No task row has a token to score within max_length={max_length}; check the dev file or raise max_length."
-        )
-    return examples
-
-
-@torch.no_grad()
-def _task_loss(
-    model: torch.nn.Module, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int
-) -> float:
-    """Mean negative log-likelihood per scored token (completion tokens), over all examples."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        loss_mask = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, (ids, mask) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            loss_mask[row, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (batch, seq - 1, vocab)
-        token_log_probs = log_probs.gather(-1, input_ids[:, 1:, None].to(device)).squeeze(-1)  # (batch, seq - 1)
-        scored = loss_mask[:, 1:].to(device)
-        total -= token_log_probs[scored].sum().item()
-        count += int(scored.sum())
-    return total / count
-
-
-def _infer_align_layer(config: PeftConfig, align_layer, num_layers: int) -> int:
-    from .layers import resolve_layer
-
-    if align_layer is not None:
-        return resolve_layer(align_layer, num_layers)
-    layers = config.layers_to_transform
-    if layers is not None:  # an alignment adapter changes the blocks below the aligned layer, 0 .. L - 1
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        return min(max(layers) + 1, num_layers)
-    return resolve_layer("middle", num_layers)
-
-
-def _format_table(table: list[dict], search_adapter: str, layer: int) -> str:
-    lines = [
-        f"| {search_adapter} weight | task loss | change vs 0 | retrieval acc @ layer {layer} | selected |",
-        "|---|---|---|---|---|",
-    ]
-    for row in table:
-        lines.append(
-            f"| {row['weight']:g} | {row['task_loss']:.4f} | {100 * row['task_loss_change']:+.2f}% | "
-            f"{row['retrieval_accuracy']:.4f} | {'*' if row['selected'] else ''} |"
-        )
-    return "\n".join(lines)
-
-
-def search_merge_weights(
-    base_model: PreTrainedModel | str | None,
-    adapters: Mapping[str, str],
-    task_rows,
-    pairs,
-    tokenizer=None,
-    search_adapter: str = "alignment",
-    grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-    weights: Mapping[str, float] | Sequence[float] | None = None,
-    combination: str = "cat",
-    svd_rank: int | None = None,
-    align_layer: int | float | str | None = None,
-    max_task_loss_increase: float = 0.05,
-    batch_size: int = 8,
-    max_length: int = 512,
-    source_column: str = "parallel_source",
-    target_column: str = "parallel_target",
-    language_column: str = "language",
-) -> tuple[float, list[dict[str, float]]]:
-    r"""
-    Choose the weight of one adapter (usually the alignment adapter) in a merge, on a dev set, and print the table.
-
-    For every weight `w` of `grid` (0 is always added: it is the reference, the other adapters alone), the adapters
-    are merged as in [`merge_adapters`] with `search_adapter` at weight `w` and two scores are measured:
-
-    - task loss: the mean negative log-likelihood per completion token of `task_rows` (every token for `text` /
-      `messages` rows), tokenized as TRL's `SFTTrainer` does (EOS appended to plain-text completions);
-    - retrieval accuracy at the aligned layer: [`probe_layers`]'s `retrieval_accuracy["mean"]` at `align_layer`
-      (mean over languages of the two retrieval directions).
-
-    Selection rule: among the weights whose task loss is at most `(1 + max_task_loss_increase)` times the task loss
-    at weight 0, take the one with the highest retrieval accuracy; ties go to the smaller `|w|`. Weight 0 always
-    qualifies, so a search never returns a merge that hurts the task more than allowed.
-
-    The model and adapters are loaded once; each weight adds and removes one merged adapter.
-
-    Args:
-        base_model ([`~transformers.PreTrainedModel`], `str` or `None`):
-            As in [`merge_adapters`] (an instance gets LoRA layers injected).
-        adapters (`dict[str, str]`):
-            `{name: adapter directory}`, including `search_adapter`.
-        task_rows (`datasets.Dataset` or `list[dict]`):
-            Dev rows of the task: `prompt` + `completion` (plain or conversational), `text` or `messages`.
-        pairs (`datasets.Dataset` or `list[dict]`):
-            Parallel pairs for [`probe_layers`] (`source_column`, `target_column`, optional `language_column`).
-        tokenizer ([`~transformers.PreTrainedTokenizerBase`] or `None`, *optional*, defaults to `None`):
-            The base model's tokenizer; `None` loads it from the base model directory or an adapter directory.
-        search_adapter (`str`, *optional*, defaults to `"alignment"`):
-            Name (key of `adapters`) of the adapter whose weight is searched.
-        grid (`Sequence[float]`, *optional*, defaults to `(0.0, 0.25, 0.5, 0.75, 1.0)`):
-            Weights to try for `search_adapter`.
-        weights (`dict[str, float]`, `list[float]` or `None`, *optional*, defaults to `None`):
-            Fixed weights of the other adapters, as in [`merge_adapters`] (the entry of `search_adapter` is
-            ignored); `None` gives them 1.0.
-        combination (`str`, *optional*, defaults to `"cat"`):
-            `"cat"`, `"svd"` or `"linear"`, see [`merge_adapters`].
-        svd_rank (`int` or `None`, *optional*, defaults to `None`):
-            Rank for `combination="svd"`.
-        align_layer (`int`, `float`, `str` or `None`, *optional*, defaults to `None`):
-            Layer to score (see [`resolve_layer`]); `None` takes the layer above the highest block the search
-            adapter changes (`max(layers_to_transform) + 1`, the aligned layer of an alignment-only adapter), or the
-            middle layer when it covers every block.
-        max_task_loss_increase (`float`, *optional*, defaults to `0.05`):
-            Largest relative rise of the task loss over weight 0 that a selected weight may cause (0.05 = 5%).
-        batch_size (`int`, *optional*, defaults to `8`):
-            Rows per forward pass.
-        max_length (`int`, *optional*, defaults to `512`):
-            Maximum tokens per task row and per sentence of a pair (longer ones are truncated).
-        source_column (`str`, *optional*, defaults to `"parallel_source"`):
-            Column of `pairs` with the non-English sentence.
-        target_column (`str`, *optional*, defaults to `"parallel_target"`):
-            Column of `pairs` with its (English) translation.
-        language_column (`str`, *optional*, defaults to `"language"`):
-            Column of `pairs` with the language; optional.
-
-    Returns:
-        `tuple[float, list[dict]]`: The selected weight, and one row per weight (sorted by weight) with keys
-        `weight`, `task_loss`, `task_loss_change` (relative to weight 0), `retrieval_accuracy`, `layer` (the scored
-        layer) and `selected`.
-    """
-    from .probing import probe_layers
-
-    if search_adapter not in adapters:
-        raise ValueError(
-            f"search_adapter={search_adapter!r} is not one of the adapters {list(adapters)}; pass the name of the "
-            "adapter whose weight to search (CLI: --search_adapter)."
-        )
-    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or not grid:
-        raise ValueError(f"grid must be a non-empty list of weights, got {grid!r}.")
-    for value in grid:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"grid holds {value!r}; every weight must be a finite number.")
-    grid = sorted({0.0, *(float(value) for value in grid)})
-    if not (isinstance(max_task_loss_increase, (int, float)) and max_task_loss_increase >= 0):
-        raise ValueError(
-            f"max_task_loss_increase must be >= 0 (a fraction: 0.05 allows a 5% rise), got {max_task_loss_increase!r}."
-        )
-    if batch_size < 1 or max_length < 2:
-        raise ValueError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size} and {max_length}.")
-    if isinstance(weights, Mapping):
-        weights = {**weights, search_adapter: weights.get(search_adapter, 1.0)}
-    prepared = _prepare(base_model, adapters, weights, combination, svd_rank, None, False)
-    if tokenizer is None:
-        source = next((s for s in prepared.sources if os.path.isfile(os.path.join(s, "tokenizer_config.json"))), None)
-        if source is None:
-            raise ValueError(
-                "No tokenizer given and none found in the base model or adapter directories; pass tokenizer=."
-            )
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    examples = _task_examples(task_rows, tokenizer, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-    model = _load_base_model(base_model if base_model is not None else prepared.base_name, prepared.base_origin)
-    peft_model, inputs = _load_adapters(model, prepared.paths)
-    _check_weights_complete(peft_model, inputs, prepared.in_files)
-    _check_loaded(peft_model, inputs, combination, svd_rank)
-    _prepare_configs(peft_model, list(inputs.values()))
-    from .layers import num_decoder_layers
-
-    layer = _infer_align_layer(prepared.configs[search_adapter], align_layer, num_decoder_layers(peft_model))
-
-    table = []
-    for index, value in enumerate(grid):
-        name = f"search_{index}"
-        weights_now = {**prepared.weights, search_adapter: value}
-        _combine(peft_model, inputs, weights_now, combination, svd_rank, name, measure=False)
-        peft_model.set_adapter(name)
-        peft_model.eval()
-        loss = _task_loss(peft_model, examples, pad_id, batch_size)
-        probe = probe_layers(
-            peft_model,
-            tokenizer,
-            pairs,
-            batch_size=batch_size,
-            max_length=max_length,
-            source_column=source_column,
-            target_column=target_column,
-            language_column=language_column,
-            show_progress=False,
-        )
-        accuracy = probe.retrieval_accuracy["mean"][layer]
-        table.append({"weight": value, "task_loss": loss, "retrieval_accuracy": accuracy, "layer": layer})
-        peft_model.set_adapter(next(iter(inputs.values())))  # deleting the active adapter makes PEFT warn
-        peft_model.delete_adapter(name)
-
-    reference = next(row["task_loss"] for row in table if row["weight"] == 0.0)
-    for row in table:
-        row["task_loss_change"] = row["task_loss"] / reference - 1.0
-    eligible = [row for row in table if row["task_loss"] <= reference * (1.0 + max_task_loss_increase)]
-    best = max(eligible, key=lambda row: (row["retrieval_accuracy"], -abs(row["weight"])))
-    for row in table:
-        row["selected"] = row is best
-    print(
-        f"Weight search for {search_adapter!r} ({combination}); rule: highest retrieval accuracy at layer {layer} "
-        f"with task loss at most {100 * max_task_loss_increase:g}% above weight 0.\n"
-        + _format_table(table, search_adapter, layer)
-    )
-    return best["weight"], table
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line: `trl-midalign merge`
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MergeArguments:
-    r"""
-    Arguments of `trl-midalign merge`.
-
-    Parameters:
-        > Merge
-
-        base_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            Base model directory or Hub id; `None` uses the one the adapters record.
-        adapters (`list[str]`):
-            Required. Adapters as `name=path`, for example `task=out/task-lora alignment=out/align-lora`.
-        weights (`list[float]` or `None`, *optional*, defaults to `None`):
-            One weight per adapter, in the order of `adapters`; `None` gives every adapter 1.0.
-        combination (`str`, *optional*, defaults to `"cat"`):
-            `"cat"`, `"svd"` or `"linear"`, see [`merge_adapters`].
-        svd_rank (`int` or `None`, *optional*, defaults to `None`):
-            Rank of the merged adapter for `combination="svd"`.
-        output_dir (`str` or `None`, *optional*, defaults to `None`):
-            Where to save the merged adapter (or model) and its model card. Required unless `search` only prints.
-            It must not be, be inside or contain any input (adapters, base model, dev files).
-        merge_into_base (`bool`, *optional*, defaults to `False`):
-            Save a full model with the merged adapter folded into the base weights.
-        overwrite (`bool`, *optional*, defaults to `False`):
-            Replace the contents of an existing, non-empty `output_dir`.
-
-        > Weight search
-
-        search (`bool`, *optional*, defaults to `False`):
-            Choose the weight of `search_adapter` with [`search_merge_weights`] before merging.
-        search_adapter (`str`, *optional*, defaults to `"alignment"`):
-            Adapter whose weight is searched.
-        search_weights (`list[float]`, *optional*, defaults to `[0.0, 0.25, 0.5, 0.75, 1.0]`):
-            Weights to try (0 is always added as the reference).
-        dev_file (`str` or `None`, *optional*, defaults to `None`):
-            Dev task rows (json/jsonl/csv/parquet). Required with `search`.
-        pairs_file (`str` or `None`, *optional*, defaults to `None`):
-            Parallel pairs for the retrieval score; `None` reads them from `dev_file`.
-        align_layer (`str` or `None`, *optional*, defaults to `None`):
-            Layer to score; `None` infers it from the searched adapter's `layers_to_transform`.
-        max_task_loss_increase (`float`, *optional*, defaults to `0.05`):
-            Largest allowed relative rise of the dev task loss over weight 0.
-        batch_size (`int`, *optional*, defaults to `8`):
-            Rows per forward pass during the search.
-        max_length (`int`, *optional*, defaults to `512`):
-            Maximum tokens per dev row or sentence.
-        source_column (`str`, *optional*, defaults to `"parallel_source"`):
-            Pair column with the non-English sentence.
-        target_column (`str`, *optional*, defaults to `"parallel_target"`):
-            Pair column with its translation.
-        language_column (`str`, *optional*, defaults to `"language"`):
-            Pair column with the language (optional in the data).
-    """
-
-    base_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Base model directory or Hub id. Defaults to the base_model_name_or_path the adapters record."
-        },
-    )
-    adapters: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Required. Adapters to combine as name=path, for example: task=out/task-lora "
-            "alignment=out/align-lora."
-        },
-    )
-    weights: list[float] | None = field(
-        default=None,
-        metadata={
-            "help": "One weight per adapter, in the order of --adapters (negative subtracts). Default: 1.0 each."
-        },
-    )
-    combination: str = field(
-        default="cat",
-        metadata={
-            "help": "How to combine: 'cat' (exact weighted sum of the deltas, rank = sum of ranks), 'svd' (truncated to "
-            "--svd_rank) or 'linear' (averages the LoRA factors; only for adapters with a shared initialisation).",
-            "choices": list(COMBINATIONS),
-        },
-    )
-    svd_rank: int | None = field(
-        default=None,
-        metadata={"help": "Rank of the merged adapter for --combination svd. Default: the largest input rank."},
-    )
-    output_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Required (unless --search only prints the weight table). Directory for the merged adapter (or "
-            "model) and its README.md model card; it must not be, be inside or contain any input."
-        },
-    )
-    merge_into_base: bool = field(
-        default=False,
-        metadata={"help": "Fold the merged adapter into the base weights and save a full model."},
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "Replace the contents of an existing, non-empty --output_dir."},
-    )
-    search: bool = field(
-        default=False,
-        metadata={
-            "help": "Before merging, try every weight of --search_weights for --search_adapter on the dev set and keep "
-            "the one with the highest retrieval accuracy at the aligned layer whose dev task loss is at most "
-            "--max_task_loss_increase above weight 0. Prints the table."
-        },
-    )
-    search_adapter: str = field(
-        default="alignment",
-        metadata={"help": "Name (in --adapters) of the adapter whose weight --search chooses."},
-    )
-    search_weights: list[float] = field(
-        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
-        metadata={"help": "Weights tried by --search (0 is always added as the reference)."},
-    )
-    dev_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Required with --search. Dev task rows (json, jsonl, csv or parquet): prompt+completion, text or "
-            "messages."
-        },
-    )
-    pairs_file: str | None = field(
-        default=None,
-        metadata={"help": "Parallel pairs for the retrieval score of --search. Default: read them from --dev_file."},
-    )
-    align_layer: str | None = field(
-        default=None,
-        metadata={
-            "help": "Layer scored by --search ('middle', an int, a negative int or a fraction). Default: one above the "
-            "highest block the searched adapter changes (its layers_to_transform), else the middle layer."
-        },
-    )
-    max_task_loss_increase: float = field(
-        default=0.05,
-        metadata={
-            "help": "Largest relative rise of the dev task loss over weight 0 that --search accepts (0.05 = 5%%)."
-        },
-    )
-    batch_size: int = field(default=8, metadata={"help": "Rows per forward pass during --search."})
-    max_length: int = field(default=512, metadata={"help": "Maximum tokens per dev row or sentence during --search."})
-    source_column: str = field(
-        default="parallel_source", metadata={"help": "Pair column with the non-English sentence."}
-    )
-    target_column: str = field(default="parallel_target", metadata={"help": "Pair column with its translation."})
-    language_column: str = field(
-        default="language", metadata={"help": "Pair column with the language of the pair (optional in the data)."}
-    )
-
-    def missing_options(self) -> list[str]:
-        """The required options that are not set (the CLI reports them as a usage error)."""
-        missing = []
-        if not self.adapters:
-            missing.append("--adapters NAME=PATH [NAME=PATH ...]")
-        if self.output_dir is None and not self.search:
-            missing.append("--output_dir DIR (or --search with --dev_file to only print the weight table)")
-        if self.search and self.dev_file is None:
-            missing.append("--dev_file FILE (with --search)")
-        return missing
-
-
-MERGE_USAGE = (
-    "trl-midalign merge --adapters NAME=PATH [NAME=PATH ...] --output_dir DIR [options]\n"
-    "       trl-midalign merge --adapters NAME=PATH [NAME=PATH ...] --search --dev_file FILE [--output_dir DIR] "
-    "[options]"
-)
-
-
-def _parse_named_paths(items: Sequence[str]) -> dict[str, str]:
-    if not items:
-        raise ValueError(
-            "--adapters is required: give the adapters as name=path, for example task=PATH alignment=PATH."
-        )
-    adapters = {}
-    for item in items:
-        name, separator, path = item.partition("=")
-        if not separator or not name or not path:
-            raise ValueError(
-                f"--adapters entry {item!r} is not name=path; write it as, for example, task=out/task-lora."
-            )
-        if name in adapters:
-            raise ValueError(f"--adapters names {name!r} twice; give each adapter its own name.")
-        adapters[name] = path
-    return adapters
-
-
-def _read_rows(path: str, option: str):
-    from datasets import load_dataset
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{option} {path!r} does not exist.")
-    builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-    builder = builders.get(os.path.splitext(path)[1].lower())
-    if builder is None:
-        raise ValueError(f"{option} {path!r}: use a .json, .jsonl, .csv or .parquet file.")
-    return load_dataset(builder, data_files=path, split="train")
-
-
-def run_merge(args: MergeArguments) -> None:
-    """Runs `trl-midalign merge`: optional weight search, then [`merge_adapters`]; see [`MergeArguments`]."""
-    adapters = _parse_named_paths(args.adapters)
-    if args.output_dir is None and not args.search:
-        raise ValueError(
-            "--output_dir is required to save the merge (or pass --search to only print the weight table)."
-        )
-    if args.search and args.dev_file is None:
-        raise ValueError("--search needs --dev_file (dev task rows, and the pairs unless --pairs_file is given).")
-    weights = list(args.weights) if args.weights is not None else None
-    if args.output_dir is not None:  # every input, the dev files too, is checked before the (slow) search
-        _prepare(
-            args.base_model_name_or_path,
-            adapters,
-            weights,
-            args.combination,
-            args.svd_rank,
-            args.output_dir,
-            args.overwrite,
-            extra_inputs=[("--dev_file", args.dev_file), ("--pairs_file", args.pairs_file)] if args.search else [],
-        )
-    section = None
-    if args.search:
-        task_rows = _read_rows(args.dev_file, "--dev_file")
-        pairs = _read_rows(args.pairs_file, "--pairs_file") if args.pairs_file else task_rows
-        best, table = search_merge_weights(
-            args.base_model_name_or_path,
-            adapters,
-            task_rows,
-            pairs,
-            search_adapter=args.search_adapter,
-            grid=args.search_weights,
-            weights=weights,
-            combination=args.combination,
-            svd_rank=args.svd_rank,
-            align_layer=args.align_layer,
-            max_task_loss_increase=args.max_task_loss_increase,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            source_column=args.source_column,
-            target_column=args.target_column,
-            language_column=args.language_column,
-        )
-        weights = dict(zip(adapters, weights)) if weights is not None else dict.fromkeys(adapters, 1.0)
-        weights[args.search_adapter] = best
-        section = (
-            f"## Weight search\n\nThe weight of `{args.search_adapter}` was chosen on `{args.dev_file}`: the highest "
-            f"retrieval accuracy at layer {table[0]['layer']} among the weights whose dev task loss is at most "
-            f"{100 * args.max_task_loss_increase:g}% above weight 0.\n\n"
-            + _format_table(table, args.search_adapter, table[0]["layer"])
-        )
-        if args.output_dir is None:
-            return
-    merge_adapters(
-        args.base_model_name_or_path,
-        adapters,
-        weights=weights,
-        combination=args.combination,
-        svd_rank=args.svd_rank,
-        output_dir=args.output_dir,
-        merge_into_base=args.merge_into_base,
-        overwrite=args.overwrite,
-    )
-    if section is not None:
-        with open(os.path.join(args.output_dir, "README.md"), "a", encoding="utf-8") as handle:
-            handle.write("\n" + section + "\n")
-    print(f"Saved the merged {'model' if args.merge_into_base else 'adapter'} to {args.output_dir}")
