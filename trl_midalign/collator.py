@@ -1,3 +1,4 @@
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,18 @@ PAIR_KEYS = (
     "align_attention_mask",
     "align_pool_mask",
     "align_same_pair",
+    "align_pair_ids",
 )
+
+
+def _as_list(value: Any) -> list:
+    """A row's pair column holds one sentence, or a list of sentences (several pairs attached to one row)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def sentence_id(text: str) -> int:
+    """A stable 63-bit identity of a sentence (the same in every process, unlike `hash`), for duplicate masking."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def check_sentence(value: Any, column: str, row: int | str) -> None:
@@ -53,6 +65,11 @@ class DataCollatorForAlignment(DataCollatorMixin):
       when `pooling="mean_no_special"`).
     - `"align_same_pair"`: `(batch, batch)` boolean, `True` at `[i, j]` when pairs `i` and `j` share their source or
       their target sentence, so that duplicates are not used as negatives of each other.
+    - `"align_pair_ids"`: `(batch, 2)` int64, a stable hash of each pair's source and target sentence, from which the
+      duplicate mask is built across processes when negatives are gathered (`align_gather_negatives`).
+
+    A pair column may also hold a list of sentences per example (several pairs attached to one row, see
+    `align_batch_size`): the lists are flattened, so `batch` above counts pairs, not examples.
 
     Args:
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
@@ -86,8 +103,9 @@ class DataCollatorForAlignment(DataCollatorMixin):
     ...         {"input_ids": [3], "parallel_source": "Danke", "parallel_target": "Thanks"},
     ...     ]
     ... )
-    >>> sorted(batch)
-    ['align_attention_mask', 'align_input_ids', 'align_same_pair', 'attention_mask', 'input_ids', 'labels']
+    >>> sorted(batch)  # doctest: +NORMALIZE_WHITESPACE
+    ['align_attention_mask', 'align_input_ids', 'align_pair_ids', 'align_same_pair',
+     'attention_mask', 'input_ids', 'labels']
     >>> batch["align_input_ids"].shape[0]  # two sources, then two targets
     4
     ```
@@ -128,8 +146,15 @@ class DataCollatorForAlignment(DataCollatorMixin):
                     "the column, pass an `alignment_dataset`, or name your columns with align_source_column / "
                     "align_target_column."
                 )
-        sources = [ex[self.source_column] for ex in examples]
-        targets = [ex[self.target_column] for ex in examples]
+        sources = [text for ex in examples for text in _as_list(ex[self.source_column])]
+        targets = [text for ex in examples for text in _as_list(ex[self.target_column])]
+        for row, ex in enumerate(examples):
+            if len(_as_list(ex[self.source_column])) != len(_as_list(ex[self.target_column])):
+                raise ValueError(
+                    f"Row {row} of the batch holds {len(_as_list(ex[self.source_column]))} sentences in "
+                    f"{self.source_column!r} but {len(_as_list(ex[self.target_column]))} in {self.target_column!r}; "
+                    "a row with several pairs needs one translation per sentence, in the same order."
+                )
         for column, texts in zip(pair_columns, (sources, targets)):
             for row, text in enumerate(texts):
                 check_sentence(text, column, f"{row} of the batch")
@@ -155,4 +180,7 @@ class DataCollatorForAlignment(DataCollatorMixin):
         same_source = torch.tensor([[a == b for b in sources] for a in sources], dtype=torch.bool)
         same_target = torch.tensor([[a == b for b in targets] for a in targets], dtype=torch.bool)
         batch["align_same_pair"] = same_source | same_target  # (batch, batch)
+        batch["align_pair_ids"] = torch.tensor(
+            [[sentence_id(a), sentence_id(b)] for a, b in zip(sources, targets)], dtype=torch.long
+        )  # (batch, 2)
         return batch

@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,7 +19,7 @@ from trl.models.utils import _ForwardRedirection
 from .collator import PAIR_KEYS, DataCollatorForAlignment, check_sentence
 from .config import AlignmentConfig
 from .layers import get_decoder_layers, layer_hidden_states, num_decoder_layers, resolve_layer
-from .losses import contrastive_alignment_loss, last_token_pool, masked_mean_pool
+from .losses import contrastive_alignment_loss, gradient_cached_loss, last_token_pool, masked_mean_pool
 from .modeling import load_causal_lm, load_tokenizer, prepare_gguf_model
 from .probing import LayerProbeCallback, ProbeResult, probe_layers
 
@@ -44,6 +45,50 @@ def _check_pair_columns(dataset: Dataset | IterableDataset, args: AlignmentConfi
         for column in (args.align_source_column, args.align_target_column):
             for row, value in enumerate(dataset[column]):
                 check_sentence(value, column, f"{row} of the {name} dataset")
+
+
+def _attach_pairs(rows: Dataset | None, pairs: Dataset, per_row: int, args: AlignmentConfig) -> Dataset:
+    """
+    `align_batch_size`: give each training row `per_row` pairs as lists, taken in turn from `pairs` (cycled when they
+    run out). Without rows (an alignment-only run on pairs alone), group consecutive pairs into rows instead.
+    """
+    source, target = args.align_source_column, args.align_target_column
+    if rows is None:
+        count = len(pairs) // per_row
+        if count < 1:
+            raise ValueError(
+                f"align_batch_size={args.align_batch_size} needs {per_row} pairs per row, but there are only "
+                f"{len(pairs)} pairs. Lower align_batch_size or add pairs."
+            )
+        indices = [[r * per_row + j for j in range(per_row)] for r in range(count)]
+    else:
+        if not isinstance(rows, Dataset):
+            raise TypeError(
+                f"align_batch_size attaches several pairs to each training row, which needs a map-style "
+                f"`train_dataset` (datasets.Dataset), got {type(rows).__name__}; leave align_batch_size unset."
+            )
+        count = len(rows)
+        indices = [[(r * per_row + j) % len(pairs) for j in range(per_row)] for r in range(count)]
+    sources, targets = pairs[source], pairs[target]
+    attached = Dataset.from_dict(
+        {
+            source: [[sources[i] for i in row] for row in indices],
+            target: [[targets[i] for i in row] for row in indices],
+        }
+    )
+    slots = count * per_row
+    logger.info(
+        f"align_batch_size={args.align_batch_size}: each training row carries {per_row} pairs, so an epoch uses "
+        f"{slots} pair slots of {len(pairs)} distinct pairs."
+    )
+    if slots > len(pairs):
+        logger.warning(
+            f"align_batch_size={args.align_batch_size} uses {slots} pair slots per epoch but there are only "
+            f"{len(pairs)} distinct pairs: each pair is seen about {slots / len(pairs):.1f} times per epoch."
+        )
+    elif rows is None and slots < len(pairs):
+        logger.warning(f"{len(pairs) - slots} pairs do not fill a row of {per_row} pairs and are never used.")
+    return attached if rows is None else concatenate_datasets([rows, attached], axis=1)
 
 
 class AlignmentTrainer(SFTTrainer):
@@ -166,8 +211,9 @@ class AlignmentTrainer(SFTTrainer):
             pairs = alignment_dataset.select_columns([source, target]).shuffle(seed=args.seed)
         # align_layer="auto" probes these pairs per language (the language column is dropped from the training rows)
         probe_pairs = alignment_dataset if alignment_dataset is not None else train_dataset
+        pairs_per_row = (args.align_batch_size or args.per_device_train_batch_size) // args.per_device_train_batch_size
         if train_dataset is None and alignment_dataset is not None and args.align_schedule == "alignment_only":
-            train_dataset = pairs
+            train_dataset = pairs if pairs_per_row == 1 else _attach_pairs(None, pairs, pairs_per_row, args)
             args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         elif alignment_dataset is not None:
             if not isinstance(train_dataset, Dataset):
@@ -182,16 +228,23 @@ class AlignmentTrainer(SFTTrainer):
                     f"The train dataset already has the pair column {clash[0]!r} and an `alignment_dataset` was passed "
                     "too; keep the pairs in one place (drop the columns or the alignment_dataset)."
                 )
-            if len(pairs) > len(train_dataset):
+            if len(pairs) > pairs_per_row * len(train_dataset):
                 logger.warning(
                     f"alignment_dataset has {len(pairs)} pairs but the train dataset only {len(train_dataset)} rows: "
-                    f"each epoch uses the same {len(train_dataset)} pairs; the rest are never seen."
+                    f"each epoch uses the same {pairs_per_row * len(train_dataset)} pairs; the rest are never seen."
                 )
-            cycled = pairs.select([i % len(pairs) for i in range(len(train_dataset))])
-            train_dataset = concatenate_datasets([train_dataset, cycled], axis=1)
+            if pairs_per_row > 1:
+                train_dataset = _attach_pairs(train_dataset, pairs, pairs_per_row, args)
+            else:
+                cycled = pairs.select([i % len(pairs) for i in range(len(train_dataset))])
+                train_dataset = concatenate_datasets([train_dataset, cycled], axis=1)
         elif train_dataset is not None:
             _check_pair_columns(train_dataset, args, "train")
-        if isinstance(train_dataset, Dataset) and not args.dataloader_drop_last:
+            if pairs_per_row > 1:  # the rows' own pairs, dealt out again several to a row
+                row_pairs = train_dataset.select_columns([source, target])
+                train_dataset = _attach_pairs(train_dataset.remove_columns([source, target]), row_pairs,
+                                              pairs_per_row, args)  # fmt: skip
+        if isinstance(train_dataset, Dataset) and not args.dataloader_drop_last and pairs_per_row == 1:
             if len(train_dataset) % args.per_device_train_batch_size == 1 and args.world_size == 1:
                 raise ValueError(
                     f"With {len(train_dataset)} rows and per_device_train_batch_size="
@@ -253,6 +306,21 @@ class AlignmentTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+
+        if args.align_mini_batch_size is not None:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError(
+                    f"align_mini_batch_size={args.align_mini_batch_size} (gradient caching) is not supported under "
+                    f"{'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP'}: its second forward runs inside the "
+                    "backward, which these engines' gradient reduction does not expect. Use DDP or one process, or "
+                    "leave align_mini_batch_size unset (align_gather_negatives works under both)."
+                )
+            if args.align_schedule == "joint" and self.accelerator.num_processes > 1:
+                raise ValueError(
+                    "align_mini_batch_size (gradient caching) with align_schedule='joint' is not supported with "
+                    "several processes: the cached alignment backward would run DDP forwards inside the task's DDP "
+                    "backward. Use align_schedule='alternate' (or 'alignment_only'), or one process."
+                )
 
         # Callbacks get no trainer from transformers; a layer probe needs this one to log through
         for callback in self.callback_handler.callbacks:
@@ -373,22 +441,66 @@ class AlignmentTrainer(SFTTrainer):
     # Loss
     def _alignment_loss(self, model: nn.Module, pair: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pool both sides of the pairs at the aligned layer (one truncated forward) and return the contrastive loss."""
-        args = self.args
+        source, target = self._pooled_pairs(model, pair).chunk(2)  # (batch, hidden) each
+        return self._pair_loss(source, target, pair)
+
+    def _pooled_pairs(self, model: nn.Module, pair: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled states at the aligned layer of the rows of `pair["align_input_ids"]`: `(rows, hidden)`."""
         states = layer_hidden_states(
             model, pair["align_input_ids"], pair["align_attention_mask"], self.align_layer
-        )  # (2 * batch, seq, hidden)
-        if args.align_pooling == "last":
-            pooled = last_token_pool(states, pair["align_attention_mask"])
-        else:
-            pooled = masked_mean_pool(states, pair.get("align_pool_mask", pair["align_attention_mask"]))
-        source, target = pooled.chunk(2)  # (batch, hidden) each
+        )  # (rows, seq, hidden)
+        if self.args.align_pooling == "last":
+            return last_token_pool(states, pair["align_attention_mask"])
+        return masked_mean_pool(states, pair.get("align_pool_mask", pair["align_attention_mask"]))
+
+    def _pair_loss(self, source: torch.Tensor, target: torch.Tensor, pair: dict[str, torch.Tensor]) -> torch.Tensor:
+        args = self.args
+        gather = args.align_gather_negatives and self.model.training
         return contrastive_alignment_loss(
             source,
             target,
             temperature=args.align_temperature,
             directions=args.align_directions,
             stop_gradient=args.align_stop_gradient,
-            same_pair_mask=pair["align_same_pair"],
+            same_pair_mask=None if gather else pair["align_same_pair"],
+            pair_ids=pair["align_pair_ids"] if gather else None,
+            gather_across_devices=gather,
+        )
+
+    def _cached_alignment_loss(self, model: nn.Module, pair: dict[str, torch.Tensor]) -> torch.Tensor:
+        """
+        `align_mini_batch_size`: the alignment loss by gradient caching. Each mini-batch (its sources and targets in
+        one truncated forward, as uncached) runs inside its own wrapper forward, in both passes; under DDP the second
+        passes of all mini-batches but the last skip the gradient all-reduce (`no_sync`), as accumulation steps do.
+        """
+        size = self.args.align_mini_batch_size
+        num_pairs = pair["align_input_ids"].size(0) // 2
+        starts = list(range(0, num_pairs, size))
+        keys = [key for key in ("align_input_ids", "align_attention_mask", "align_pool_mask") if key in pair]
+
+        def embed(unwrapped: nn.Module, k: int) -> torch.Tensor:
+            start, end = starts[k], min(starts[k] + size, num_pairs)
+            rows = torch.cat([torch.arange(start, end), torch.arange(num_pairs + start, num_pairs + end)])
+            rows = rows.to(pair["align_input_ids"].device)
+            length = int(pair["align_attention_mask"][rows].sum(dim=1).max())  # right padding of this mini-batch
+            return self._pooled_pairs(unwrapped, {key: pair[key][rows, :length] for key in keys})  # (2 * m, hidden)
+
+        def loss_fn(pooled: list[torch.Tensor]) -> torch.Tensor:
+            sources, targets = zip(*(chunk.chunk(2) for chunk in pooled))
+            return self._pair_loss(torch.cat(sources), torch.cat(targets), pair)
+
+        def chunk_context(k: int):
+            # DDP reduces gradients once, after the last mini-batch, unless the whole step is an accumulation step
+            if isinstance(model, nn.parallel.DistributedDataParallel) and k < len(starts) - 1:
+                return model.no_sync()
+            return contextlib.nullcontext()
+
+        return gradient_cached_loss(
+            lambda k: self._in_one_forward(model, embed, k),
+            len(starts),
+            loss_fn,
+            chunk_context=chunk_context,
+            device=pair["align_input_ids"].device,
         )
 
     def _task_and_alignment_loss(self, model, inputs, pair, num_items_in_batch):
@@ -445,7 +557,11 @@ class AlignmentTrainer(SFTTrainer):
 
         outputs = None
         task_loss = align_loss = None
-        if is_task and is_align and mode == "train":
+        # Gradient caching only where there is a backward to cache for, and more pairs than one mini-batch
+        mini_batch = self.args.align_mini_batch_size
+        cached = is_align and torch.is_grad_enabled() and mini_batch is not None
+        cached = cached and pair["align_input_ids"].size(0) // 2 > mini_batch
+        if is_task and is_align and mode == "train" and not cached:
             task_loss, align_loss = self._in_one_forward(
                 model, self._task_and_alignment_loss, inputs, pair, num_items_in_batch
             )
@@ -453,7 +569,9 @@ class AlignmentTrainer(SFTTrainer):
             if is_task:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
                 task_loss, outputs = result if return_outputs else (result, None)
-            if is_align:
+            if is_align and cached:
+                align_loss = self._cached_alignment_loss(model, pair)
+            elif is_align:
                 align_loss = self._in_one_forward(model, self._alignment_loss, pair)
 
         loss = 0.0
