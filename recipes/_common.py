@@ -19,6 +19,7 @@ import yaml
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
 from trl import ModelConfig
 
+from trl_midalign.cli import describe_negative_flags
 from trl_midalign.evaluation import (
     PLOT_FILE,
     generate_completions,
@@ -27,7 +28,7 @@ from trl_midalign.evaluation import (
     summarize_groups,
     write_results,
 )
-from trl_midalign.hub import check_hub_settings, find_probe_plots, model_card, push_folder
+from trl_midalign.hub import check_hub_settings, find_probe_plots, model_card, public_name, push_folder
 
 
 logger = logging.getLogger(__name__)
@@ -246,6 +247,7 @@ def parse_args(parser, args: Sequence[str] | None = None) -> tuple:
     """
     import sys
 
+    describe_negative_flags(parser)  # --no_alignment, --no_check_ranks, ...: a help of their own, not the positive's
     argv = list(sys.argv[1:] if args is None else args)
     if "--config" in argv:
         path = argv[argv.index("--config") + 1]
@@ -625,11 +627,40 @@ def deepspeed_zero_stage(accelerator=None) -> int | None:
     return None
 
 
+def keep_hub_token_off_disk(training_args) -> bool:
+    """
+    Move a `--hub_token` out of the training arguments into this process's environment (`HF_TOKEN`).
+
+    transformers pickles the whole `TrainingArguments` into `training_args.bin` in `output_dir` and in every
+    checkpoint, so a token left in `hub_token` would be written to disk in plain text. In `HF_TOKEN` it stays in
+    memory, and every Hub call of the run (model and dataset downloads, the final push) still uses it.
+
+    Args:
+        training_args:
+            The recipe's `AlignmentConfig`; its `hub_token` is set to `None`.
+
+    Returns:
+        `bool`: whether a token was moved.
+    """
+    token = getattr(training_args, "hub_token", None)
+    if not token:
+        return False
+    os.environ["HF_TOKEN"] = token
+    training_args.hub_token = None
+    logger.info(
+        "--hub_token was moved to this process's HF_TOKEN environment variable so that it is not saved in "
+        "training_args.bin; `hf auth login` or exporting HF_TOKEN avoids passing it on the command line."
+    )
+    return True
+
+
 def check_launch(training_args, model_args, script_args) -> None:
     """
     Errors that must come before any model is loaded: a push without a repository id, and a quantized model under
-    DeepSpeed ZeRO-3 (bitsandbytes weights cannot be partitioned).
+    DeepSpeed ZeRO-3 (bitsandbytes weights cannot be partitioned). Also takes a `--hub_token` out of the training
+    arguments before anything can save them (see [`keep_hub_token_off_disk`]).
     """
+    keep_hub_token_off_disk(training_args)
     check_hub_settings(training_args.push_to_hub, training_args.hub_model_id)
     if (model_args.load_in_4bit or model_args.load_in_8bit) and deepspeed_zero_stage() == 3:
         raise ValueError(
@@ -826,7 +857,8 @@ def evaluate_examples(
     if compare_with:
         other = load_results(compare_with)
         label = other.get("run", "other")
-        runs = {label if label != run else f"{label} ({compare_with})": other, run: results}
+        # The label is drawn into the plot, which may be pushed: the folder's name, never a local path
+        runs = {label if label != run else f"{label} ({public_name(compare_with)})": other, run: results}
         if "baseline" in runs:  # baseline first, whichever run is plotted
             runs = {"baseline": runs.pop("baseline"), **runs}
     try:
@@ -931,9 +963,9 @@ def write_card_and_push(
         output_dir,
         training_args.hub_model_id,
         private=training_args.hub_private_repo,
-        token=training_args.hub_token,
+        token=training_args.hub_token,  # None after keep_hub_token_off_disk: HF_TOKEN or the login is used
         revision=training_args.hub_revision,
-        extra_patterns=[p for p in plots if not p.endswith(".png")],
+        extra_files=[plot for plot in plots if plot != PLOT_FILE],  # PLOT_FILE is one of hub.PUSH_FILES
     )
     logger.info(f"Pushed {output_dir} to {url}")
     return url
@@ -1025,7 +1057,7 @@ def train_evaluate_push(
         zero3=zero3,
         compare_with=script_args.compare_with,
         extra={
-            "model": model_args.model_name_or_path,
+            "model": public_name(model_args.model_name_or_path),  # eval_results.json is pushed: no local path
             "train_languages": list(script_args.train_languages),
             "alignment_languages": list(alignment_languages),
         },

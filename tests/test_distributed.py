@@ -1,4 +1,5 @@
-"""Real 2-process launches on CPU: DDP (gloo) and DeepSpeed ZeRO-2/ZeRO-3 keep the ranks' weights identical.
+"""Real 2-process launches on CPU: DDP (gloo) and DeepSpeed ZeRO-2/ZeRO-3 keep the ranks' weights identical; FSDP2
+(`fully_shard`, under `torch.distributed.run`) computes the same losses, gradients and weights as the unsharded model.
 
 Each launch trains a tiny LoRA model with the alternate schedule, whose alignment steps leave the blocks above the
 aligned layer without gradients, and whose alignment forward must run inside one forward of the DDP/DeepSpeed wrapper.
@@ -6,6 +7,7 @@ aligned layer without gradients, and whose alignment forward must run inside one
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,6 +16,12 @@ import pytest
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def launch(tmp_path, launcher_args, schedule="alternate"):
@@ -57,3 +65,29 @@ def test_deepspeed_zero3_two_processes_with_partitioning(tmp_path):
     ranks = launch(tmp_path, ["--config_file", os.path.join(HERE, "scripts", "zero3.yaml")])
     check_identical_and_trained(ranks, "DistributedType.DEEPSPEED")
     assert all(r["zero3_partitioned"] for r in ranks), "ZeRO-3 did not partition the parameters"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["plain", "checkpointing"])
+@pytest.mark.parametrize("schedule", ["alternate", "joint", "alignment_only"])
+def test_fsdp2_two_processes_equal_the_unsharded_model(tmp_path, schedule, variant):
+    """accelerate never enables FSDP on CPU: the script shards with `fully_shard` per block and root, as accelerate's
+    transformer-based wrap does, and runs 4 micro-steps of compute_loss + backward + SGD next to the unsharded model."""
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        os.path.join(HERE, "scripts", "fsdp2_steps.py"), str(output_dir), schedule, variant,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ROOT}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    ranks = [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["sharded"], "the parameters were not sharded"
+        assert rank["changed"], "no parameter changed"
+        assert len(rank["losses"]) == 4
+        assert rank["worst"]["loss"] <= 1e-6, rank["losses"]
+        assert rank["worst"]["grad"] <= 1e-6, rank["worst"]
+        assert rank["worst"]["weight"] <= 1e-6, rank["worst"]
+    assert ranks[0]["losses"] != ranks[1]["losses"], "both ranks saw the same batches"

@@ -543,8 +543,12 @@ def test_cli_merge_end_to_end(workspace, tmp_path, capsys):
 
     with pytest.raises(ValueError, match="not name=path"):
         cli_main(["merge", "--adapters", ws["task"], "--output_dir", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="--output_dir is required"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, as argparse reports a missing required option
         cli_main(["merge", "--adapters", f"task={ws['task']}"])
+    assert exit_info.value.code == 2 and "arguments are required: --output_dir DIR" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--output_dir is required"):
+        merging.run_merge(merging.MergeArguments(adapters=[f"task={ws['task']}"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -666,8 +670,13 @@ def test_cli_search_then_merge(workspace, tmp_path, capsys):
     best = float(selected_line.split("|")[1])
     expected = weighted_sum([(ws["task"], 1.0), (ws["alignment"], best)])
     assert max_abs_diff(read_deltas(out), expected) < 1e-6
-    with pytest.raises(ValueError, match="--search needs --dev_file"):
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, as argparse reports a missing required option
         cli_main(["merge", "--adapters", f"task={ws['task']}", f"alignment={ws['alignment']}", "--search"])
+    assert exit_info.value.code == 2 and "arguments are required: --dev_file FILE" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--search needs --dev_file"):
+        merging.run_merge(
+            merging.MergeArguments(adapters=[f"task={ws['task']}", f"alignment={ws['alignment']}"], search=True)
+        )
 
 
 def test_task_rows_are_scored_like_sft(workspace):

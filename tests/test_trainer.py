@@ -380,12 +380,6 @@ def test_batch_of_one_pair_is_refused(tmp_path, tokenizer):
     trainer.train()
 
 
-@pytest.mark.parametrize("setting", [{"packing": True}, {"padding_free": True}])
-def test_packing_and_padding_free_are_refused(tmp_path, setting):
-    with pytest.raises(ValueError, match="not supported with alignment pairs"):
-        config(tmp_path, **setting)
-
-
 def test_layer_outside_model_names_real_depth(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="it has 4 decoder blocks"):
         trainer_for(tmp_path, tokenizer, align_layer=7)

@@ -52,7 +52,8 @@ class DataCollatorForAlignment(DataCollatorMixin):
     Data collator that adds the padded parallel sentences of each row to the batch built by TRL's SFT collator.
 
     Each example holds a task example (what TRL's collator reads, such as `input_ids` and `labels`) and a parallel
-    pair in `source_column` (the non-English sentence) and `target_column` (its English translation), as raw text.
+    pair in `source_column` (the non-English sentence) and `target_column` (its English translation), as raw text; a
+    packed row holds lists of sentences (the pairs of the rows packed into it), which all join the batch.
     The sentences are tokenized as they are (no chat template, the tokenizer's own special tokens, such as Llama's
     BOS), truncated to `max_length`, and both sides are right-padded to one common length so that the model can run
     them in a single batched forward. Examples without `input_ids` (pairs only, for `align_schedule="alignment_only"`)
@@ -87,6 +88,11 @@ class DataCollatorForAlignment(DataCollatorMixin):
             The trainer's `align_pooling`; `"mean_no_special"` adds `"align_pool_mask"`.
         return_tensors (`str`, *optional*, defaults to `"pt"`):
             Only `"pt"` is supported.
+        require_pairs (`bool`, *optional*, defaults to `True`):
+            Whether every batch must carry both pair columns (training). With `False` (the trainer's evaluation
+            collator), a batch of task examples without either pair column gets the task keys only, so that an
+            evaluation set without pairs is evaluated on the task loss alone; a batch with only one of the two
+            columns is still refused.
 
     Example:
 
@@ -118,6 +124,7 @@ class DataCollatorForAlignment(DataCollatorMixin):
     max_length: int | None = 256
     pooling: str = "mean"
     return_tensors: str = "pt"
+    require_pairs: bool = True
     _warned_truncation: bool = field(default=False, init=False, repr=False)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
@@ -139,13 +146,16 @@ class DataCollatorForAlignment(DataCollatorMixin):
         if self.task_collator is not None and "input_ids" in examples[0]:
             batch = self.task_collator([{k: v for k, v in ex.items() if k not in pair_columns} for ex in examples])
 
-        for column in pair_columns:
-            if column not in examples[0]:
-                raise ValueError(
-                    f"The batch has no column {column!r} for the alignment pairs (it has {sorted(examples[0])}). Add "
-                    "the column, pass an `alignment_dataset`, or name your columns with align_source_column / "
-                    "align_target_column."
-                )
+        missing = [column for column in pair_columns if column not in examples[0]]
+        if len(missing) == len(pair_columns) and not self.require_pairs and "input_ids" in batch:
+            return batch  # an evaluation set without pairs: task loss only
+        if missing:
+            raise ValueError(
+                f"The batch has no column {missing[0]!r} for the alignment pairs (it has {sorted(examples[0])}). Add "
+                "the column, pass an `alignment_dataset`, or name your columns with align_source_column / "
+                "align_target_column."
+            )
+        # A packed row, or a row with align_batch_size pairs, carries several pairs as lists: they all join the batch
         sources = [text for ex in examples for text in _as_list(ex[self.source_column])]
         targets = [text for ex in examples for text in _as_list(ex[self.target_column])]
         for row, ex in enumerate(examples):

@@ -1,3 +1,5 @@
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
@@ -28,6 +30,29 @@ def _parse_layer(value: int | float | str) -> int | float | str:
     )
 
 
+def _parse_number(name: str, value, kind: type, example: str) -> int | float:
+    """
+    Return `value` as a `kind` (`int` or `float`), converting a numeric string as the command-line parser would; raise
+    an error naming the setting for anything else (None, bools, non-numeric strings, other types).
+    """
+    word = "an int" if kind is int else "a number"
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not {word}; pass {word}, for example {name}={example}.") from None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or (kind is int and not isinstance(value, numbers.Integral))
+    ):
+        raise TypeError(
+            f"{name} must be {word}, got {value!r} ({type(value).__name__}); pass {word}, for example "
+            f"{name}={example}."
+        )
+    return kind(value)
+
+
 @dataclass
 class AlignmentConfig(SFTConfig):
     r"""
@@ -45,9 +70,11 @@ class AlignmentConfig(SFTConfig):
             `"middle"` (`N // 2` for a model of `N` blocks), or `"auto"` (probe the base model on a sample of the
             alignment pairs before training and take the layer with the best retrieval accuracy).
         align_temperature (`float`, *optional*, defaults to `0.1`):
-            Temperature dividing the cosine similarities of the contrastive loss.
+            Temperature dividing the cosine similarities of the contrastive loss: a finite number `> 0`. As for every
+            numeric `align_*` setting, a numeric string (`"0.1"`) is converted, as the command-line parser does; any
+            other value (`None`, `nan`, `inf`, a non-numeric string) is refused with an error naming the setting.
         align_weight (`float`, *optional*, defaults to `1.0`):
-            Weight of the alignment loss.
+            Weight of the alignment loss: a finite number `>= 0`.
         align_pooling (`str`, *optional*, defaults to `"mean"`):
             How a sentence's token states are pooled: `"mean"` over the attention mask (the reference, BOS
             included), `"mean_no_special"` (mean leaving out special tokens such as BOS/EOS), or `"last"` (the last
@@ -59,7 +86,8 @@ class AlignmentConfig(SFTConfig):
             `"target"` detaches the English side, so only the other languages move (the paper's unidirectional
             variant); `None` trains both sides.
         align_max_length (`int`, *optional*, defaults to `256`):
-            Maximum number of tokens of each parallel sentence; longer sentences are truncated (with a warning).
+            Maximum number of tokens of each parallel sentence, an int `>= 2`; longer sentences are truncated (with a
+            warning). There is no unlimited setting (`None` is refused): pass a large int to keep whole sentences.
 
         > Parameters that control the training schedule and the data
 
@@ -182,8 +210,13 @@ class AlignmentConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.align_layer is None:
+            raise TypeError(
+                "align_layer must be 'middle', 'auto', an int layer index or a float fraction of the depth, got None; "
+                "leave it unset for the default 'middle'."
+            )
         self.align_layer = _parse_layer(self.align_layer)
-        if isinstance(self.align_layer, bool):
+        if isinstance(self.align_layer, bool) or not isinstance(self.align_layer, (int, float, str)):
             raise ValueError(f"align_layer must be 'middle', 'auto', an int or a float, got {self.align_layer!r}.")
         if isinstance(self.align_layer, float) and not 0 < self.align_layer <= 1:
             raise ValueError(
@@ -195,10 +228,16 @@ class AlignmentConfig(SFTConfig):
                 "align_layer=0 is the embedding output, which has nothing below it to align; use a layer >= 1, "
                 "'middle' (the paper's choice) or 'auto'."
             )
-        if self.align_temperature <= 0:
-            raise ValueError(f"align_temperature must be > 0, got {self.align_temperature}.")
-        if self.align_weight < 0:
-            raise ValueError(f"align_weight must be >= 0, got {self.align_weight}.")
+        self.align_temperature = _parse_number("align_temperature", self.align_temperature, float, "0.1")
+        if not math.isfinite(self.align_temperature) or self.align_temperature <= 0:
+            raise ValueError(
+                f"align_temperature must be a finite number > 0, got {self.align_temperature}; the paper uses 0.1."
+            )
+        self.align_weight = _parse_number("align_weight", self.align_weight, float, "1.0")
+        if not math.isfinite(self.align_weight) or self.align_weight < 0:
+            raise ValueError(
+                f"align_weight must be a finite number >= 0, got {self.align_weight}; the paper uses 1.0."
+            )
         if isinstance(self.align_stop_gradient, str) and self.align_stop_gradient.lower() in ("none", "null", ""):
             self.align_stop_gradient = None
         for name, value, allowed in (
@@ -209,21 +248,25 @@ class AlignmentConfig(SFTConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
+        if self.align_max_length is None:
+            raise TypeError(
+                "align_max_length=None: it must be an int number of tokens >= 2 (default 256). There is no unlimited "
+                "setting (unlike max_length): pass a large int, such as 1024, to keep whole sentences."
+            )
+        self.align_max_length = _parse_number("align_max_length", self.align_max_length, int, "256")
         if self.align_max_length < 2:
             raise ValueError(f"align_max_length must be >= 2 tokens, got {self.align_max_length}.")
+        self.align_auto_num_pairs = _parse_number("align_auto_num_pairs", self.align_auto_num_pairs, int, "256")
         if self.align_auto_num_pairs < 2:
             raise ValueError(f"align_auto_num_pairs must be >= 2, got {self.align_auto_num_pairs}.")
+        for name in ("align_source_column", "align_target_column"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name} must be the non-empty name of a dataset column, got {value!r}.")
         if self.align_source_column == self.align_target_column:
             raise ValueError(
                 f"align_source_column and align_target_column are both {self.align_source_column!r}; they must name "
                 "the two different sides of each pair."
-            )
-        if self.packing or self.padding_free:
-            setting = "packing=True" if self.packing else "padding_free=True"
-            raise ValueError(
-                f"{setting} is not supported with alignment pairs: packed and padding-free batches keep only "
-                "input_ids and labels, so the parallel sentences would be lost. Set packing=False and "
-                "padding_free=False."
             )
         if self.per_device_train_batch_size < 2:
             raise ValueError(

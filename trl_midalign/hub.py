@@ -3,9 +3,16 @@
 A pushed repository holds what `PeftModel.from_pretrained(base_model, repo_id)` needs (the adapter's config and
 weights), the tokenizer files, the evaluation results and plots, and a model card (`README.md`) that records the base
 model, the `align_*` settings, the languages of the task and alignment data and the per-language results.
+
+Nothing local leaves the machine by accident: exactly the files named in [`PUSH_FILES`] (top level of the output
+directory) and those a caller names are uploaded, never a pattern that could match files in subfolders, and neither the
+card nor the uploaded `adapter_config.json` holds a local filesystem path (a local base model appears by its folder
+name).
 """
 
+import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,8 +21,9 @@ import yaml
 from .evaluation import PLOT_FILE, RESULTS_FILE, TABLE_FILE, results_table
 
 
-# Files of an output directory that belong on the Hub: the adapter, the tokenizer, the card, results and plots.
-PUSH_PATTERNS = [
+# Files of an output directory that belong on the Hub, by exact name at its top level: the adapter, the tokenizer,
+# the card, the evaluation results and their plot.
+PUSH_FILES = (
     "adapter_config.json",
     "adapter_model.safetensors",
     "adapter_model.bin",
@@ -30,8 +38,8 @@ PUSH_PATTERNS = [
     "README.md",
     RESULTS_FILE,
     TABLE_FILE,
-    "*.png",
-]
+    PLOT_FILE,
+)
 PROBE_PLOTS = ("probe_curve.png", "probe_heatmap.png")
 
 _CITATION = """\
@@ -41,6 +49,50 @@ _CITATION = """\
     year      = 2025,
     booktitle = {Proceedings of the 63rd Annual Meeting of the Association for Computational Linguistics},
 }"""
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_local_path(name_or_path: str) -> bool:
+    """
+    Whether a model or dataset name is a local filesystem path rather than a Hub id.
+
+    Anything that exists on disk, is absolute, starts with `.` or `~`, or is not of the form `name` / `owner/name` is
+    local.
+
+    Args:
+        name_or_path (`str`):
+            A `model_name_or_path` or `dataset_name`.
+
+    Returns:
+        `bool`
+    """
+    value = os.fspath(name_or_path)
+    return (
+        os.path.isabs(value)
+        or value.startswith((".", "~"))
+        or os.path.exists(value)
+        or _HUB_ID.fullmatch(value) is None
+    )
+
+
+def public_name(name_or_path: str) -> str:
+    """
+    The name of a model or dataset as it may appear in anything published: a Hub id unchanged, a local path reduced
+    to its last folder name (`/home/me/models/Llama-3-8B/` gives `Llama-3-8B`).
+
+    Args:
+        name_or_path (`str`):
+            A Hub id or a local path.
+
+    Returns:
+        `str`
+    """
+    value = os.fspath(name_or_path)
+    if not is_local_path(value):
+        return value
+    return os.path.basename(os.path.normpath(os.path.expanduser(value))) or "local-model"
 
 
 def check_hub_settings(push_to_hub: bool, hub_model_id: str | None) -> None:
@@ -109,7 +161,8 @@ def model_card(
 
     Args:
         base_model (`str`):
-            The model the adapter was trained on (a Hub id, or a local path that is then not put in the metadata).
+            The model the adapter was trained on: a Hub id, or a local path, of which the card shows only the folder
+            name (no local path is written into the card).
         task (`str`):
             Recipe name, e.g. `"slot_filling"`.
         train_languages (`Sequence[str]`):
@@ -121,7 +174,7 @@ def model_card(
         results (`dict`, *optional*):
             Evaluation results (see [`~trl_midalign.evaluation.write_results`]).
         datasets (`Sequence[str]`, *optional*):
-            Hub ids of the datasets used (local paths are left out of the metadata).
+            Hub ids of the datasets used (local paths are left out).
         training_settings (`dict[str, Any]`, *optional*):
             Other settings worth recording (learning rate, LoRA rank, ...).
         plots (`Sequence[str]`, *optional*):
@@ -132,7 +185,8 @@ def model_card(
     Returns:
         `str`: the card, YAML metadata included.
     """
-    hub_base = base_model if base_model and not os.path.exists(base_model) else None
+    hub_base = base_model if base_model and not is_local_path(base_model) else None
+    base_name = public_name(base_model) if base_model else "the base model"
     tags = ["trl", "sft", "peft", "lora", "trl-midalign"]
     if align_settings is not None:
         tags.append("cross-lingual-alignment")
@@ -144,7 +198,7 @@ def model_card(
     metadata: dict[str, Any] = {"library_name": "peft", "tags": tags}
     if hub_base:
         metadata["base_model"] = hub_base
-    hub_datasets = [d for d in datasets if d and not os.path.exists(d)]
+    hub_datasets = [d for d in datasets if d and not is_local_path(d)]
     if hub_datasets:
         metadata["datasets"] = hub_datasets
     if languages:
@@ -155,9 +209,10 @@ def model_card(
         yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip(),
         "---",
         "",
-        f"# {repo_id.split('/')[-1] if repo_id else os.path.basename(base_model.rstrip('/'))}: {task} ({run})",
+        f"# {repo_id.split('/')[-1] if repo_id else base_name}: {task} ({run})",
         "",
-        f"A LoRA adapter for `{base_model}` trained with the `{task}` recipe of trl-midalign.",
+        f"A LoRA adapter for `{base_name}`{'' if hub_base else ' (a local copy of the base model)'} trained with the "
+        f"`{task}` recipe of trl-midalign.",
     ]
     if align_settings is not None:
         lines.append(
@@ -175,7 +230,7 @@ def model_card(
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'base = AutoModelForCausalLM.from_pretrained("{base_model}")',
+        f'base = AutoModelForCausalLM.from_pretrained("{hub_base or f"path/to/{base_name}"}")',
         f'model = PeftModel.from_pretrained(base, "{repo_id or "<this repository>"}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "<this repository>"}")',
         "```",
@@ -203,6 +258,52 @@ def model_card(
     return "\n".join(lines)
 
 
+def _public_adapter_config(path: str) -> bytes | None:
+    """`adapter_config.json` with a local `base_model_name_or_path` replaced by its folder name; `None` if unchanged."""
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not is_local_path(base):
+        return None
+    config["base_model_name_or_path"] = public_name(base)
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def files_to_push(folder: str, extra_files: Sequence[str] = ()) -> list[str]:
+    """
+    The files of `folder` that [`push_folder`] uploads: those of [`PUSH_FILES`] present at its top level, then
+    `extra_files`.
+
+    Args:
+        folder (`str`):
+            The output directory of a run.
+        extra_files (`Sequence[str]`, *optional*):
+            More files to upload, as paths relative to `folder` (for example `layer_probe/step-40/probe_curve.png`).
+
+    Returns:
+        `list[str]`: relative POSIX paths, without duplicates.
+
+    Raises:
+        ValueError: If an extra file is not a file inside `folder` (absolute, `..`, missing, or a link that leads
+            outside it).
+    """
+    root = os.path.realpath(folder)
+    names = [name for name in PUSH_FILES if os.path.isfile(os.path.join(folder, name))]
+    for name in extra_files:
+        relative = os.path.normpath(os.fspath(name)).replace(os.sep, "/")
+        full = os.path.realpath(os.path.join(folder, relative))
+        if os.path.isabs(os.fspath(name)) or relative.startswith("../") or relative == "..":
+            raise ValueError(f"extra file {name!r} must be a path relative to {folder}, inside it.")
+        if not os.path.isfile(full) or os.path.commonpath([root, full]) != root:
+            raise ValueError(f"extra file {name!r} is not a file inside {folder}; nothing was uploaded.")
+        names.append(relative)
+    for name in names:  # a link at the top level could point anywhere
+        full = os.path.realpath(os.path.join(folder, name))
+        if os.path.commonpath([root, full]) != root:
+            raise ValueError(f"{os.path.join(folder, name)} leads outside {folder} (a link?); nothing was uploaded.")
+    return list(dict.fromkeys(names))
+
+
 def push_folder(
     folder: str,
     repo_id: str,
@@ -210,13 +311,16 @@ def push_folder(
     token: str | None = None,
     revision: str | None = None,
     commit_message: str = "Upload adapter trained with trl-midalign",
-    extra_patterns: Sequence[str] = (),
+    extra_files: Sequence[str] = (),
 ) -> str:
     """
-    Create the repository if needed and upload the adapter, tokenizer, card, results and plots of `folder`.
+    Create the repository if needed and upload the adapter, tokenizer, card, results and plot of `folder`, in one
+    commit.
 
-    Checkpoints, optimizer states and training arguments stay local: only files matching [`PUSH_PATTERNS`] (and
-    `extra_patterns`) are uploaded.
+    Exactly the files of [`PUSH_FILES`] present at the top level of `folder`, and `extra_files`, are uploaded (see
+    [`files_to_push`]); nothing else, whatever lies in the folder or its subfolders (checkpoints, optimizer states,
+    `training_args.bin`, your own files). A local `base_model_name_or_path` in `adapter_config.json` is uploaded as
+    its folder name, so that no local path is published.
 
     Args:
         folder (`str`):
@@ -226,31 +330,31 @@ def push_folder(
         private (`bool`, *optional*):
             Create the repository as private.
         token (`str`, *optional*):
-            Hub token; defaults to the logged-in one.
+            Hub token; defaults to the one of `hf auth login` or `$HF_TOKEN`.
         revision (`str`, *optional*):
             Branch to push to; defaults to the main branch.
         commit_message (`str`, *optional*, defaults to `"Upload adapter trained with trl-midalign"`):
             Commit message.
-        extra_patterns (`Sequence[str]`, *optional*):
-            More glob patterns of files to upload, relative to `folder`.
+        extra_files (`Sequence[str]`, *optional*):
+            More files to upload, as exact paths relative to `folder` (no patterns).
 
     Returns:
         `str`: the URL of the commit.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise FileNotFoundError(
             f"{folder} has no adapter_config.json: push the output_dir of a LoRA run (use_peft) after it was saved."
         )
+    operations = []
+    for name in files_to_push(folder, extra_files):
+        path = os.path.join(folder, name)
+        content = _public_adapter_config(path) if name == "adapter_config.json" else None
+        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content or path))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        allow_patterns=[*PUSH_PATTERNS, *extra_patterns],
-        ignore_patterns=["checkpoint-*/**"],
-        commit_message=commit_message,
-        revision=revision,
+    commit = api.create_commit(
+        repo_id=repo_id, operations=operations, commit_message=commit_message, revision=revision
     )
     return str(getattr(commit, "commit_url", commit))

@@ -21,6 +21,7 @@ which is the rule for an alignment adapter (it only touches the blocks below the
 fails. [`merge_adapters`] therefore gives the merged adapter the exact list of modules that any input adapter covers.
 """
 
+import json
 import math
 import os
 import re
@@ -65,6 +66,7 @@ _UNMERGEABLE_SETTINGS = (
 # (training moves A little; independently initialised A matrices have cosine close to 0).
 _SHARED_INIT_THRESHOLD = 0.5
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")  # "gpt2" or "org/name"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -148,8 +150,8 @@ def _resolve_adapter_dir(name: str, path: str | os.PathLike) -> str:
             path = snapshot_download(path, allow_patterns=["adapter_config.json", "adapter_model.*", "tokenizer*"])
         except Exception as error:
             raise FileNotFoundError(
-                f"Adapter {name!r}: {path!r} is not a local directory and could not be fetched from the Hub "
-                f"({type(error).__name__}: {error}). Check the path or repo id, or download it first."
+                f"Adapter {name!r}: {path!r} does not exist as a local directory and could not be fetched as a Hub "
+                f"repo id ({type(error).__name__}: {error}). Check the path or repo id, or download it first."
             ) from error
     if not os.path.isdir(path):
         raise FileNotFoundError(
@@ -166,6 +168,95 @@ def _resolve_adapter_dir(name: str, path: str | os.PathLike) -> str:
             "save was incomplete; save the adapter again."
         )
     return path
+
+
+_RESAVE = (
+    "The file is corrupt or incomplete (an interrupted save, a partial copy or download, a full disk?): save the "
+    "adapter again (PeftModel.save_pretrained / trainer.save_model) or retrain it."
+)
+# Keys of a LoRA adapter_config.json without which PEFT would silently fall back to its defaults (rank 8, alpha 8,
+# its own guess of the target modules) and merge a delta other than the one that was trained.
+_REQUIRED_LORA_KEYS = ("r", "lora_alpha", "target_modules")
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_(?:embedding_)?[AB])(?:\.weight)?$")
+
+
+def _read_adapter_config(name: str, path: str) -> PeftConfig:
+    """Reads `adapter_config.json` with errors that name the adapter and the file."""
+    file = os.path.join(path, "adapter_config.json")
+    try:
+        with open(file, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Adapter {name!r}: {file} is not valid JSON ({error}). {_RESAVE}") from error
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"Adapter {name!r}: {file} holds a JSON {type(raw).__name__}, not the object of settings PEFT writes. "
+            f"{_RESAVE}"
+        )
+    required = ("peft_type", *(_REQUIRED_LORA_KEYS if raw.get("peft_type") == "LORA" else ()))
+    missing = [key for key in required if raw.get(key) is None]
+    if missing:
+        raise ValueError(
+            f"Adapter {name!r}: {file} lacks {', '.join(missing)} (absent or null); PEFT would fill in its defaults "
+            f"and merge a delta other than the trained one. {_RESAVE}"
+        )
+    if raw["peft_type"] == "LORA":
+        rank, alpha = raw["r"], raw["lora_alpha"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"Adapter {name!r}: {file} has r={rank!r}, not a positive int. {_RESAVE}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ValueError(f"Adapter {name!r}: {file} has lora_alpha={alpha!r}, not a number. {_RESAVE}")
+    try:
+        return PeftConfig.from_pretrained(path)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise ValueError(
+            f"Adapter {name!r}: PEFT cannot read {file} ({type(error).__name__}: {error}). {_RESAVE}"
+        ) from error
+
+
+def _weights_file(path: str) -> str:
+    return next(os.path.join(path, file) for file in _WEIGHT_FILES if os.path.isfile(os.path.join(path, file)))
+
+
+def _lora_modules_in_file(name: str, path: str) -> set[str]:
+    """
+    Names of the modules (as in `model.named_modules()`) whose lora_A and lora_B the adapter's weights file holds.
+
+    Reads only the safetensors header (a `.bin` file is loaded); a truncated or empty file fails here, naming it.
+    """
+    file = _weights_file(path)
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(file, framework="pt") as handle:
+                keys = list(handle.keys())
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            if not isinstance(state, Mapping):
+                raise TypeError(f"it holds a {type(state).__name__}, not a dict of tensors")
+            keys = list(state)
+    except Exception as error:  # SafetensorError, EOFError, UnpicklingError, zip errors ...: the file is damaged
+        raise ValueError(
+            f"Adapter {name!r}: the weights file {file} ({os.path.getsize(file)} bytes) cannot be read "
+            f"({type(error).__name__}: {error}). {_RESAVE}"
+        ) from error
+    parts: dict[str, set[str]] = {}
+    for key in keys:
+        match = _LORA_KEY.match(key)
+        if match:
+            parts.setdefault(match["module"], set()).add(match["part"][-1])
+    if not parts:
+        raise ValueError(
+            f"Adapter {name!r}: the weights file {file} holds no LoRA weights (keys: {keys[:5]}). {_RESAVE}"
+        )
+    half = sorted(module for module, found in parts.items() if found != {"A", "B"})
+    if half:
+        raise ValueError(
+            f"Adapter {name!r}: the weights file {file} holds only one of lora_A / lora_B for {len(half)} module(s) "
+            f"(e.g. {half[0]}). {_RESAVE}"
+        )
+    return set(parts)
 
 
 def _same_model_name(first: str, second: str) -> bool:
@@ -236,24 +327,78 @@ def _max_rank(config: PeftConfig) -> int:
     return max([config.r, *(config.rank_pattern or {}).values()])
 
 
-def _check_output_dir(output_dir: str | None, overwrite: bool, inputs: list[str]) -> None:
+def _ancestors(path: str) -> list[str]:
+    """The real path of `path` (symbolic links resolved) followed by each of its parent directories."""
+    chain = [os.path.realpath(path)]
+    while os.path.dirname(chain[-1]) != chain[-1]:
+        chain.append(os.path.dirname(chain[-1]))
+    return chain
+
+
+def _same_path(first: str, second: str) -> bool:
+    if first == second:
+        return True
+    try:  # also catches one directory reached under two names (bind mounts, case-insensitive file systems)
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def _overlap(output_dir: str, source: str) -> str | None:
+    """How `output_dir` overlaps `source` ("is", "is inside" or "contains"), or `None`."""
+    target, origin = _ancestors(output_dir), _ancestors(source)
+    if _same_path(target[0], origin[0]):
+        return "is"
+    if any(_same_path(parent, origin[0]) for parent in target[1:]):
+        return "is inside"
+    if any(_same_path(parent, target[0]) for parent in origin[1:]):
+        return "contains"
+    return None
+
+
+def _check_output_dir(output_dir: str | None, overwrite: bool, inputs: list[tuple[str, str]]) -> None:
+    """
+    Refuses an `output_dir` that is, is inside or contains any input of the merge (`inputs`: `(what, path)` pairs),
+    whatever name or link reaches it: the save would delete or replace files the merge reads.
+    """
     if output_dir is None:
         return
-    target = os.path.realpath(output_dir)
-    for source in inputs:
-        source = os.path.realpath(source)
-        if target == source or target.startswith(source + os.sep) or source.startswith(target + os.sep):
-            raise ValueError(
-                f"output_dir={output_dir!r} overlaps an input ({source!r}); the inputs are never modified. Choose an "
-                "output directory outside the adapter and base model directories."
-            )
+    output_dir = os.fspath(output_dir)
+    if not output_dir:
+        raise ValueError("output_dir is an empty string; pass the directory to save the merge in (CLI: --output_dir).")
+    overlaps = []
+    for label, source in inputs:
+        relation = _overlap(output_dir, source)
+        if relation is not None:
+            real = os.path.realpath(source)
+            overlaps.append((label, source, relation, real))
+    if overlaps:
+        described = "; and ".join(
+            f"it {relation} the {label}, {source!r}" + (f" (real path {real!r})" if real != source else "")
+            for label, source, relation, real in overlaps
+        )
+        suggestion = overlaps[0][3].rstrip(os.sep) + "-merged"
+        if any(_overlap(suggestion, other) for _, other in inputs):
+            suggestion = None
+        raise ValueError(
+            f"output_dir={output_dir!r} overlaps an input: {described}. Saving there would delete or replace files "
+            "the merge reads, and the inputs are never modified. Choose an output directory (CLI: --output_dir) "
+            "outside every input" + (f", for example {suggestion!r}." if suggestion else ".")
+        )
     if os.path.isfile(output_dir):
         raise ValueError(f"output_dir={output_dir!r} is a file; pass a directory path.")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ValueError(
-            f"output_dir={output_dir!r} already exists and is not empty. Choose another directory, or pass "
-            "overwrite=True (CLI: --overwrite) to replace its contents."
-        )
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        if not overwrite:
+            raise ValueError(
+                f"output_dir={output_dir!r} already exists and is not empty. Choose another directory, or pass "
+                "overwrite=True (CLI: --overwrite) to replace its contents."
+            )
+        if os.path.islink(output_dir):
+            raise ValueError(
+                f"output_dir={output_dir!r} is a symbolic link to {os.path.realpath(output_dir)!r}, which is not "
+                "empty; overwrite=True does not replace the contents behind a link. Pass the directory itself, or "
+                "an empty one."
+            )
 
 
 def _load_lora_weights(path: str) -> dict[str, torch.Tensor]:
@@ -284,9 +429,17 @@ def _shared_init_similarity(paths: dict[str, str]) -> float | None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _load_base_model(base_model: PreTrainedModel | str) -> PreTrainedModel:
+def _load_base_model(base_model: PreTrainedModel | str, origin: str = "base_model") -> PreTrainedModel:
     if isinstance(base_model, (str, os.PathLike)):
-        return AutoModelForCausalLM.from_pretrained(os.fspath(base_model), dtype="auto")
+        try:
+            return AutoModelForCausalLM.from_pretrained(os.fspath(base_model), dtype="auto")
+        except OSError as error:
+            where = "" if os.path.exists(base_model) else " does not exist as a local directory and"
+            raise OSError(
+                f"The base model {os.fspath(base_model)!r} ({origin}){where} could not be loaded: {error} Pass a "
+                "local model directory, or a Hub id that can be downloaded or is in the Hugging Face cache (CLI: "
+                "--base_model_name_or_path)."
+            ) from error
     if isinstance(base_model, PeftModel):
         raise ValueError(
             "base_model is already a PeftModel. Pass the plain base model (or its path); merge_adapters loads the "
@@ -302,12 +455,38 @@ def _load_adapters(base_model: PreTrainedModel, paths: dict[str, str]) -> tuple[
     internal = {name: f"{_INPUT_PREFIX}{index}" for index, name in enumerate(paths)}
     model = None
     for name, path in paths.items():
-        if model is None:
-            model = PeftModel.from_pretrained(base_model, path, adapter_name=internal[name])
-        else:
-            model.load_adapter(path, adapter_name=internal[name])
+        try:
+            if model is None:
+                model = PeftModel.from_pretrained(base_model, path, adapter_name=internal[name])
+            else:
+                model.load_adapter(path, adapter_name=internal[name])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(
+                f"Adapter {name!r} ({path}) does not fit the base model: {type(error).__name__}: {error} Its "
+                "adapter_config.json and weights must come from one save on this base model: check that it was "
+                "trained on this model, or save it again."
+            ) from error
     model.eval()
     return model, internal
+
+
+def _check_weights_complete(model: PeftModel, inputs: dict[str, str], in_files: dict[str, set[str]]) -> None:
+    """Every module an adapter was injected into has its weights in the adapter's file, and nothing else is there."""
+    for name, adapter in inputs.items():
+        covered = set(_covered_modules(model, adapter))
+        missing, unused = sorted(covered - in_files[name]), sorted(in_files[name] - covered)
+        if missing:
+            raise ValueError(
+                f"Adapter {name!r}: its weights file lacks the LoRA weights of {len(missing)} of the {len(covered)} "
+                f"module(s) its adapter_config.json targets (e.g. {missing[0]}); they would merge as untrained "
+                f"initial values. {_RESAVE}"
+            )
+        if unused:
+            raise ValueError(
+                f"Adapter {name!r}: its weights file holds LoRA weights for {len(unused)} module(s) that its "
+                f"adapter_config.json does not target (e.g. {unused[0]}); they would be dropped from the merge. "
+                f"The config and the weights do not belong together. {_RESAVE}"
+            )
 
 
 def _lora_layers(model: PeftModel):
@@ -545,6 +724,45 @@ class _Prepared:
     weights: dict[str, float]
     base_name: str | None
     sources: list[str] = field(default_factory=list)
+    in_files: dict[str, set[str]] = field(default_factory=dict)  # per adapter: the modules its weights file holds
+    base_origin: str = "base_model"  # where the base model's name came from, for load errors
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
+def _protected_inputs(
+    base_model, base_path: str | None, adapters: Mapping[str, str], paths: dict[str, str], configs, extra_inputs
+) -> list[tuple[str, str]]:
+    """Every file or directory a merge reads, as `(what, path)`: none may be, be inside or contain `output_dir`."""
+    inputs = [(f"directory of adapter {name!r}", path) for name, path in paths.items()]
+    if base_path and os.path.exists(base_path):
+        inputs.append(("base model directory (base_model, CLI: --base_model_name_or_path)", base_path))
+    source = getattr(getattr(base_model, "config", None), "_name_or_path", None)
+    if base_path is None and isinstance(source, str) and source and os.path.exists(source):
+        inputs.append(("directory the given base model was loaded from", source))
+    from_hub = any(not os.path.exists(os.fspath(path)) for path in adapters.values())
+    for name, config in configs.items():
+        recorded = config.base_model_name_or_path
+        if recorded and os.path.exists(recorded):
+            inputs.append(
+                (
+                    f"base model directory that adapter {name!r} records (base_model_name_or_path in its "
+                    "adapter_config.json)",
+                    recorded,
+                )
+            )
+        elif recorded and base_model is None:
+            from_hub = True
+    if base_path and not os.path.exists(base_path):
+        from_hub = True
+    inputs += [(label, os.fspath(path)) for label, path in extra_inputs if path]
+    if from_hub:
+        from huggingface_hub import constants
+
+        inputs.append(("Hugging Face cache, which holds the inputs downloaded from the Hub", constants.HF_HUB_CACHE))
+    return inputs
 
 
 def _prepare(
@@ -555,25 +773,47 @@ def _prepare(
     svd_rank: int | None,
     output_dir: str | None,
     overwrite: bool,
+    extra_inputs: Sequence[tuple[str, str | None]] = (),
 ) -> _Prepared:
+    """
+    Validates a merge before any model is loaded. `extra_inputs` (`(what, path)` pairs, e.g. the CLI's `--dev_file`)
+    are protected from `output_dir` like the adapters and base model.
+    """
     weight_map = _check_names_and_weights(adapters, weights)
     _check_combination(combination, svd_rank)
     paths = {name: _resolve_adapter_dir(name, path) for name, path in adapters.items()}
     base_path = os.fspath(base_model) if isinstance(base_model, (str, os.PathLike)) else None
     if base_path is not None and not base_path:
         raise ValueError("base_model is an empty string; pass a model, a model directory or a Hub id.")
-    local_inputs = list(paths.values()) + ([base_path] if base_path and os.path.exists(base_path) else [])
-    _check_output_dir(output_dir, overwrite, local_inputs)
-    configs = {name: PeftConfig.from_pretrained(path) for name, path in paths.items()}
+    if base_path is not None and not os.path.exists(base_path) and not _is_hub_id(base_path):
+        raise FileNotFoundError(
+            f"The base model {base_path!r} (base_model, CLI: --base_model_name_or_path) does not exist, and it is not "
+            "a Hub id either. Pass the directory of the model the adapters were trained on, or its Hub id."
+        )
+    configs = {name: _read_adapter_config(name, path) for name, path in paths.items()}
     given_name = base_path
     if given_name is None and base_model is not None:
         given_name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
     recorded = _check_configs(configs, combination, given_name)
+    in_files = {name: _lora_modules_in_file(name, path) for name, path in paths.items()}
     if base_model is None and recorded is None:
         raise ValueError(
             "base_model is None and the adapters record no base_model_name_or_path; pass the base model (CLI: "
             "--base_model_name_or_path)."
         )
+    origin = "base_model, CLI: --base_model_name_or_path"
+    if base_model is None:
+        owner = next(name for name, config in configs.items() if config.base_model_name_or_path)
+        origin = f"recorded as base_model_name_or_path in the adapter_config.json of adapter {owner!r}"
+        if not os.path.exists(recorded) and not _is_hub_id(recorded):
+            raise FileNotFoundError(
+                f"Adapter {owner!r} records base_model_name_or_path={recorded!r} in "
+                f"{os.path.join(paths[owner], 'adapter_config.json')}, which does not exist on this machine (trained "
+                "elsewhere, or the model was moved). Pass the base model the adapters were trained on: "
+                "base_model=PATH (CLI: --base_model_name_or_path PATH)."
+            )
+    protected = _protected_inputs(base_model, base_path, adapters, paths, configs, extra_inputs)
+    _check_output_dir(output_dir, overwrite, protected)
     if combination == "linear" and len(paths) > 1:
         similarity = _shared_init_similarity(paths)
         if similarity is not None and similarity < _SHARED_INIT_THRESHOLD:
@@ -588,7 +828,7 @@ def _prepare(
     if base_path is None and recorded and os.path.isdir(recorded):
         sources.append(recorded)
     sources += list(paths.values())
-    return _Prepared(paths, configs, weight_map, given_name or recorded, sources)
+    return _Prepared(paths, configs, weight_map, given_name or recorded, sources, in_files, origin)
 
 
 def merge_adapters(
@@ -611,9 +851,14 @@ def merge_adapters(
     adapter on every block and an alignment adapter on the blocks below the aligned layer (`layers_to_transform`): the
     merged adapter covers the union, each module with the deltas of the adapters that cover it.
 
-    All inputs are validated before any model is loaded: missing files, adapters of different base models, settings
-    that are not low-rank deltas (DoRA, `modules_to_save`, trained biases, ...), unequal ranks for `"linear"`, weights
-    that do not match the adapter names, an existing `output_dir`. The adapter directories are only read.
+    All inputs are validated before any model is loaded: missing files, damaged adapter files (a truncated or empty
+    weights file, an `adapter_config.json` that is not valid JSON or lacks `r`, `lora_alpha` or `target_modules`),
+    adapters of different base models, settings that are not low-rank deltas (DoRA, `modules_to_save`, trained
+    biases, ...), unequal ranks for `"linear"`, weights that do not match the adapter names, an existing `output_dir`.
+    The inputs are only read: an `output_dir` that is, is inside or contains any of them (each adapter directory, the
+    base model given or recorded in an adapter's `base_model_name_or_path`, the Hugging Face cache when a part comes
+    from the Hub), reached under any name or symbolic link, is refused. After loading, each adapter's weights file
+    must hold exactly the modules its config targets.
 
     Args:
         base_model ([`~transformers.PreTrainedModel`], `str` or `None`):
@@ -635,7 +880,7 @@ def merge_adapters(
         output_dir (`str` or `None`, *optional*, defaults to `None`):
             Where to save the result with a `README.md` model card naming the parts, weights, combination and base
             model. The tokenizer of the base model (or of the first adapter directory holding one) is saved with it.
-            `None` saves nothing.
+            It must not be, be inside or contain any input. `None` saves nothing.
         merge_into_base (`bool`, *optional*, defaults to `False`):
             Fold the merged adapter into the base weights and return (and save) a plain transformers model.
         overwrite (`bool`, *optional*, defaults to `False`):
@@ -658,8 +903,9 @@ def merge_adapters(
     ```
     """
     prepared = _prepare(base_model, adapters, weights, combination, svd_rank, output_dir, overwrite)
-    model = _load_base_model(base_model if base_model is not None else prepared.base_name)
+    model = _load_base_model(base_model if base_model is not None else prepared.base_name, prepared.base_origin)
     peft_model, inputs = _load_adapters(model, prepared.paths)
+    _check_weights_complete(peft_model, inputs, prepared.in_files)
     _check_loaded(peft_model, inputs, combination, svd_rank)
     _prepare_configs(peft_model, list(inputs.values()))
     deviation = _combine(peft_model, inputs, prepared.weights, combination, svd_rank, _MERGED_NAME)
@@ -911,8 +1157,9 @@ def search_merge_weights(
     examples = _task_examples(task_rows, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
-    model = _load_base_model(base_model if base_model is not None else prepared.base_name)
+    model = _load_base_model(base_model if base_model is not None else prepared.base_name, prepared.base_origin)
     peft_model, inputs = _load_adapters(model, prepared.paths)
+    _check_weights_complete(peft_model, inputs, prepared.in_files)
     _check_loaded(peft_model, inputs, combination, svd_rank)
     _prepare_configs(peft_model, list(inputs.values()))
     from .layers import num_decoder_layers
@@ -974,7 +1221,7 @@ class MergeArguments:
         base_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             Base model directory or Hub id; `None` uses the one the adapters record.
         adapters (`list[str]`):
-            Adapters as `name=path`, for example `task=out/task-lora alignment=out/align-lora`.
+            Required. Adapters as `name=path`, for example `task=out/task-lora alignment=out/align-lora`.
         weights (`list[float]` or `None`, *optional*, defaults to `None`):
             One weight per adapter, in the order of `adapters`; `None` gives every adapter 1.0.
         combination (`str`, *optional*, defaults to `"cat"`):
@@ -983,6 +1230,7 @@ class MergeArguments:
             Rank of the merged adapter for `combination="svd"`.
         output_dir (`str` or `None`, *optional*, defaults to `None`):
             Where to save the merged adapter (or model) and its model card. Required unless `search` only prints.
+            It must not be, be inside or contain any input (adapters, base model, dev files).
         merge_into_base (`bool`, *optional*, defaults to `False`):
             Save a full model with the merged adapter folded into the base weights.
         overwrite (`bool`, *optional*, defaults to `False`):
@@ -997,7 +1245,7 @@ class MergeArguments:
         search_weights (`list[float]`, *optional*, defaults to `[0.0, 0.25, 0.5, 0.75, 1.0]`):
             Weights to try (0 is always added as the reference).
         dev_file (`str` or `None`, *optional*, defaults to `None`):
-            Dev task rows (json/jsonl/csv/parquet).
+            Dev task rows (json/jsonl/csv/parquet). Required with `search`.
         pairs_file (`str` or `None`, *optional*, defaults to `None`):
             Parallel pairs for the retrieval score; `None` reads them from `dev_file`.
         align_layer (`str` or `None`, *optional*, defaults to `None`):
@@ -1025,7 +1273,8 @@ class MergeArguments:
     adapters: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "Adapters to combine as name=path, for example: task=out/task-lora alignment=out/align-lora."
+            "help": "Required. Adapters to combine as name=path, for example: task=out/task-lora "
+            "alignment=out/align-lora."
         },
     )
     weights: list[float] | None = field(
@@ -1048,7 +1297,10 @@ class MergeArguments:
     )
     output_dir: str | None = field(
         default=None,
-        metadata={"help": "Directory for the merged adapter (or model) and its README.md model card."},
+        metadata={
+            "help": "Required (unless --search only prints the weight table). Directory for the merged adapter (or "
+            "model) and its README.md model card; it must not be, be inside or contain any input."
+        },
     )
     merge_into_base: bool = field(
         default=False,
@@ -1077,7 +1329,8 @@ class MergeArguments:
     dev_file: str | None = field(
         default=None,
         metadata={
-            "help": "Dev task rows for --search (json, jsonl, csv or parquet): prompt+completion, text or messages."
+            "help": "Required with --search. Dev task rows (json, jsonl, csv or parquet): prompt+completion, text or "
+            "messages."
         },
     )
     pairs_file: str | None = field(
@@ -1106,6 +1359,24 @@ class MergeArguments:
     language_column: str = field(
         default="language", metadata={"help": "Pair column with the language of the pair (optional in the data)."}
     )
+
+    def missing_options(self) -> list[str]:
+        """The required options that are not set (the CLI reports them as a usage error)."""
+        missing = []
+        if not self.adapters:
+            missing.append("--adapters NAME=PATH [NAME=PATH ...]")
+        if self.output_dir is None and not self.search:
+            missing.append("--output_dir DIR (or --search with --dev_file to only print the weight table)")
+        if self.search and self.dev_file is None:
+            missing.append("--dev_file FILE (with --search)")
+        return missing
+
+
+MERGE_USAGE = (
+    "trl-midalign merge --adapters NAME=PATH [NAME=PATH ...] --output_dir DIR [options]\n"
+    "       trl-midalign merge --adapters NAME=PATH [NAME=PATH ...] --search --dev_file FILE [--output_dir DIR] "
+    "[options]"
+)
 
 
 def _parse_named_paths(items: Sequence[str]) -> dict[str, str]:
@@ -1145,11 +1416,22 @@ def run_merge(args: MergeArguments) -> None:
         raise ValueError(
             "--output_dir is required to save the merge (or pass --search to only print the weight table)."
         )
+    if args.search and args.dev_file is None:
+        raise ValueError("--search needs --dev_file (dev task rows, and the pairs unless --pairs_file is given).")
     weights = list(args.weights) if args.weights is not None else None
+    if args.output_dir is not None:  # every input, the dev files too, is checked before the (slow) search
+        _prepare(
+            args.base_model_name_or_path,
+            adapters,
+            weights,
+            args.combination,
+            args.svd_rank,
+            args.output_dir,
+            args.overwrite,
+            extra_inputs=[("--dev_file", args.dev_file), ("--pairs_file", args.pairs_file)] if args.search else [],
+        )
     section = None
     if args.search:
-        if args.dev_file is None:
-            raise ValueError("--search needs --dev_file (dev task rows, and the pairs unless --pairs_file is given).")
         task_rows = _read_rows(args.dev_file, "--dev_file")
         pairs = _read_rows(args.pairs_file, "--pairs_file") if args.pairs_file else task_rows
         best, table = search_merge_weights(

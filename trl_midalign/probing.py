@@ -7,6 +7,8 @@ than non-pairs (similarity gap). Parallel sentences are most similar in the midd
 [`AlignmentTrainer`] adds its alignment loss.
 """
 
+import csv
+import io
 import json
 import math
 import os
@@ -768,13 +770,207 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
-def _load_pairs_file(path: str, split: str):
+class _PairsFileError(ValueError):
+    """A `--data` file that cannot be read as pairs; the message names the file, the line and the fix."""
+
+
+def _example_row(source_column: str, target_column: str, language_column: str) -> str:
+    row = {language_column: "de", source_column: "Guten Morgen", target_column: "Good morning"}
+    return json.dumps(row, ensure_ascii=False)
+
+
+def _utf8_name(path: str) -> str:
+    stem, extension = os.path.splitext(path)
+    return f"{stem}-utf8{extension}"
+
+
+def _decode_utf8(path: str, data: bytes) -> str:
+    """The text of `data`, or an error naming the line and column of the first byte that is not UTF-8."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise _PairsFileError(
+            f"{path} is UTF-16 encoded (it starts with a UTF-16 byte-order mark); --data files must be UTF-8. Convert "
+            f"it, for example with `iconv -f UTF-16 -t UTF-8 {path} > {_utf8_name(path)}`."
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise _PairsFileError(
+            f"{path}, line {line}: not valid UTF-8 (byte 0x{data[error.start]:02x} at byte {column} of the line). "
+            "--data files must be UTF-8: convert the file from its real encoding, for example with "
+            f"`iconv -f LATIN1 -t UTF-8 {path} > {_utf8_name(path)}` (LATIN1 standing for that "
+            "encoding), or fix that line."
+        ) from None
+    return text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is harmless
+
+
+def _read_jsonl(path: str, text: str, example: str) -> tuple[list[Any], list[str]]:
+    rows, where = [], []
+    # Split on "\n" only: str.splitlines() would also split on U+2028 and other separators, which JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise _PairsFileError(
+                f"{path}, line {number}: not valid JSON ({error.msg}: column {error.colno}). Each line of a JSONL "
+                f"file must be one complete JSON object with the pair's columns, for example {example}. Fix or "
+                "remove that line."
+            ) from None
+        where.append(f"line {number}")
+    return rows, where
+
+
+def _read_json(path: str, text: str, example: str) -> tuple[list[Any], list[str]]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # more than one top-level value: JSON Lines in a .json file
+            return _read_jsonl(path, text, example)
+        raise _PairsFileError(
+            f"{path}, line {error.lineno}: not valid JSON ({error.msg}: column {error.colno}). A .json file must "
+            f"hold a list of objects, one per pair, or one object per line (JSON Lines), for example {example}. Fix "
+            "the file at that line."
+        ) from None
+    if isinstance(value, dict) and value and all(isinstance(column, list) for column in value.values()):
+        lengths = {name: len(column) for name, column in value.items()}
+        if len(set(lengths.values())) > 1:
+            raise _PairsFileError(
+                f"{path} holds columns of different lengths {lengths}; every column needs one value per pair."
+            )
+        count = next(iter(lengths.values()))
+        rows = [{name: column[i] for name, column in value.items()} for i in range(count)]
+        return rows, [f"row {i} of its columns" for i in range(count)]
+    if isinstance(value, dict):
+        return [value], ["its top-level object"]
+    if isinstance(value, list):
+        return value, [f"item {i} of its top-level list" for i in range(len(value))]
+    raise _PairsFileError(
+        f"{path} holds a single JSON {type(value).__name__}; it must hold a list of objects, one per pair, or one "
+        f"object per line (JSON Lines), for example {example}."
+    )
+
+
+def _read_csv(path: str, text: str, delimiter: str) -> tuple[list[Any], list[str]]:
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows, where = [], []
+    header, start = None, 1  # start: the line where the record being read begins
+    try:
+        for row in reader:
+            if row and header is None:
+                header = row
+                duplicated = sorted({name for name in header if header.count(name) > 1})
+                if duplicated:
+                    raise _PairsFileError(
+                        f"{path}, line {start}: the header names the column(s) {duplicated} more than once; give "
+                        "every column a distinct name."
+                    )
+            elif row:
+                if len(row) != len(header):
+                    raise _PairsFileError(
+                        f"{path}, line {start}: {len(row)} field(s), but the header has {len(header)} ({header}). "
+                        f'Quote fields that contain the delimiter {delimiter!r} ("..."), or fix that line.'
+                    )
+                rows.append(dict(zip(header, row)))
+                where.append(f"line {start}")
+            start = reader.line_num + 1
+    except csv.Error as error:
+        raise _PairsFileError(
+            f"{path}, line {start}: not valid {kind} ({error}). Fix that line: a quoted field must be closed by a "
+            'quote followed by the delimiter or the end of the line (write a quote inside it as "").'
+        ) from None
+    if header is None:
+        return [], []
+    if not rows:
+        raise _PairsFileError(
+            f"{path} has a header line ({header}) but no rows: there are no pairs to probe. Add one pair per line."
+        )
+    return rows, where
+
+
+def _read_pairs_text_file(
+    path: str, extension: str, source_column: str, target_column: str, language_column: str
+) -> list[dict]:
+    """
+    Rows of a JSONL, JSON, CSV or TSV file, read with the standard library so that every error names the file and
+    the line (datasets reports neither), and every row checked for the pair's columns.
+    """
+    example = _example_row(source_column, target_column, language_column)
+    with open(path, "rb") as f:
+        data = f.read()
+    text = _decode_utf8(path, data)
+    if not text.strip():
+        raise _PairsFileError(
+            f"{path} is empty: it holds no pairs. Write one pair per line, for example {example}"
+            + (" (JSONL)." if extension in (".jsonl", ".json") else ", or a CSV/TSV file with a header line.")
+        )
+    if extension == ".jsonl":
+        rows, where = _read_jsonl(path, text, example)
+    elif extension == ".json":
+        rows, where = _read_json(path, text, example)
+    else:
+        rows, where = _read_csv(path, text, "\t" if extension == ".tsv" else ",")
+    if not rows:
+        raise _PairsFileError(
+            f"{path} holds no pairs (an empty list). Add one object per pair, for example {example}."
+        )
+    has_language = False
+    for row, location in zip(rows, where):
+        if not isinstance(row, dict):
+            raise _PairsFileError(
+                f"{path}, {location}: a JSON {type(row).__name__} ({json.dumps(row, ensure_ascii=False)[:80]}), "
+                f"expected an object with the pair's columns, for example {example}."
+            )
+        missing = [name for name in (source_column, target_column) if name not in row]
+        if missing:
+            raise _PairsFileError(
+                f"{path}, {location}: no {' and no '.join(map(repr, missing))} (columns there: {sorted(row)}). "
+                f"Every pair needs {source_column!r} and {target_column!r}: rename the columns in the file, or name "
+                "yours with --source_column / --target_column."
+            )
+        has_language = has_language or language_column in row
+    if has_language:
+        for row, location in zip(rows, where):
+            if language_column not in row:
+                raise _PairsFileError(
+                    f"{path}, {location}: no {language_column!r}, which the other rows have. Give every pair its "
+                    f"language (or leave the column out everywhere to probe all pairs as one group)."
+                )
+    return rows
+
+
+def _dataset_error(path: str, error: BaseException) -> ValueError:
+    """A datasets failure re-raised with the path and the underlying cause, which datasets' own message hides."""
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    detail = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+    return ValueError(
+        f"--data {path!r} could not be read by datasets ({detail}). Check that it is a complete, valid file of its "
+        "format, or pass the pairs as a JSONL file (one JSON object per line: language, parallel_source, "
+        "parallel_target), which is read with exact line numbers in any error."
+    )
+
+
+def _load_pairs_file(
+    path: str,
+    split: str,
+    source_column: str = "parallel_source",
+    target_column: str = "parallel_target",
+    language_column: str = "language",
+):
     import datasets
 
     if os.path.isdir(path) and any(
         os.path.exists(os.path.join(path, name)) for name in ("dataset_info.json", "state.json", "dataset_dict.json")
     ):
-        data = datasets.load_from_disk(path)
+        try:
+            data = datasets.load_from_disk(path)
+        except (OSError, ValueError, KeyError) as error:
+            raise _dataset_error(path, error) from error
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
                 raise ValueError(f"{path} has the splits {list(data)}, not {split!r}; pass --data_split.")
@@ -787,8 +983,12 @@ def _load_pairs_file(path: str, split: str):
                 f"Cannot read {path}: use a JSONL, JSON, CSV, TSV or Parquet file (one pair per row with the columns "
                 "language, parallel_source, parallel_target), or a directory saved with Dataset.save_to_disk."
             )
-        kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
-        return datasets.load_dataset(_DATA_BUILDERS[extension], data_files=path, split="train", **kwargs)
+        if extension != ".parquet":
+            return _read_pairs_text_file(path, extension, source_column, target_column, language_column)
+        try:
+            return datasets.load_dataset("parquet", data_files=path, split="train")
+        except (datasets.exceptions.DatasetGenerationError, OSError, ValueError, StopIteration) as error:
+            raise _dataset_error(path, error) from error
     if os.path.isdir(path) or (_HUB_ID.fullmatch(path) and not path.startswith(".")):
         try:
             return datasets.load_dataset(path, split=split)
@@ -796,6 +996,8 @@ def _load_pairs_file(path: str, split: str):
             raise FileNotFoundError(
                 f"--data {path!r} is neither a local file nor a loadable dataset: {error}"
             ) from error
+        except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError, StopIteration) as error:
+            raise _dataset_error(path, error) from error
     raise FileNotFoundError(
         f"--data {path!r} does not exist. Pass a JSONL file with one pair per row (language, parallel_source, "
         "parallel_target), or a dataset name/directory that datasets.load_dataset accepts."
@@ -837,7 +1039,7 @@ def run_probe(args: ProbeArguments) -> ProbeResult:
     """
     if args.plot:
         _pyplot()  # fail before the slow part when matplotlib is missing
-    pairs = _load_pairs_file(args.data, args.data_split)
+    pairs = _load_pairs_file(args.data, args.data_split, args.source_column, args.target_column, args.language_column)
     groups = _group_pairs(
         pairs,
         source_column=args.source_column,

