@@ -5,10 +5,14 @@ of languages never trained on. Results go to a JSON-lines file (one line per run
 finished), then a markdown table and a plot.
 
     nohup python benchmarks/negatives_experiment.py --output_dir outputs/negatives > outputs/negatives.log 2>&1 &
+    nohup python benchmarks/negatives_experiment.py --output_dir outputs/negatives > outputs/negatives-2.log 2>&1 &
+
+Start one worker per core: they share the grid through claim files in the output directory (delete the directory to
+start over).
     python benchmarks/negatives_experiment.py --output_dir outputs/negatives --report_only   # table + plot again
 
 The defaults were cut down to fit a heavily shared 2-core machine (see docs/negatives.md for the measured wall time):
-12 optimizer steps per run at learning rate 1e-3, English paragraphs of at most 60 characters (32 tokens), 64 held-out
+10 optimizer steps per run at learning rate 1e-3, English paragraphs of at most 50 characters (24 tokens), 64 held-out
 pairs per language; alignment_only schedule, LoRA r=8 (dropout 0.1) on all linear layers of the blocks below the
 aligned layer (as `trl-midalign demo`), the demo's languages.
 """
@@ -27,7 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="outputs/negatives")
     parser.add_argument("--negatives", type=int, nargs="+", default=[8, 32, 128], help="pairs per alignment step")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max_steps", type=int, default=12, help="optimizer steps of every run")
+    parser.add_argument("--max_steps", type=int, default=10, help="optimizer steps of every run")
     parser.add_argument("--mini_batch_size", type=int, default=8, help="align_mini_batch_size for larger batches")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="twice the paper's 5e-4: few steps")
     parser.add_argument(
@@ -36,8 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--train_languages", nargs="+", default=["ja", "hi", "ru"])
     parser.add_argument("--unseen_languages", nargs="+", default=["fr", "ko", "pt"])
     parser.add_argument("--eval_pairs_per_language", type=int, default=64)
-    parser.add_argument("--max_chars", type=int, default=60, help="longest English paragraph (characters)")
-    parser.add_argument("--max_length", type=int, default=32, help="tokens per sentence")
+    parser.add_argument("--max_chars", type=int, default=50, help="longest English paragraph (characters)")
+    parser.add_argument("--max_length", type=int, default=24, help="tokens per sentence")
     parser.add_argument("--threads", type=int, default=1, help="1 avoids oversubscribing shared cores")
     parser.add_argument("--report_only", action="store_true", help="only rebuild the table and plot from results")
     return parser.parse_args(argv)
@@ -236,20 +240,26 @@ def main(args):
     log(f"{len(train_pairs)} training pairs ({args.train_languages}), {len(eval_pairs)} held-out pairs ({languages})")
 
     path = os.path.join(args.output_dir, "results.jsonl")
-    done = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            done = {(r["negatives"], r["seed"]) for r in map(json.loads, filter(str.strip, f))}
-    if (0, None) not in done:
+
+    def claim(negatives, seed) -> bool:
+        """Several workers may share the grid (one process per core): each run is claimed by creating a file."""
+        try:
+            os.close(os.open(os.path.join(args.output_dir, f"claim-{negatives}-{seed}"), os.O_CREAT | os.O_EXCL))
+            return True
+        except FileExistsError:
+            return False
+
+    if claim(0, None):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         scores = retrieval_at_layer(model, AutoTokenizer.from_pretrained(model_dir), eval_pairs, args.align_layer,
                                     args.max_length)  # fmt: skip
         with open(path, "a") as f:
             f.write(json.dumps({"negatives": 0, "seed": None, "retrieval": scores}) + "\n")
         log(f"base model: {scores}")
-    for seed in args.seeds:  # seed-major: an interrupted grid still has every arm for the first seeds
-        for negatives in args.negatives:
-            if (negatives, seed) in done:
+    # Largest arm first, seed-major: an interrupted grid still has every arm for the first seeds
+    for seed in args.seeds:
+        for negatives in sorted(args.negatives, reverse=True):
+            if not claim(negatives, seed):
                 continue
             result = train_once(args, model_dir, train_pairs, eval_pairs, negatives, seed)
             with open(path, "a") as f:
@@ -259,8 +269,11 @@ def main(args):
                 f", unseen {group_mean(result['retrieval'], args.unseen_languages):.3f} (train "
                 f"{result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s; load {os.getloadavg()[0]:.1f})"
             )
-    log(f"grid done in {(time.time() - start) / 60:.1f} min")
-    report(args)
+    log(f"this worker is done after {(time.time() - start) / 60:.1f} min")
+    with open(path) as f:
+        finished = sum(1 for line in f if line.strip())
+    if finished == 1 + len(args.negatives) * len(args.seeds):
+        report(args)
 
 
 if __name__ == "__main__":
