@@ -404,17 +404,21 @@ def test_gathered_loss_and_gradients_match_one_process_on_the_concatenated_batch
                 assert case["local_gradient_difference"] > 0.1 * case["max_abs_reference_gradient"], label
 
 
-def launch_training(tmp_path, name, overrides, processes):
+def launch_training(tmp_path, name, overrides, processes, launcher_args=None, expect_success=True):
     output_dir = tmp_path / name
     output_dir.mkdir()
     script = os.path.join(SCRIPTS, "train_negatives.py")
     if processes == 1:
         command = [sys.executable, script, str(output_dir), json.dumps(overrides)]
     else:
+        launcher_args = launcher_args or ["--num_processes", str(processes), "--multi_gpu"]
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--multi_gpu",
-            "--main_process_port", str(free_port()), script, str(output_dir), json.dumps(overrides),
+            sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--main_process_port", str(free_port()),
+            script, str(output_dir), json.dumps(overrides),
         ]  # fmt: skip
+    if not expect_success:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ROOT}
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     run(command, tmp_path)
     return [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in range(processes)]
 
@@ -454,3 +458,29 @@ def test_ddp_with_gathered_negatives_and_gradient_caching_trains_like_one_proces
         local = launch_training(tmp_path, "local", {**common, "per_device_train_batch_size": 4}, 2)
         assert max_weight_difference(local[0], single) > 1e-4
         assert align_losses(local[0]) != pytest.approx(align_losses(single), abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_with_gathered_negatives_trains_like_one_process(tmp_path, stage):
+    config = ["--config_file", os.path.join(SCRIPTS, f"zero{stage}.yaml")]
+    (single,) = launch_training(tmp_path, "single", {"per_device_train_batch_size": 8}, 1)
+    ranks = launch_training(
+        tmp_path, "zero", {"per_device_train_batch_size": 4, "align_gather_negatives": True}, 2, config
+    )
+    assert [r["distributed_type"] for r in ranks] == ["DistributedType.DEEPSPEED"] * 2
+    assert all(r["zero3_partitioned"] for r in ranks) == (stage == 3)
+    assert max_weight_difference(ranks[0], ranks[1]) == 0.0, "ranks diverged"
+    assert max_weight_difference(ranks[0], single) < 1e-6
+    assert align_losses(ranks[0]) == pytest.approx(align_losses(single), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_gradient_caching_is_refused_under_deepspeed(tmp_path):
+    """ZeRO-2 reduces each gradient once per backward; caching accumulates it once per mini-batch (DeepSpeed raises
+    'Gradient computed twice for this partition' when allowed), so the trainer refuses the combination up front."""
+    config = ["--config_file", os.path.join(SCRIPTS, "zero2.yaml")]
+    overrides = {"per_device_train_batch_size": 4, "align_mini_batch_size": 2}
+    result = launch_training(tmp_path, "refused", overrides, 2, config, expect_success=False)
+    assert result.returncode != 0
+    assert "align_mini_batch_size=2 (gradient caching) is not supported under DeepSpeed" in result.stderr

@@ -1015,10 +1015,11 @@ class AlignmentTrainer(SFTTrainer):
 
         outputs = None
         task_loss = align_loss = None
-        # Gradient caching only where there is a backward to cache for, and more pairs than one mini-batch
+        # Gradient caching only where there is a backward to cache for, and more pairs than one mini-batch; with
+        # several processes always, so that every process runs the same collectives even when batch sizes differ
         mini_batch = self.args.align_mini_batch_size
         cached = is_align and torch.is_grad_enabled() and mini_batch is not None
-        cached = cached and pair["align_input_ids"].size(0) // 2 > mini_batch
+        cached = cached and (pair["align_input_ids"].size(0) // 2 > mini_batch or self.accelerator.num_processes > 1)
         if is_task and is_align and mode == "train" and not cached:
             task_loss, align_loss = self._in_one_forward(
                 model, self._task_and_alignment_loss, inputs, pair, num_items_in_batch

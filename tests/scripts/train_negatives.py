@@ -6,6 +6,7 @@ caching against one process holding the whole batch.
     python train_negatives.py OUTPUT_DIR '{"per_device_train_batch_size": 4, "align_gather_negatives": true}'
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +33,16 @@ def pairs(n: int = 24) -> Dataset:
         suffix = "" if i < len(PAIRS) else f" {i}"
         rows.append({"parallel_source": source + suffix, "parallel_target": target + suffix})
     return Dataset.from_list(rows)
+
+
+def gathered(model):
+    """Gather ZeRO-3 partitioned parameters for reading; a no-op otherwise."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def main(output_dir: str, overrides: dict) -> None:
@@ -71,9 +82,13 @@ def main(output_dir: str, overrides: dict) -> None:
     )
     trainer.train()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    weights = {n: p.detach().float().flatten().tolist() for n, p in unwrapped.named_parameters() if p.requires_grad}
+    with gathered(unwrapped):  # ZeRO-3 keeps only a shard of each parameter on each rank
+        weights = {
+            n: p.detach().float().flatten().tolist() for n, p in unwrapped.named_parameters() if p.requires_grad
+        }
     rank = trainer.accelerator.process_index
     result = {
+        "zero3_partitioned": any(p.numel() == 0 for p in unwrapped.parameters()),  # only shards outside a gather
         "rank": rank,
         "world_size": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
