@@ -715,7 +715,7 @@ def test_negative_flags_say_what_disabling_does():
             seen[dest] = negative
     assert seen["plot"] == NEGATIVE_FLAG_HELP["plot"] and seen["plot"].startswith("Do not write")
     assert seen["alignment"] == NEGATIVE_FLAG_HELP["alignment"] and "without the alignment loss" in seen["alignment"]
-    assert seen["check_ranks"] == NEGATIVE_FLAG_HELP["check_ranks"] and seen["check_ranks"].startswith("Skip")
+    assert seen["check_ranks"] == NEGATIVE_FLAG_HELP["check_ranks"] and seen["check_ranks"].startswith("Deprecated, no effect")
     assert seen["remove_unused_columns"].startswith("Turn --remove_unused_columns off (--remove_unused_columns: ")
 
 
@@ -738,7 +738,7 @@ def test_recipe_help_uses_the_negative_texts(capsys):
     with pytest.raises(SystemExit):
         scripts.parse_args(recipe("slot_filling").make_parser(), ["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--no_check_ranks, --no-check-ranks Skip the check, after multi-process training" in out
+    assert "--no_check_ranks, --no-check-ranks Deprecated, no effect (as --check_ranks)" in out
     assert "--no_alignment, --no-alignment Train without the alignment loss" in out
 
 

@@ -87,6 +87,28 @@ class AlignmentConfig(SFTConfig):
             Column holding the English sentence of each pair (`"text_parallel_1"` in the reference's files).
         align_auto_num_pairs (`int`, *optional*, defaults to `256`):
             With `align_layer="auto"`, how many alignment pairs the layer probe uses.
+
+        > Parameters that control how many negatives each pair sees (see docs/negatives.md)
+
+        align_gather_negatives (`bool`, *optional*, defaults to `False`):
+            Gather the pooled states of all processes before the contrastive loss, so that each pair competes with
+            `world_size x batch` candidates instead of its own micro-batch (a differentiable all-gather; duplicates
+            are masked across processes). Each process's loss is the mean over its own pairs; under DDP / DeepSpeed /
+            FSDP, which average gradients over processes, a step equals the single-process step on the concatenated
+            batch.
+        align_mini_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Gradient caching: embed the pairs of an alignment step in mini-batches of this many pairs without
+            activations, compute the loss and its gradient with respect to the pooled states on the whole batch,
+            then re-run each mini-batch with its graph to back-propagate. The step costs a second forward of the pairs
+            but needs the activation memory of one mini-batch only, so `per_device_train_batch_size` (or
+            `align_batch_size`) pairs can exceed what fits. `None` disables it. Works single-process and under DDP
+            (not with the `joint` schedule under DDP); refused under DeepSpeed and FSDP.
+        align_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Pairs per device in an alignment micro-batch, when it should differ from the task batch
+            (`per_device_train_batch_size` rows): each training row then carries `align_batch_size /
+            per_device_train_batch_size` pairs (must divide), drawn in turn from `alignment_dataset` or from the
+            pairs of the training rows. An epoch then uses that many times more pair slots (cycled when the pairs run
+            out). Combine with `align_mini_batch_size` when the larger batch does not fit. `None`: one pair per row.
     """
 
     align_layer: str = field(
@@ -144,6 +166,29 @@ class AlignmentConfig(SFTConfig):
         default=256,
         metadata={"help": "With align_layer='auto', the number of alignment pairs the layer probe uses."},
     )
+    align_gather_negatives: bool = field(
+        default=False,
+        metadata={
+            "help": "Gather the pooled pair states of all processes (differentiable all-gather), so that each pair "
+            "competes with world_size x batch candidates; duplicates are masked across processes."
+        },
+    )
+    align_mini_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Gradient caching: embed the alignment pairs in mini-batches of this many pairs (no activations "
+            "kept), then re-run each with its graph to back-propagate the cached gradients. Large alignment batches "
+            "at the memory of one mini-batch, for a second forward. None disables it."
+        },
+    )
+    align_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pairs per device in an alignment micro-batch when it differs from per_device_train_batch_size: "
+            "each row carries align_batch_size / per_device_train_batch_size pairs (must divide). None: one pair "
+            "per row."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -195,3 +240,21 @@ class AlignmentConfig(SFTConfig):
                 "the other pairs of a batch as negatives, so each device needs at least 2 rows per batch. Raise it "
                 "to 2 or more (use gradient_accumulation_steps for memory)."
             )
+        if self.align_mini_batch_size is not None and self.align_mini_batch_size < 1:
+            raise ValueError(
+                f"align_mini_batch_size must be >= 1 pair (or None to disable gradient caching), got "
+                f"{self.align_mini_batch_size}."
+            )
+        if self.align_batch_size is not None:
+            if self.align_batch_size < 2:
+                raise ValueError(
+                    f"align_batch_size={self.align_batch_size}: the contrastive loss needs at least 2 pairs per batch."
+                )
+            if self.align_batch_size % self.per_device_train_batch_size:
+                lower = self.align_batch_size // self.per_device_train_batch_size * self.per_device_train_batch_size
+                raise ValueError(
+                    f"align_batch_size={self.align_batch_size} is not a multiple of per_device_train_batch_size="
+                    f"{self.per_device_train_batch_size}: each training row carries align_batch_size / "
+                    f"per_device_train_batch_size pairs. Use {max(lower, self.per_device_train_batch_size)} or "
+                    f"{lower + self.per_device_train_batch_size}."
+                )

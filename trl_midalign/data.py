@@ -6,6 +6,7 @@ packing) -> [`DataCollatorForAlignment`] -> the trainer's `compute_loss`.
 """
 
 import copy
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ PAIR_KEYS = (
     "align_attention_mask",
     "align_special_tokens_mask",
     "align_same_pair",
+    "align_pair_ids",
 )
 """The keys the collator adds to a batch; the trainer takes them out before the task forward."""
 
@@ -62,8 +64,14 @@ def special_tokens_mask(input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerB
 
 
 def as_list(value: Any) -> list:
-    """The sentences of one row's pair column: a packed row holds a list of them, any other row one sentence."""
+    """The sentences of one row's pair column: a packed row, or a row with `align_batch_size` pairs, holds a list of
+    them; any other row one sentence."""
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def sentence_id(text: str) -> int:
+    """A stable 63-bit identity of a sentence (the same in every process, unlike `hash`), for duplicate masking."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def _check_sentence(value: Any, column: str, where: str) -> None:
@@ -181,19 +189,26 @@ def attach_alignment_dataset(
     train_dataset: Dataset | IterableDataset | None, alignment_dataset: Dataset | None, args: "AlignmentConfig"
 ) -> Dataset | IterableDataset | None:
     """
-    Check the training data and return the rows the trainer trains on, each with its pair.
+    Check the training data and return the rows the trainer trains on, each with its pair (or, with
+    `args.align_batch_size`, its `align_batch_size // per_device_train_batch_size` pairs as lists).
 
     Without `alignment_dataset`, the training rows must carry the pairs themselves. With it, its pairs are checked,
     shuffled with `args.seed` and attached to the training rows in turn (cycled when there are fewer pairs than rows);
     without training rows (`align_schedule="alignment_only"` only), the shuffled pairs are the training data.
     """
     source, target = args.align_source_column, args.align_target_column
+    per_row = (args.align_batch_size or args.per_device_train_batch_size) // args.per_device_train_batch_size
     if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
         raise ValueError("The train dataset is empty (0 rows); pass a dataset with training rows.")
     if alignment_dataset is None:
-        if train_dataset is not None:
-            check_pairs(train_dataset, source, target, "train dataset")
-        return train_dataset
+        if train_dataset is None:
+            return None
+        check_pairs(train_dataset, source, target, "train dataset")
+        if per_row == 1:
+            return train_dataset
+        # the rows' own pairs, dealt out again several to a row
+        row_pairs = train_dataset.select_columns([source, target])
+        return _attach_pairs(train_dataset.remove_columns([source, target]), row_pairs, per_row, args)
     if not isinstance(alignment_dataset, Dataset):
         raise TypeError(
             f"`alignment_dataset` must be a datasets.Dataset, got {type(alignment_dataset).__name__}; load it with "
@@ -207,7 +222,7 @@ def attach_alignment_dataset(
     check_distinct_pairs(alignment_dataset, args, "alignment", args.per_device_train_batch_size)
     pairs = alignment_dataset.select_columns([source, target]).shuffle(seed=args.seed)
     if train_dataset is None and args.align_schedule == "alignment_only":
-        return pairs
+        return pairs if per_row == 1 else _attach_pairs(None, pairs, per_row, args)
     if not isinstance(train_dataset, Dataset):
         raise TypeError(
             "`alignment_dataset` is attached row by row to the training rows, which needs a map-style "
@@ -220,13 +235,61 @@ def attach_alignment_dataset(
             f"The train dataset already has the pair column {clash[0]!r} and an `alignment_dataset` was passed too; "
             "keep the pairs in one place (drop the columns or the alignment_dataset)."
         )
-    if len(pairs) > len(train_dataset):
+    if len(pairs) > per_row * len(train_dataset):
         logger.warning(
             f"alignment_dataset has {len(pairs)} pairs but the train dataset only {len(train_dataset)} rows: each "
-            f"epoch uses the same {len(train_dataset)} pairs; the rest are never seen."
+            f"epoch uses the same {per_row * len(train_dataset)} pairs; the rest are never seen."
         )
+    if per_row > 1:
+        return _attach_pairs(train_dataset, pairs, per_row, args)
     cycled = pairs.select([i % len(pairs) for i in range(len(train_dataset))])
     return concatenate_datasets([train_dataset, cycled], axis=1)
+
+
+def _attach_pairs(
+    rows: Dataset | IterableDataset | None, pairs: Dataset, per_row: int, args: "AlignmentConfig"
+) -> Dataset:
+    """
+    `align_batch_size`: give each training row `per_row` pairs as lists, taken in turn from `pairs` (cycled when they
+    run out). Without rows (an alignment-only run on pairs alone), group consecutive pairs into rows instead.
+    """
+    source, target = args.align_source_column, args.align_target_column
+    if rows is None:
+        count = len(pairs) // per_row
+        if count < 1:
+            raise ValueError(
+                f"align_batch_size={args.align_batch_size} needs {per_row} pairs per row, but there are only "
+                f"{len(pairs)} pairs. Lower align_batch_size or add pairs."
+            )
+        indices = [[r * per_row + j for j in range(per_row)] for r in range(count)]
+    else:
+        if not isinstance(rows, Dataset):
+            raise TypeError(
+                f"align_batch_size attaches several pairs to each training row, which needs a map-style "
+                f"`train_dataset` (datasets.Dataset), got {type(rows).__name__}; leave align_batch_size unset."
+            )
+        count = len(rows)
+        indices = [[(r * per_row + j) % len(pairs) for j in range(per_row)] for r in range(count)]
+    sources, targets = pairs[source], pairs[target]
+    attached = Dataset.from_dict(
+        {
+            source: [[sources[i] for i in row] for row in indices],
+            target: [[targets[i] for i in row] for row in indices],
+        }
+    )
+    slots = count * per_row
+    logger.info(
+        f"align_batch_size={args.align_batch_size}: each training row carries {per_row} pairs, so an epoch uses "
+        f"{slots} pair slots of {len(pairs)} distinct pairs."
+    )
+    if slots > len(pairs):
+        logger.warning(
+            f"align_batch_size={args.align_batch_size} uses {slots} pair slots per epoch but there are only "
+            f"{len(pairs)} distinct pairs: each pair is seen about {slots / len(pairs):.1f} times per epoch."
+        )
+    elif rows is None and slots < len(pairs):
+        logger.warning(f"{len(pairs) - slots} pairs do not fill a row of {per_row} pairs and are never used.")
+    return attached if rows is None else concatenate_datasets([rows, attached], axis=1)
 
 
 def check_eval_dataset(dataset: Dataset | IterableDataset, args: "AlignmentConfig", name: str) -> bool:
@@ -412,6 +475,11 @@ class DataCollatorForAlignment(DataCollatorMixin):
       `align_pooling="mean_no_special"`).
     - `"align_same_pair"`: `(batch, batch)` boolean, `True` at `[i, j]` when pairs `i` and `j` share their source or
       their target sentence, so that duplicates are not used as negatives of each other.
+    - `"align_pair_ids"`: `(batch, 2)` int64, a stable hash of each pair's source and target sentence, from which the
+      duplicate mask is built across processes when negatives are gathered (`align_gather_negatives`).
+
+    A pair column may also hold a list of sentences per example (a packed row, or several pairs attached to one row by
+    `align_batch_size`): the lists are flattened, so `batch` above counts pairs, not examples.
 
     Args:
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
@@ -448,8 +516,9 @@ class DataCollatorForAlignment(DataCollatorMixin):
     ...         {"input_ids": [3], "parallel_source": "Danke", "parallel_target": "Thanks"},
     ...     ]
     ... )
-    >>> sorted(key for key in batch if key.startswith("align_"))
-    ['align_attention_mask', 'align_input_ids', 'align_same_pair', 'align_special_tokens_mask']
+    >>> sorted(key for key in batch if key.startswith("align_"))  # doctest: +NORMALIZE_WHITESPACE
+    ['align_attention_mask', 'align_input_ids', 'align_pair_ids', 'align_same_pair',
+     'align_special_tokens_mask']
     >>> batch["align_input_ids"].shape[0]  # two sources, then two targets
     4
     ```
@@ -490,9 +559,17 @@ class DataCollatorForAlignment(DataCollatorMixin):
                 "The tokenizer has no pad token; set `tokenizer.pad_token` (for example to its EOS token)."
             )
 
-        # A packed row carries the pairs of all the rows packed into it, as lists: they all join the batch
+        # A packed row, or a row with align_batch_size pairs, carries several pairs as lists: they all join the batch
         sources = [text for ex in examples for text in as_list(ex[self.source_column])]
         targets = [text for ex in examples for text in as_list(ex[self.target_column])]
+        for row, ex in enumerate(examples):
+            n_sources, n_targets = len(as_list(ex[self.source_column])), len(as_list(ex[self.target_column]))
+            if n_sources != n_targets:
+                raise ValueError(
+                    f"Row {row} of the batch holds {n_sources} sentences in {self.source_column!r} but {n_targets} "
+                    f"in {self.target_column!r}; a row with several pairs needs one translation per sentence, in the "
+                    "same order."
+                )
         encoded = self._encode(sources) + self._encode(targets)  # sources first, then targets
         input_ids = pad(encoded, padding_value=self.tokenizer.pad_token_id)  # (2 * batch, seq)
         batch["align_input_ids"] = input_ids
@@ -501,4 +578,7 @@ class DataCollatorForAlignment(DataCollatorMixin):
         same_source = torch.tensor([[a == b for b in sources] for a in sources], dtype=torch.bool)
         same_target = torch.tensor([[a == b for b in targets] for a in targets], dtype=torch.bool)
         batch["align_same_pair"] = same_source | same_target  # (batch, batch)
+        batch["align_pair_ids"] = torch.tensor(
+            [[sentence_id(a), sentence_id(b)] for a, b in zip(sources, targets)], dtype=torch.long
+        )  # (batch, 2)
         return batch

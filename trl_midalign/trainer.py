@@ -40,7 +40,7 @@ from .data import (
     pack_with_pairs,
 )
 from .layers import layer_hidden_states, num_decoder_layers, resolve_layer
-from .losses import contrastive_alignment_loss, pool
+from .losses import contrastive_alignment_loss, gradient_cached_loss, pool
 from .modeling import check_decoder_only_lm, load_model_for_training, prepare_gguf_model
 from .probing import LayerProbeCallback, ProbeResult, probe_layers
 from .schedules import is_alignment_step, is_task_step
@@ -434,6 +434,21 @@ class AlignmentTrainer(SFTTrainer):
         finally:
             args.model_init_kwargs = model_init_kwargs
 
+        if args.align_mini_batch_size is not None:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError(
+                    f"align_mini_batch_size={args.align_mini_batch_size} (gradient caching) is not supported under "
+                    f"{'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP'}: its second forward runs inside the "
+                    "backward, which these engines' gradient reduction does not expect. Use DDP or one process, or "
+                    "leave align_mini_batch_size unset (align_gather_negatives works under both)."
+                )
+            if args.align_schedule == "joint" and self.accelerator.num_processes > 1:
+                raise ValueError(
+                    "align_mini_batch_size (gradient caching) with align_schedule='joint' is not supported with "
+                    "several processes: the cached alignment backward would run DDP forwards inside the task's DDP "
+                    "backward. Use align_schedule='alternate' (or 'alignment_only'), or one process."
+                )
+
         if self.padding_free:
             _check_padding_free_attention(self.model)
         # Callbacks get no trainer from transformers; a layer probe needs this one to log through
@@ -596,21 +611,66 @@ class AlignmentTrainer(SFTTrainer):
     # Loss
     def _alignment_loss(self, model: nn.Module, pair: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pool both sides of the pairs at the aligned layer (one truncated forward) and return the contrastive loss."""
-        args = self.args
+        source, target = self._pooled_pairs(model, pair).chunk(2)  # (batch, hidden) each
+        return self._pair_loss(source, target, pair)
+
+    def _pooled_pairs(self, model: nn.Module, pair: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled states at the aligned layer of the rows of `pair["align_input_ids"]`: `(rows, hidden)`."""
         states = layer_hidden_states(
             model, pair["align_input_ids"], pair["align_attention_mask"], self.align_layer
-        )  # (2 * batch, seq, hidden)
-        pooled = pool(
-            states, pair["align_attention_mask"], args.align_pooling, pair["align_special_tokens_mask"]
-        )  # (2 * batch, hidden)
-        source, target = pooled.chunk(2)  # (batch, hidden) each
+        )  # (rows, seq, hidden)
+        return pool(
+            states, pair["align_attention_mask"], self.args.align_pooling, pair["align_special_tokens_mask"]
+        )  # (rows, hidden)
+
+    def _pair_loss(self, source: torch.Tensor, target: torch.Tensor, pair: dict[str, torch.Tensor]) -> torch.Tensor:
+        args = self.args
+        gather = args.align_gather_negatives and self.model.training
         return contrastive_alignment_loss(
             source,
             target,
             temperature=args.align_temperature,
             directions=args.align_directions,
             stop_gradient=args.align_stop_gradient,
-            same_pair_mask=pair["align_same_pair"],
+            same_pair_mask=None if gather else pair["align_same_pair"],
+            pair_ids=pair["align_pair_ids"] if gather else None,
+            gather_across_devices=gather,
+        )
+
+    def _cached_alignment_loss(self, model: nn.Module, pair: dict[str, torch.Tensor]) -> torch.Tensor:
+        """
+        `align_mini_batch_size`: the alignment loss by gradient caching. Each mini-batch (its sources and targets in
+        one truncated forward, as uncached) runs inside its own wrapper forward, in both passes; under DDP the second
+        passes of all mini-batches but the last skip the gradient all-reduce (`no_sync`), as accumulation steps do.
+        """
+        size = self.args.align_mini_batch_size
+        num_pairs = pair["align_input_ids"].size(0) // 2
+        starts = list(range(0, num_pairs, size))
+        keys = ("align_input_ids", "align_attention_mask", "align_special_tokens_mask")
+
+        def embed(unwrapped: nn.Module, k: int) -> torch.Tensor:
+            start, end = starts[k], min(starts[k] + size, num_pairs)
+            rows = torch.cat([torch.arange(start, end), torch.arange(num_pairs + start, num_pairs + end)])
+            rows = rows.to(pair["align_input_ids"].device)
+            length = int(pair["align_attention_mask"][rows].sum(dim=1).max())  # right padding of this mini-batch
+            return self._pooled_pairs(unwrapped, {key: pair[key][rows, :length] for key in keys})  # (2 * m, hidden)
+
+        def loss_fn(pooled: list[torch.Tensor]) -> torch.Tensor:
+            sources, targets = zip(*(chunk.chunk(2) for chunk in pooled))
+            return self._pair_loss(torch.cat(sources), torch.cat(targets), pair)
+
+        def chunk_context(k: int):
+            # DDP reduces gradients once, after the last mini-batch, unless the whole step is an accumulation step
+            if isinstance(model, nn.parallel.DistributedDataParallel) and k < len(starts) - 1:
+                return model.no_sync()
+            return contextlib.nullcontext()
+
+        return gradient_cached_loss(
+            lambda k: self._in_one_forward(model, embed, k),
+            len(starts),
+            loss_fn,
+            chunk_context=chunk_context,
+            device=pair["align_input_ids"].device,
         )
 
     def _task_and_alignment_loss(self, model, inputs, pair, num_items_in_batch):
@@ -684,7 +744,12 @@ class AlignmentTrainer(SFTTrainer):
 
         outputs = None
         task_loss = align_loss = None
-        if is_task and is_align and mode == "train":
+        # Gradient caching only where there is a backward to cache for, and more pairs than one mini-batch; with
+        # several processes always, so that every process runs the same collectives even when batch sizes differ
+        mini_batch = self.args.align_mini_batch_size
+        cached = is_align and torch.is_grad_enabled() and mini_batch is not None
+        cached = cached and (pair["align_input_ids"].size(0) // 2 > mini_batch or self.accelerator.num_processes > 1)
+        if is_task and is_align and mode == "train" and not cached:
             task_loss, align_loss = self._in_one_forward(
                 model, self._task_and_alignment_loss, inputs, pair, num_items_in_batch
             )
@@ -692,7 +757,9 @@ class AlignmentTrainer(SFTTrainer):
             if is_task:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
                 task_loss, outputs = result if return_outputs else (result, None)
-            if is_align:
+            if is_align and cached:
+                align_loss = self._cached_alignment_loss(model, pair)
+            elif is_align:
                 align_loss = self._in_one_forward(model, self._alignment_loss, pair)
 
         loss = 0.0

@@ -26,8 +26,8 @@ NEGATIVE_FLAG_HELP = {
     "plot": "Do not write the heatmap and curve PNGs (matplotlib is then not needed); probe.json is still written.",
     "alignment": "Train without the alignment loss: the plain SFT baseline (TRL's SFTTrainer), no parallel pairs "
     "used.",
-    "check_ranks": "Skip the check, after multi-process training, that all processes hold identical trainable "
-    "weights.",
+    "check_ranks": "Deprecated, no effect (as --check_ranks): the check that all processes end with identical "
+    "weights runs in the test suite.",
     "use_peft": "Train the full model instead of a LoRA adapter; the recipes refuse this unless --eval_only.",
 }
 
