@@ -296,7 +296,7 @@ def test_mini_batch_size_must_be_positive(tmp_path):
 def test_align_batch_size_attaches_several_pairs_per_row(tmp_path, tokenizer, caplog):
     pairs = Dataset.from_list([{"parallel_source": f"{s} {i}", "parallel_target": f"{t} {i}"}
                                for i, (s, t) in enumerate(PAIRS * 3)])  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="trl_midalign.trainer"):
+    with caplog.at_level(logging.INFO, logger="trl_midalign"):
         trainer = trainer_for(
             tmp_path,
             tokenizer,
