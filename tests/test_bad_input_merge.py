@@ -715,7 +715,9 @@ def test_negative_flags_say_what_disabling_does():
             seen[dest] = negative
     assert seen["plot"] == NEGATIVE_FLAG_HELP["plot"] and seen["plot"].startswith("Do not write")
     assert seen["alignment"] == NEGATIVE_FLAG_HELP["alignment"] and "without the alignment loss" in seen["alignment"]
-    assert seen["check_ranks"] == NEGATIVE_FLAG_HELP["check_ranks"] and seen["check_ranks"].startswith("Deprecated, no effect")
+    assert seen["check_ranks"] == NEGATIVE_FLAG_HELP["check_ranks"] and seen["check_ranks"].startswith(
+        "Deprecated, no effect"
+    )
     assert seen["remove_unused_columns"].startswith("Turn --remove_unused_columns off (--remove_unused_columns: ")
 
 

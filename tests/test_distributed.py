@@ -67,12 +67,26 @@ def test_deepspeed_zero3_two_processes_with_partitioning(tmp_path):
     assert all(r["zero3_partitioned"] for r in ranks), "ZeRO-3 did not partition the parameters"
 
 
+FSDP2_CASES = [
+    *[
+        (schedule, variant)
+        for schedule in ("alternate", "joint", "alignment_only")
+        for variant in ("plain", "checkpointing")
+    ],
+    ("alternate", "gather"),
+    ("joint", "gather"),
+    ("alternate", "gather_cached"),  # gradient caching with several processes refuses the joint schedule
+    ("alignment_only", "gather_cached"),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["plain", "checkpointing"])
-@pytest.mark.parametrize("schedule", ["alternate", "joint", "alignment_only"])
+@pytest.mark.parametrize("schedule,variant", FSDP2_CASES)
 def test_fsdp2_two_processes_equal_the_unsharded_model(tmp_path, schedule, variant):
     """accelerate never enables FSDP on CPU: the script shards with `fully_shard` per block and root, as accelerate's
-    transformer-based wrap does, and runs 4 micro-steps of compute_loss + backward + SGD next to the unsharded model."""
+    transformer-based wrap does, and runs 4 micro-steps of compute_loss + backward + SGD next to the unsharded model.
+    With `gather`, both models take their negatives from both ranks; with `gather_cached` they also embed the pairs by
+    gradient caching, whose second forward runs FSDP2's all-gathers inside the backward."""
     output_dir = tmp_path / "run"
     output_dir.mkdir()
     command = [
@@ -86,7 +100,16 @@ def test_fsdp2_two_processes_equal_the_unsharded_model(tmp_path, schedule, varia
         assert rank["world_size"] == 2 and rank["sharded"], "the parameters were not sharded"
         assert rank["changed"], "no parameter changed"
         assert len(rank["losses"]) == 4
-        assert rank["worst"]["loss"] <= 1e-6, rank["losses"]
-        assert rank["worst"]["grad"] <= 1e-6, rank["worst"]
-        assert rank["worst"]["weight"] <= 1e-6, rank["worst"]
+        # With caching, FSDP2 reduce-scatters each mini-batch's gradient and the shards add up, while the reference
+        # adds first and averages once: another summation order, hence the issue's 1e-5
+        # (relative to the largest loss and gradient entry, which alignment_only with SGD at lr 0.5 drives above 10)
+        tolerance = 1e-5 if variant == "gather_cached" else 1e-6
+        scale = max(1.0, rank["worst"]["largest_grad"]) if variant == "gather_cached" else 1.0
+        largest_loss = max(max(step.values()) for step in rank["losses"]) if variant == "gather_cached" else 1.0
+        assert rank["worst"]["loss"] <= tolerance * max(1.0, largest_loss), rank["losses"]
+        assert rank["worst"]["grad"] <= tolerance * scale, rank["worst"]
+        assert rank["worst"]["weight"] <= tolerance * scale, rank["worst"]
     assert ranks[0]["losses"] != ranks[1]["losses"], "both ranks saw the same batches"
+    if variant.startswith("gather"):  # gathering changed the alignment losses (the other rank's pairs took part)
+        assert all(rank["gathered_differs"] and sum(rank["gathered_differs"]) >= len(rank["gathered_differs"]) - 1
+                   for rank in ranks), ranks  # fmt: skip

@@ -101,8 +101,8 @@ class AlignmentConfig(SFTConfig):
             activations, compute the loss and its gradient with respect to the pooled states on the whole batch,
             then re-run each mini-batch with its graph to back-propagate. The step costs a second forward of the pairs
             but needs the activation memory of one mini-batch only, so `per_device_train_batch_size` (or
-            `align_batch_size`) pairs can exceed what fits. `None` disables it. Works single-process and under DDP
-            (not with the `joint` schedule under DDP); refused under DeepSpeed and FSDP.
+            `align_batch_size`) pairs can exceed what fits. `None` disables it. Works single-process, under DDP and
+            FSDP2 (not with the `joint` schedule with several processes); refused under DeepSpeed.
         align_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Pairs per device in an alignment micro-batch, when it should differ from the task batch
             (`per_device_train_batch_size` rows): each training row then carries `align_batch_size /

@@ -435,12 +435,12 @@ class AlignmentTrainer(SFTTrainer):
             args.model_init_kwargs = model_init_kwargs
 
         if args.align_mini_batch_size is not None:
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            if self.is_deepspeed_enabled:
                 raise ValueError(
                     f"align_mini_batch_size={args.align_mini_batch_size} (gradient caching) is not supported under "
-                    f"{'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP'}: its second forward runs inside the "
-                    "backward, which these engines' gradient reduction does not expect. Use DDP or one process, or "
-                    "leave align_mini_batch_size unset (align_gather_negatives works under both)."
+                    "DeepSpeed: its second forward runs inside the backward, and DeepSpeed reduces each gradient only "
+                    "once per backward. Use DDP, FSDP2 or one process, or leave align_mini_batch_size unset "
+                    "(align_gather_negatives works under DeepSpeed)."
                 )
             if args.align_schedule == "joint" and self.accelerator.num_processes > 1:
                 raise ValueError(

@@ -6,7 +6,11 @@ transformer-based wrap does (`fully_shard` on every decoder block, then on the r
 model (whose gradients are averaged across the ranks by hand, as FSDP's reduce-scatter does). Each rank writes the
 largest loss, gradient and weight differences it saw.
 
-Usage: PYTHONPATH=<repo>/tests:<repo> fsdp2_steps.py OUTPUT_DIR SCHEDULE {plain,checkpointing}
+Variants: `plain`; `checkpointing` (gradient checkpointing on both models); `gather` (align_gather_negatives: the
+pooled pairs of both ranks are the candidates of each, on both models); `gather_cached` (the same with gradient
+caching, `align_mini_batch_size=1`: each pair re-run in its own FSDP2 forward inside the backward).
+
+Usage: PYTHONPATH=<repo>/tests:<repo> fsdp2_steps.py OUTPUT_DIR SCHEDULE {plain,checkpointing,gather,gather_cached}
 """
 
 import copy
@@ -22,6 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from trl_midalign import AlignmentTrainer
+from trl_midalign.schedules import is_alignment_step
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -39,6 +44,8 @@ def main(output_dir: str, schedule: str, variant: str) -> None:
         align_schedule=schedule,
         align_layer=2,
         ddp_timeout=300,  # a rank waiting for a collective fails after 5 minutes instead of hanging
+        align_gather_negatives=variant in ("gather", "gather_cached"),
+        align_mini_batch_size=1 if variant == "gather_cached" else None,
     )
     trainer = AlignmentTrainer(
         model=reference, args=args, train_dataset=Dataset.from_list(task_rows(n=16)), processing_class=tokenizer
@@ -58,8 +65,8 @@ def main(output_dir: str, schedule: str, variant: str) -> None:
         "sharded": torch.optim.SGD(sharded.parameters(), lr=0.5),
     }
 
-    worst = {"loss": 0.0, "grad": 0.0, "weight": 0.0}
-    losses = []
+    worst = {"loss": 0.0, "grad": 0.0, "weight": 0.0, "largest_grad": 0.0}
+    losses, gathered_differs = [], []
     batches = iter(trainer.get_train_dataloader())
     for micro_step in range(4):
         batch = next(batches)
@@ -69,6 +76,15 @@ def main(output_dir: str, schedule: str, variant: str) -> None:
             loss = trainer.compute_loss(model, dict(batch))
             loss.backward()
             step_losses[name] = loss.item()
+        if args.align_gather_negatives and is_alignment_step(schedule, micro_step):
+            # Control: the same batch without gathering (and without caching) gives another loss
+            args.align_gather_negatives, args.align_mini_batch_size = False, None
+            with torch.no_grad():
+                trainer._align_micro_step = micro_step
+                local = trainer.compute_loss(reference, dict(batch)).item()
+            args.align_gather_negatives = variant in ("gather", "gather_cached")
+            args.align_mini_batch_size = 1 if variant == "gather_cached" else None
+            gathered_differs.append(abs(local - step_losses["reference"]) > 1e-4)
         for param in reference.parameters():  # DDP/FSDP average the gradients of the ranks
             if param.grad is not None:
                 dist.all_reduce(param.grad)
@@ -78,6 +94,7 @@ def main(output_dir: str, schedule: str, variant: str) -> None:
                 assert shard.grad is None or full(shard.grad).abs().max().item() == 0.0, name
                 continue
             worst["grad"] = max(worst["grad"], (full(shard.grad) - ref.grad).abs().max().item())
+            worst["largest_grad"] = max(worst["largest_grad"], ref.grad.abs().max().item())
         for optimizer in optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -91,6 +108,7 @@ def main(output_dir: str, schedule: str, variant: str) -> None:
         for p, q in zip(sharded.parameters(), build_model("llama", len(tokenizer), num_layers=4).parameters())
     )
     result = {"rank": rank, "world_size": world, "worst": worst, "losses": losses, "changed": changed,
+              "gathered_differs": gathered_differs,
               "sharded": all(hasattr(p, "full_tensor") for p in sharded.parameters())}  # fmt: skip
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
