@@ -195,7 +195,7 @@ def recipe_command(args, data: dict, arm: str, seed: int, run_dir: str) -> list[
         "--dataset_name", data["dataset"], "--output_dir", run_dir, "--use_cpu", "--bf16", "false",
         "--seed", str(seed), "--max_steps", str(steps), "--per_device_train_batch_size", str(args.batch_size),
         "--per_device_eval_batch_size", "16", "--learning_rate", str(args.learning_rate),
-        "--lr_scheduler_type", "constant", "--max_length", str(args.max_length), "--logging_steps", "1",
+        "--lr_scheduler_type", "constant", "--gradient_checkpointing", "false", "--max_length", str(args.max_length), "--logging_steps", "1",
         "--save_strategy", "steps", "--save_steps", str(steps), "--save_only_model", "true", "--report_to", "none",
         "--max_eval_samples", str(args.max_eval), "--max_new_tokens", str(args.max_new_tokens),
         "--train_languages", ",".join(data["train_languages"]), "--eval_languages", ",".join(data["eval_languages"]),
