@@ -30,7 +30,9 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +78,15 @@ def parse_args(argv=None):
         "--directions", default=None, choices=["into_english", "out_of_english", "both"], help="translation only"
     )
     parser.add_argument("--data_seed", type=int, default=0, help="seed of the page split")
+    parser.add_argument(
+        "--align_batch_size",
+        type=int,
+        default=None,
+        help="pairs per alignment step of the aligned arm (default: the task batch)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time (each recipe gets cores / jobs threads); 2 on 2 cores"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {
@@ -206,6 +217,8 @@ def recipe_command(args, data: dict, arm: str, seed: int, run_dir: str) -> list[
             "--alignment_languages", ",".join(data["alignment_languages"]), "--align_layer", str(args.align_layer),
             "--max_alignment_pairs", str(args.max_alignment_pairs), "--align_max_length", "64",
         ]  # fmt: skip
+        if args.align_batch_size:
+            command += ["--align_batch_size", str(args.align_batch_size)]
     else:
         command += ["--alignment", "false"]
     return command
@@ -215,6 +228,7 @@ def run_recipe(args, data: dict, arm: str, seed: int) -> dict:
     run_dir = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
     command = recipe_command(args, data, arm, seed, run_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     start = time.perf_counter()
     print(f"[transfer] {arm} seed {seed}: {' '.join(command)}", flush=True)
@@ -485,16 +499,28 @@ def main(argv=None) -> dict:
     if ("probe", "base", None) not in done:
         result = probe(args.model, None, data["probe_pairs"], args.probe_pairs, layer)
         append_run(args.output_dir, {"kind": "probe", "arm": "base", "seed": None, **result})
-    for seed in range(args.seeds):
-        for arm in ("baseline", "aligned"):
-            if ("task", arm, seed) not in done:
-                record = run_recipe(args, data, arm, seed)
+    lock = threading.Lock()
+
+    def run_and_probe(arm: str, seed: int) -> None:
+        if ("task", arm, seed) not in done:
+            record = run_recipe(args, data, arm, seed)
+            with lock:
                 append_run(args.output_dir, record)
-                print(f"[transfer] {arm} seed {seed}: {record['scores']} ({record['wall_s']:.0f} s)", flush=True)
-            if ("probe", arm, seed) not in done:
-                adapter = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
-                result = probe(args.model, adapter, data["probe_pairs"], args.probe_pairs, layer)
+            print(f"[transfer] {arm} seed {seed}: {record['scores']} ({record['wall_s']:.0f} s)", flush=True)
+        if ("probe", arm, seed) not in done:
+            adapter = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
+            result = probe(args.model, adapter, data["probe_pairs"], args.probe_pairs, layer)
+            with lock:
                 append_run(args.output_dir, {"kind": "probe", "arm": arm, "seed": seed, **result})
+
+    if args.jobs > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))  # the probes run in this process
+    runs = [(arm, seed) for seed in range(args.seeds) for arm in ("baseline", "aligned")]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(run_and_probe, arm, seed) for arm, seed in runs]:
+            future.result()  # re-raises a failed run
     transfer = build_report(args.output_dir)
     print(f"[transfer] done in {time.perf_counter() - start:.0f} s; report in {args.output_dir}", flush=True)
     return transfer
