@@ -10,6 +10,7 @@ import sys
 import tarfile
 
 import pytest
+from safetensors.torch import load_file
 
 from trl_midalign.data_sources import libreoffice_tasks as lt
 from trl_midalign.data_sources.libreoffice import _HelpPageParser, help_markup
@@ -304,6 +305,9 @@ def test_transfer_quick_end_to_end(tmp_path):
     assert tasks["baseline"]["losses"] and all(math.isfinite(x) for x in tasks["baseline"]["losses"])
     assert tasks["aligned"]["global_step"] == 2 * tasks["baseline"]["global_step"]
     assert tasks["aligned"]["alignment_losses"]
+    for arm in ("baseline", "aligned"):  # the saved LoRA adapters moved away from their zero initialisation
+        weights = load_file(output_dir / tasks[arm]["run_dir"] / "adapter_model.safetensors")
+        assert any("lora_B" in name and tensor.abs().max() > 0 for name, tensor in weights.items()), arm
     # --report_only rebuilds the same report from runs.jsonl
     os.remove(output_dir / "transfer.json")
     command = [sys.executable, os.path.join(ROOT, "benchmarks", "transfer.py"), "--task", "slot_filling"]
