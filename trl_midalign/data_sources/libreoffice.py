@@ -66,6 +66,8 @@ LIBREOFFICE_LANGUAGES: dict[str, tuple[str, str, str]] = {
 _ENGLISH = ("en-us", "en-US")
 # Bump when the extraction changes, so that cached JSONL files from an older extraction are not reused.
 _EXTRACTION_VERSION = 1
+# The same for the extraction with inline spans (`help_markup`), cached separately.
+_MARKUP_EXTRACTION_VERSION = 1
 
 
 def _normalize_language(language: str) -> str:
@@ -146,54 +148,101 @@ _VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link"
 _CODE_CLASSES = {"code", "codeintable", "bascode", "pycode", "smathcode"}
 
 
+# Inline span classes recorded by the markup extraction (the gold labels of the LibreOffice tasks). Other spans
+# (`avis`, `switchinline`, `productname`, ...) are containers or untranslated names: their text is kept, unlabelled.
+SPAN_CLASSES = ("emph", "menuitem", "literal", "keycode", "widget")
+
+
 class _HelpPageParser(HTMLParser):
     """Collects the text of the `par_*`/`hd_*` paragraphs and headings of one LibreOffice help page.
 
     Platform- and module-specific variants (`<span hidden class="MAC">`, `class="WRITER"`, ...) are skipped; the
-    classless default variant of each switch is kept, which is what a reader on Windows/Linux sees.
+    classless default variant of each switch is kept, which is what a reader on Windows/Linux sees. Besides the text
+    (`paragraphs`), `marked` holds each paragraph's inline spans of the `SPAN_CLASSES` as `(start, end, class)` offsets
+    into that same text; a span inside another recorded span belongs to the outer one.
     """
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.paragraphs: list[tuple[str, str]] = []
-        self._stack: list[tuple[str, bool]] = []  # (tag, skipped)
-        self._current: tuple[str, str, list[str], int] | None = None  # (id, tag, text parts, stack depth)
+        self.marked: list[tuple[str, str, list[tuple[int, int, str]]]] = []
+        self._stack: list[tuple[str, bool, str | None]] = []  # (tag, skipped, recorded span class)
+        # (id, tag, [(text, span number or None)], stack depth, span classes)
+        self._current: tuple[str, str, list[tuple[str, int | None]], int, list[str]] | None = None
+        self._span: int | None = None  # number of the recorded span being read, within the current paragraph
 
     def _skipping(self) -> bool:
-        return any(skipped for _, skipped in self._stack)
+        return any(skipped for _, skipped, _ in self._stack)
 
     def handle_starttag(self, tag, attrs):
         attributes = dict(attrs)
         if tag == "br" and self._current is not None:
-            self._current[2].append(" ")
+            self._current[2].append((" ", self._span))
         if tag in _VOID_TAGS:
             return
         skipped = "hidden" in attributes and bool(attributes.get("class"))
-        self._stack.append((tag, skipped))
+        recorded = None
+        if tag == "span" and self._current is not None and self._span is None and not self._skipping():
+            if attributes.get("class") in SPAN_CLASSES:
+                recorded = attributes["class"]
+                self._current[4].append(recorded)
+                self._span = len(self._current[4]) - 1
+        self._stack.append((tag, skipped, recorded))
         element_id = attributes.get("id") or ""
         if self._current is None and tag in _PARAGRAPH_TAGS and _PARAGRAPH_ID.match(element_id):
             if attributes.get("class") not in _CODE_CLASSES:
-                self._current = (element_id, tag, [], len(self._stack))
+                self._current = (element_id, tag, [], len(self._stack), [])
 
     def handle_endtag(self, tag):
-        if tag in _VOID_TAGS or not any(open_tag == tag for open_tag, _ in self._stack):
+        if tag in _VOID_TAGS or not any(open_tag == tag for open_tag, _, _ in self._stack):
             return
         while self._stack:
-            open_tag, _ = self._stack.pop()
+            open_tag, _, recorded = self._stack.pop()
+            if recorded is not None:
+                self._span = None
             if self._current is not None and len(self._stack) < self._current[3]:
-                element_id, _, parts, _ = self._current
-                self.paragraphs.append((element_id, " ".join("".join(parts).split())))
-                self._current = None
+                element_id, _, parts, _, classes = self._current
+                text, spans = _normalize_with_spans(parts, classes)
+                self.paragraphs.append((element_id, text))
+                self.marked.append((element_id, text, spans))
+                self._current, self._span = None, None
             if open_tag == tag:
                 break
 
     def handle_data(self, data):
         if self._current is not None and not self._skipping():
-            self._current[2].append(data)
+            self._current[2].append((data, self._span))
 
 
-def _iter_help_paragraphs(deb_path: Path, help_dir: str) -> Iterator[dict[str, str]]:
-    """Yields `{"id": "<page path>#<paragraph id>", "text": ...}` for every paragraph of one help language."""
+def _normalize_with_spans(
+    parts: list[tuple[str, int | None]], classes: list[str]
+) -> tuple[str, list[tuple[int, int, str]]]:
+    """The paragraph text with whitespace collapsed (`" ".join(text.split())`) and the recorded spans as offsets into
+    it, stripped of surrounding whitespace; empty spans are dropped."""
+    characters = [(character, span) for text, span in parts for character in text]
+    text, owners = [], []
+    for character, span in characters:
+        if character.isspace():
+            if text and text[-1] != " ":
+                text.append(" ")
+                owners.append(span)
+        else:
+            text.append(character)
+            owners.append(span)
+    if text and text[-1] == " ":
+        text.pop()
+        owners.pop()
+    spans = []
+    for number, name in enumerate(classes):
+        positions = [i for i, owner in enumerate(owners) if owner == number and text[i] != " "]
+        if positions:
+            spans.append((positions[0], positions[-1] + 1, name))
+    return "".join(text), spans
+
+
+def _iter_help_paragraphs(deb_path: Path, help_dir: str, markup: bool = False) -> Iterator[dict]:
+    """Yields `{"id": "<page path>#<paragraph id>", "text": ...}` for every paragraph of one help language, with
+    `"spans": [[start, end, class], ...]` (offsets into `text`) when `markup` is true."""
     prefix = f"usr/share/libreoffice/help/{help_dir}/"
     with _deb_data_tar(deb_path) as archive:
         for member in archive:
@@ -207,16 +256,21 @@ def _iter_help_paragraphs(deb_path: Path, help_dir: str) -> Iterator[dict[str, s
             parser.feed(archive.extractfile(member).read().decode("utf-8", errors="replace"))
             parser.close()
             seen = set()
-            for element_id, text in parser.paragraphs:
+            for element_id, text, spans in parser.marked:
                 if element_id not in seen and text:
                     seen.add(element_id)
-                    yield {"id": f"{page}#{element_id}", "text": text}
+                    record = {"id": f"{page}#{element_id}", "text": text}
+                    if markup:
+                        record["spans"] = [list(span) for span in spans]
+                    yield record
 
 
-def _help_paragraphs(package: str, help_dir: str, root: Path) -> dict[str, str]:
-    """Paragraph id -> text for one help language, from the cached JSONL (extracted from the `.deb` once)."""
+def _extracted_help(package: str, help_dir: str, root: Path, markup: bool = False) -> Path:
+    """The cached JSONL of one help language's paragraphs (with their spans when `markup`), extracted from the `.deb`
+    once (downloaded with `apt-get download` when missing) and written atomically under the package's lock."""
     directory = root / "libreoffice_help"
-    jsonl = directory / f"v{_EXTRACTION_VERSION}" / f"{help_dir}.jsonl"
+    version = f"markup-v{_MARKUP_EXTRACTION_VERSION}" if markup else f"v{_EXTRACTION_VERSION}"
+    jsonl = directory / version / f"{help_dir}.jsonl"
     if not jsonl.is_file():
         with lock(root, f"libreoffice_help_{package}"):  # one lock per .deb (ca and ca-valencia share one)
             if not jsonl.is_file():
@@ -231,21 +285,48 @@ def _help_paragraphs(package: str, help_dir: str, root: Path) -> dict[str, str]:
                     if deb_path is None:
                         raise RuntimeError(f"`apt-get download {debian_package}` left no .deb in {str(deb_dir)!r}.")
                 start = time.perf_counter()
-                logger.info(f"Extracting the {help_dir} help paragraphs from {deb_path.name} ...")
+                what = "paragraphs and spans" if markup else "paragraphs"
+                logger.info(f"Extracting the {help_dir} help {what} from {deb_path.name} ...")
                 jsonl.parent.mkdir(parents=True, exist_ok=True)
                 temporary = temporary_sibling(jsonl)
                 count = 0
                 with open(temporary, "w", encoding="utf-8") as file:
-                    for record in _iter_help_paragraphs(deb_path, help_dir):
+                    for record in _iter_help_paragraphs(deb_path, help_dir, markup=markup):
                         file.write(json.dumps(record, ensure_ascii=False) + "\n")
                         count += 1
                 os.replace(temporary, jsonl)
                 logger.info(f"Extracted {count} {help_dir} paragraphs ({time.perf_counter() - start:.0f} s).")
+    return jsonl
+
+
+def _help_paragraphs(package: str, help_dir: str, root: Path) -> dict[str, str]:
+    """Paragraph id -> text for one help language, from the cached JSONL (extracted from the `.deb` once)."""
     paragraphs = {}
-    with open(jsonl, encoding="utf-8") as file:
+    with open(_extracted_help(package, help_dir, root), encoding="utf-8") as file:
         for line in file:
             record = json.loads(line)
             paragraphs[record["id"]] = record["text"]
+    return paragraphs
+
+
+def help_markup(language: str, cache_dir: str | os.PathLike | None = None) -> dict[str, dict]:
+    """
+    Paragraph id (`"<page path>#<paragraph id>"`) -> `{"text": ..., "spans": [[start, end, class], ...]}` for one help
+    language (`"en"` for the English original), the spans being the inline markup of the `SPAN_CLASSES` as character
+    offsets into the text. Extracted from the Debian package once and cached (a separate cache from the plain text).
+
+    Raises:
+        ValueError: If the language has no help package (the message lists the available ones).
+    """
+    if str(language).strip().lower() in ("en", "en-us"):
+        package, help_dir = _ENGLISH
+    else:
+        package, help_dir, _ = LIBREOFFICE_LANGUAGES[_normalize_language(language)]
+    paragraphs = {}
+    with open(_extracted_help(package, help_dir, cache_root(cache_dir), markup=True), encoding="utf-8") as file:
+        for line in file:
+            record = json.loads(line)
+            paragraphs[record["id"]] = {"text": record["text"], "spans": record["spans"]}
     return paragraphs
 
 

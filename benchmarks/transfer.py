@@ -1,0 +1,530 @@
+"""Task transfer with and without middle-layer alignment: the paper's protocol on the LibreOffice help, Gemma 3 270M.
+
+For one task (slot filling, translation or structured generation), this driver
+
+1. builds the task data from the inline markup of the LibreOffice help (`trl_midalign.data_sources.libreoffice_tasks`):
+   task training data in English (translation: the directions de-en and en-de), alignment pairs (non-English,
+   English) of `--alignment_languages` from the alignment pages, evaluation rows of `--eval_languages` (plus English)
+   from the eval pages; pages are split once with a fixed seed, so no evaluated paragraph was trained on;
+2. probes the base model's retrieval accuracy at every layer on held-out eval-page pairs (`probe_layers`);
+3. runs BOTH arms through the unchanged recipe script (`recipes/<task>.py`) as subprocesses, for every seed: the
+   baseline (`--alignment false`, plain `trl.SFTTrainer`) and the aligned run (`AlignmentTrainer`, alternate
+   schedule) with otherwise identical settings. The alternate schedule spends every second micro-batch on alignment,
+   so the aligned arm gets `--aligned_steps_factor` (default 2) times the baseline's optimizer steps: both arms see
+   the same number of task micro-batches (the paper doubles the epochs, 10 vs 5, for the same reason);
+4. probes each trained adapter again (the whole layer curve, to see whether layers other than the aligned one move);
+5. writes `transfer.json`, `transfer.md` and `transfer.png` into `--output_dir`.
+
+Every finished run is appended as one JSON line to `<output_dir>/runs.jsonl`; a second call skips the runs already
+there, so an interrupted run resumes, and `--report_only` rebuilds the report from that file alone.
+
+    python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot --quick
+    python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot --seeds 3
+    python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot --report_only
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "recipes")
+TASKS = ("slot_filling", "translation", "structured_generation")
+CACHED = ["de", "fr", "hi", "ja", "km", "ko", "pt", "ru"]
+DOWNLOADED = ["es", "it", "zh-cn", "nl"]
+LOW_RESOURCE = ["hi", "km"]
+MAX_NEW_TOKENS = {"slot_filling": 48, "translation": 96, "structured_generation": 64}
+RUNS_FILE, JSON_FILE, MD_FILE, PLOT_FILE = "runs.jsonl", "transfer.json", "transfer.md", "transfer.png"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--output_dir", required=True, help="data, runs, runs.jsonl and the report")
+    parser.add_argument("--quick", action="store_true", help="a few steps, 1 seed, few examples: < 10 min on 2 cores")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; --quick: 1)")
+    parser.add_argument("--report_only", action="store_true", help="rebuild the report from runs.jsonl")
+    parser.add_argument("--model", default=None, help="model path (default: Gemma 3 270M, trl_midalign.data_sources)")
+    parser.add_argument("--train_languages", nargs="+", default=None, help="task data (default en; translation de)")
+    parser.add_argument("--alignment_languages", nargs="+", default=["ja", "hi", "ru"])
+    parser.add_argument(
+        "--eval_languages", nargs="+", default=CACHED + DOWNLOADED, help="evaluated besides English; help codes"
+    )
+    parser.add_argument("--max_steps", type=int, default=None, help="baseline optimizer steps (default 150; quick 4)")
+    parser.add_argument("--aligned_steps_factor", type=float, default=2.0, help="aligned steps / baseline steps")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--align_layer", default="12", help="layer of the alignment loss (Gemma 3 270M has 18)")
+    parser.add_argument(
+        "--max_chars", type=int, default=None, help="longest English paragraph (default 120; quick 70)"
+    )
+    parser.add_argument("--max_length", type=int, default=96, help="tokens per task row")
+    parser.add_argument("--max_eval", type=int, default=None, help="eval rows per language (default 50; quick 3)")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="default per task (quick 24)")
+    parser.add_argument("--max_alignment_pairs", type=int, default=None, help="per language (default 512; quick 64)")
+    parser.add_argument(
+        "--probe_pairs", type=int, default=None, help="probe pairs per language (default 64; quick 16)"
+    )
+    parser.add_argument("--min_paragraphs", type=int, default=None, help="fewest usable paragraphs per split")
+    parser.add_argument(
+        "--directions", default=None, choices=["into_english", "out_of_english", "both"], help="translation only"
+    )
+    parser.add_argument("--data_seed", type=int, default=0, help="seed of the page split")
+    parser.add_argument(
+        "--align_batch_size",
+        type=int,
+        default=None,
+        help="pairs per alignment step of the aligned arm (default: the task batch)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time (each recipe gets cores / jobs threads); 2 on 2 cores"
+    )
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {
+        "seeds": 1 if quick else 3,
+        "max_steps": 4 if quick else 150,
+        "max_chars": 70 if quick else 120,
+        "max_eval": 3 if quick else 50,
+        "max_new_tokens": 24 if quick else MAX_NEW_TOKENS[args.task],
+        "max_alignment_pairs": 64 if quick else 512,
+        "probe_pairs": 16 if quick else 64,
+        "min_paragraphs": 3 if quick else 20,
+        "directions": "into_english" if quick else "both",
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.train_languages is None:
+        args.train_languages = ["de"] if args.task == "translation" else ["en"]
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+def available_languages(languages: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The languages whose help markup extracts (downloading missing packages), and why the others failed."""
+    from trl_midalign.data_sources.libreoffice import help_markup
+
+    kept, failed = [], {}
+    for language in languages:
+        try:
+            help_markup(language)
+            kept.append(language)
+        except (RuntimeError, ValueError) as error:
+            failed[language] = str(error).splitlines()[0]
+            print(f"[transfer] {language}: no help package ({failed[language]}); continuing without it", flush=True)
+    return kept, failed
+
+
+def build_data(args) -> dict:
+    from trl_midalign.data_sources.libreoffice_tasks import libreoffice_task_paragraphs, write_task_data
+
+    wanted = list(dict.fromkeys([*args.alignment_languages, *args.eval_languages]))
+    wanted = [lang for lang in wanted if lang not in ("en", "en-us")]
+    kept, failed = available_languages(wanted)
+    train = [lang for lang in args.train_languages if lang in ("en", "en-us") or lang in kept]
+    paragraphs = libreoffice_task_paragraphs(
+        eval_languages=["en", *[lang for lang in kept if lang in args.eval_languages]],
+        alignment_languages=[lang for lang in args.alignment_languages if lang in kept],
+        train_languages=train,
+        seed=args.data_seed,
+        max_chars=args.max_chars,
+        max_train=max(64, args.max_steps * args.batch_size * 2),
+        max_alignment=args.max_alignment_pairs,
+        max_eval=max(args.max_eval, args.probe_pairs),
+        min_paragraphs=args.min_paragraphs,
+        no_span_fraction=1.0 if args.task == "translation" else 0.25,
+        drop_short_languages=True,
+    )
+    data = write_task_data(args.task, paragraphs, os.path.join(args.output_dir, "data"), args.directions)
+    info = {**data.__dict__, "failed_languages": failed}
+    with open(os.path.join(args.output_dir, "data", "data.json"), "w") as f:
+        json.dump(info, f, indent=2, ensure_ascii=False)
+    print("[transfer] usable paragraphs per language and split (train / alignment / eval pages):", flush=True)
+    for language, counts in data.counts.items():
+        print(f"[transfer]   {language:6s} {counts}", flush=True)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs
+def read_runs(output_dir: str) -> list[dict]:
+    path = os.path.join(output_dir, RUNS_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_run(output_dir: str, record: dict) -> None:
+    with open(os.path.join(output_dir, RUNS_FILE), "a") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def probe(model_path: str, adapter: str | None, pairs_path: str, pairs_per_language: int, layer: int) -> dict:
+    """Retrieval accuracy at every layer (mean pooling, as the loss) on the held-out pairs, per language."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_midalign.local_files import load_rows
+    from trl_midalign.probing import probe_layers
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    pairs = load_rows(pairs_path)
+    result = probe_layers(
+        model, tokenizer, pairs, max_pairs_per_language=pairs_per_language, max_length=64, show_progress=False
+    )
+    return {
+        "layers": result.layers,
+        "retrieval": {lang: values for lang, values in result.retrieval_accuracy.items()},
+        "num_pairs": result.num_pairs,
+        "align_layer": layer,
+    }
+
+
+def recipe_command(args, data: dict, arm: str, seed: int, run_dir: str) -> list[str]:
+    steps = args.max_steps if arm == "baseline" else max(1, round(args.max_steps * args.aligned_steps_factor))
+    command = [
+        sys.executable, os.path.join(RECIPES, f"{args.task}.py"), "--model_name_or_path", args.model,
+        "--dataset_name", data["dataset"], "--output_dir", run_dir, "--use_cpu", "--bf16", "false",
+        "--seed", str(seed), "--max_steps", str(steps), "--per_device_train_batch_size", str(args.batch_size),
+        "--per_device_eval_batch_size", "16", "--learning_rate", str(args.learning_rate),
+        "--lr_scheduler_type", "constant", "--gradient_checkpointing", "false", "--max_length", str(args.max_length), "--logging_steps", "1",
+        "--save_strategy", "steps", "--save_steps", str(steps), "--save_only_model", "true", "--report_to", "none",
+        "--max_eval_samples", str(args.max_eval), "--max_new_tokens", str(args.max_new_tokens),
+        "--train_languages", ",".join(data["train_languages"]), "--eval_languages", ",".join(data["eval_languages"]),
+    ]  # fmt: skip
+    if arm == "aligned":
+        command += [
+            "--alignment", "true", "--alignment_dataset_name", data["pairs"],
+            "--alignment_languages", ",".join(data["alignment_languages"]), "--align_layer", str(args.align_layer),
+            "--max_alignment_pairs", str(args.max_alignment_pairs), "--align_max_length", "64",
+        ]  # fmt: skip
+        if args.align_batch_size:
+            command += ["--align_batch_size", str(args.align_batch_size)]
+    else:
+        command += ["--alignment", "false"]
+    return command
+
+
+def run_recipe(args, data: dict, arm: str, seed: int) -> dict:
+    run_dir = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
+    command = recipe_command(args, data, arm, seed, run_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    start = time.perf_counter()
+    print(f"[transfer] {arm} seed {seed}: {' '.join(command)}", flush=True)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "recipe.log"), "w") as f:
+        f.write(done.stdout + "\n" + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"The {arm} run (seed {seed}) failed:\n{done.stderr[-4000:]}")
+    with open(os.path.join(run_dir, "eval_results.json")) as f:
+        results = json.load(f)
+    metric = results["main_metric"]
+    checkpoints = sorted(
+        (d for d in os.listdir(run_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
+    )
+    with open(os.path.join(run_dir, checkpoints[-1], "trainer_state.json")) as f:
+        state = json.load(f)
+    log = state["log_history"]
+    return {
+        "kind": "task",
+        "arm": arm,
+        "seed": seed,
+        "metric": metric,
+        "scores": {lang: scores[metric] for lang, scores in results["languages"].items()},
+        "num_examples": {lang: scores["num_examples"] for lang, scores in results["languages"].items()},
+        "global_step": state["global_step"],
+        "losses": [entry["loss"] for entry in log if "loss" in entry],
+        "alignment_losses": [entry[k] for entry in log for k in entry if k.startswith("align") and "loss" in k],
+        "wall_s": round(wall, 1),
+        "run_dir": os.path.relpath(run_dir, args.output_dir),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3 or statistics.pstdev(xs) == 0 or statistics.pstdev(ys) == 0:
+        return None
+    return statistics.correlation(xs, ys)
+
+
+def help_language(code: str, languages: dict[str, str]) -> str:
+    """The help language of a recipe code (a direction counts as its non-English side)."""
+    inverse = {v: k for k, v in languages.items()}
+    if code in inverse:
+        return inverse[code]
+    parts = [p for p in code.split("-") if p != "en"]
+    return inverse.get(parts[0], parts[0]) if parts else "en"
+
+
+def build_report(output_dir: str) -> dict:
+    with open(os.path.join(output_dir, "data", "data.json")) as f:
+        data = json.load(f)
+    with open(os.path.join(output_dir, "settings.json")) as f:
+        settings = json.load(f)
+    runs = read_runs(output_dir)
+    tasks = [r for r in runs if r["kind"] == "task"]
+    probes = [r for r in runs if r["kind"] == "probe"]
+    seeds = sorted({r["seed"] for r in tasks})
+    eval_languages = data["eval_languages"]
+    arms = {}
+    for arm in ("baseline", "aligned"):
+        by_seed = {r["seed"]: r for r in tasks if r["arm"] == arm}
+        arms[arm] = {
+            lang: [by_seed[s]["scores"].get(lang) if s in by_seed else None for s in seeds] for lang in eval_languages
+        }
+    languages = data["languages"]
+    layer = int(settings["align_layer"])
+    base = next((p for p in probes if p["arm"] == "base"), None)
+    retrieval = {}
+    if base is not None:
+        retrieval["base"] = base["retrieval"]
+        for arm in ("baseline", "aligned"):
+            curves = [p["retrieval"] for p in probes if p["arm"] == arm]
+            if curves:
+                retrieval[arm] = {
+                    lang: [statistics.fmean(c[lang][i] for c in curves) for i in range(len(base["layers"]))]
+                    for lang in curves[0]
+                }
+    gains = {}
+    for lang in eval_languages:
+        pairs = [
+            (a, b) for a, b in zip(arms["aligned"][lang], arms["baseline"][lang]) if a is not None and b is not None
+        ]
+        gains[lang] = [a - b for a, b in pairs]
+    correlation = None
+    if base is not None:
+        index = base["layers"].index(layer) if layer in base["layers"] else None
+        by_help: dict[str, list[float]] = {}
+        for lang in eval_languages:
+            if gains[lang]:
+                by_help.setdefault(help_language(lang, languages), []).append(statistics.fmean(gains[lang]))
+        xs, ys = [], []
+        for help_code, values in by_help.items():
+            if index is not None and help_code in base["retrieval"]:
+                xs.append(base["retrieval"][help_code][index])
+                ys.append(statistics.fmean(values))
+        correlation = {"pearson_r": _pearson(xs, ys), "num_languages": len(xs), "layer": layer}
+    alignment_help = settings["alignment_languages"]
+    train_help = settings["train_languages"]
+    groups = {
+        "alignment languages": [x for x in eval_languages if help_language(x, languages) in alignment_help],
+        "unseen": [
+            x for x in eval_languages if help_language(x, languages) not in [*alignment_help, *train_help, "en"]
+        ],
+        "low-resource (hi, km)": [x for x in eval_languages if help_language(x, languages) in LOW_RESOURCE],
+    }
+    transfer = {
+        "task": settings["task"],
+        "model": settings["model_name"],
+        "metric": tasks[0]["metric"] if tasks else None,
+        "train_languages": data["train_languages"],
+        "alignment_languages": data["alignment_languages"],
+        "eval_languages": eval_languages,
+        "seeds": seeds,
+        "baseline": arms["baseline"],
+        "aligned": arms["aligned"],
+        "paired_difference": gains,
+        "groups": groups,
+        "retrieval_accuracy": {"layers": base["layers"] if base else None, "align_layer": layer, **retrieval},
+        "base_retrieval_vs_gain": correlation,
+        "steps": {r["arm"]: r["global_step"] for r in tasks},
+        "settings": settings,
+        "data_counts": data["counts"],
+        "failed_languages": data.get("failed_languages", {}),
+    }
+    with open(os.path.join(output_dir, JSON_FILE), "w") as f:
+        json.dump(transfer, f, indent=2, ensure_ascii=False)
+    write_markdown(output_dir, transfer, tasks)
+    write_plot(output_dir, transfer)
+    return transfer
+
+
+def _fmt(mean: float, std: float) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def write_markdown(output_dir: str, transfer: dict, tasks: list[dict]) -> None:
+    metric = transfer["metric"]
+    lines = [
+        f"# Task transfer: {transfer['task']} ({transfer['model']})",
+        "",
+        f"Metric: `{metric}`, seeds {transfer['seeds']}; task data {transfer['train_languages']}, alignment pairs "
+        f"{transfer['alignment_languages']}. Optimizer steps: "
+        + ", ".join(f"{arm} {steps}" for arm, steps in transfer["steps"].items())
+        + " (the alternate schedule spends every second micro-batch on alignment).",
+        "",
+        "| language | baseline | aligned | aligned - baseline |",
+        "|---|---|---|---|",
+    ]
+    for lang in transfer["eval_languages"]:
+        base = _mean_std(transfer["baseline"][lang])
+        aligned = _mean_std(transfer["aligned"][lang])
+        gain = _mean_std(transfer["paired_difference"][lang])
+        lines.append(f"| {lang} | {_fmt(*base)} | {_fmt(*aligned)} | {_fmt(*gain)} |")
+    lines += ["", "| group | languages | baseline | aligned | aligned - baseline |", "|---|---|---|---|---|"]
+    for group, members in transfer["groups"].items():
+        row = []
+        for key in ("baseline", "aligned", "paired_difference"):
+            per_language = [
+                statistics.fmean(v) for lang in members if (v := [x for x in transfer[key][lang] if x is not None])
+            ]
+            row.append(f"{statistics.fmean(per_language):.3f}" if per_language else "n/a")
+        lines.append(f"| {group} | {', '.join(members) or '-'} | {' | '.join(row)} |")
+    retrieval = transfer["retrieval_accuracy"]
+    if retrieval.get("base"):
+        index = retrieval["layers"].index(retrieval["align_layer"])
+        lines += [
+            "",
+            f"Retrieval accuracy at layer {retrieval['align_layer']} (held-out eval-page pairs; the whole curve is in "
+            "transfer.json):",
+            "",
+            "| language | base | after baseline | after aligned |",
+            "|---|---|---|---|",
+        ]
+        for lang, curve in retrieval["base"].items():
+            after = [retrieval.get(arm, {}).get(lang) for arm in ("baseline", "aligned")]
+            cells = [f"{c[index]:.3f}" if c else "n/a" for c in after]
+            lines.append(f"| {lang} | {curve[index]:.3f} | {' | '.join(cells)} |")
+        corr = transfer["base_retrieval_vs_gain"]
+        r = corr["pearson_r"]
+        lines += [
+            "",
+            f"Pearson r between base retrieval and task gain over {corr['num_languages']} languages: "
+            + ("n/a (fewer than 3 languages or no spread)" if r is None else f"{r:.3f}"),
+        ]
+    lines += ["", "Runs:", ""]
+    for run in tasks:
+        losses = run["losses"]
+        lines.append(
+            f"- {run['arm']} seed {run['seed']}: {run['global_step']} steps, task loss {losses[0]:.3f} -> "
+            f"{losses[-1]:.3f}, {run['wall_s']:.0f} s"
+            if losses
+            else f"- {run['arm']} seed {run['seed']}: no loss logged"
+        )
+    with open(os.path.join(output_dir, MD_FILE), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_plot(output_dir: str, transfer: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[transfer] no plot: matplotlib is not installed", flush=True)
+        return
+    languages = transfer["eval_languages"]
+    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(languages)), 4))
+    width = 0.4
+    for offset, arm in ((-width / 2, "baseline"), (width / 2, "aligned")):
+        stats = [_mean_std(transfer[arm][lang]) for lang in languages]
+        axis.bar(
+            [i + offset for i in range(len(languages))],
+            [0 if math.isnan(m) else m for m, _ in stats],
+            width,
+            yerr=[0 if math.isnan(s) else s for _, s in stats],
+            label=arm,
+        )
+    axis.set_xticks(range(len(languages)))
+    axis.set_xticklabels(languages, rotation=45, ha="right")
+    axis.set_ylabel(transfer["metric"] or "score")
+    axis.set_title(f"{transfer['task']}: per language, mean ± std over seeds {transfer['seeds']}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, PLOT_FILE), dpi=120)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.report_only:
+        transfer = build_report(args.output_dir)
+        print(f"[transfer] report rebuilt in {args.output_dir}", flush=True)
+        return transfer
+    start = time.perf_counter()
+    if args.model is None:
+        from trl_midalign.data_sources import gemma3_270m
+
+        args.model = gemma3_270m()
+    data = build_data(args)
+    settings = {
+        "task": args.task,
+        "model_name": "gemma-3-270m" if "gemma-3-270m" in args.model else os.path.basename(args.model.rstrip("/")),
+        "train_languages": args.train_languages,
+        "alignment_languages": [lang for lang in args.alignment_languages if lang in data["languages"]],
+        **{k: getattr(args, k) for k in (
+            "quick", "seeds", "max_steps", "aligned_steps_factor", "batch_size", "learning_rate", "align_layer",
+            "max_chars", "max_length", "max_eval", "max_new_tokens", "max_alignment_pairs", "probe_pairs",
+            "directions", "data_seed",
+        )},
+    }  # fmt: skip
+    with open(os.path.join(args.output_dir, "settings.json"), "w") as f:
+        json.dump(settings, f, indent=2)
+    done = {(r["kind"], r["arm"], r.get("seed")) for r in read_runs(args.output_dir)}
+    layer = int(args.align_layer)
+    if ("probe", "base", None) not in done:
+        result = probe(args.model, None, data["probe_pairs"], args.probe_pairs, layer)
+        append_run(args.output_dir, {"kind": "probe", "arm": "base", "seed": None, **result})
+    lock = threading.Lock()
+
+    def run_and_probe(arm: str, seed: int) -> None:
+        if ("task", arm, seed) not in done:
+            record = run_recipe(args, data, arm, seed)
+            with lock:
+                append_run(args.output_dir, record)
+            print(f"[transfer] {arm} seed {seed}: {record['scores']} ({record['wall_s']:.0f} s)", flush=True)
+        if ("probe", arm, seed) not in done:
+            adapter = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
+            result = probe(args.model, adapter, data["probe_pairs"], args.probe_pairs, layer)
+            with lock:
+                append_run(args.output_dir, {"kind": "probe", "arm": arm, "seed": seed, **result})
+
+    if args.jobs > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))  # the probes run in this process
+    runs = [(arm, seed) for seed in range(args.seeds) for arm in ("baseline", "aligned")]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(run_and_probe, arm, seed) for arm, seed in runs]:
+            future.result()  # re-raises a failed run
+    transfer = build_report(args.output_dir)
+    print(f"[transfer] done in {time.perf_counter() - start:.0f} s; report in {args.output_dir}", flush=True)
+    return transfer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""The LibreOffice task data (spans from the help markup, filters, page split, the recipes' loaders on the written
+files) and the transfer benchmark driver (`benchmarks/transfer.py --quick`, end to end, marked slow/downloads)."""
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from safetensors.torch import load_file
+
+from trl_midalign.data_sources import libreoffice_tasks as lt
+from trl_midalign.data_sources.libreoffice import _HelpPageParser, help_markup
+from trl_midalign.tasks import loading, slot_filling, structured_generation, translation
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(html: str) -> list[tuple[str, str, list[tuple[int, int, str]]]]:
+    parser = _HelpPageParser()
+    parser.feed(html)
+    parser.close()
+    return parser.marked
+
+
+def spans_of(text: str, spans) -> list[tuple[str, str]]:
+    return [(text[start:end], name) for start, end, name in spans]
+
+
+def test_spans_are_exact_with_classes_and_switch_variants():
+    html = (
+        '<p id="par_id1" class="paragraph">Choose <span class="menuitem">Format -\n  Cells</span>, then '
+        '<span class="avis">click <span class="emph">OK</span></span>.</p>'
+        '<p id="par_id2">Press <span class="switchinline"><span hidden="true" class="MAC">'
+        '<span class="keycode">Command + *</span></span><span hidden="true" id="default">'
+        '<span class="keycode">Ctrl + *</span></span></span> or type <span class="literal"> =SUM(A1) </span></p>'
+        '<p id="par_id3">No markup <span class="productname">LibreOffice</span> here.</p>'
+    )
+    marked = parse(html)
+    assert [m[0] for m in marked] == ["par_id1", "par_id2", "par_id3"]
+    _, text, spans = marked[0]
+    assert text == "Choose Format - Cells, then click OK."
+    assert spans_of(text, spans) == [("Format - Cells", "menuitem"), ("OK", "emph")]
+    _, text, spans = marked[1]
+    assert text == "Press Ctrl + * or type =SUM(A1)"  # the MAC variant is skipped, the default one kept
+    assert spans_of(text, spans) == [("Ctrl + *", "keycode"), ("=SUM(A1)", "literal")]
+    assert marked[2][2] == []  # productname is not a recorded class
+
+
+def test_nested_recorded_span_belongs_to_the_outer_one():
+    _, text, spans = parse(
+        '<p id="par_x">See <span class="menuitem">Tools - <span class="emph">Options</span></span></p>'
+    )[0]
+    assert spans_of(text, spans) == [("Tools - Options", "menuitem")]
+
+
+def test_annotate_and_bio_tokens():
+    assert lt.annotate("Choose Format - Cells.", [[7, 21, "menuitem"]]) == "Choose [menuitem : Format - Cells]."
+    assert slot_filling.slots_of(lt.annotate("A b c", [[2, 3, "emph"], [4, 5, "literal"]])) == [
+        ("emph", "b"),
+        ("literal", "c"),
+    ]
+    tokens, tags = lt.bio_tokens("Choose Format - Cells.", [[7, 21, "menuitem"]], "de")
+    assert tokens == ["Choose", "Format", "-", "Cells", "."]
+    assert tags == ["O", "B-LOC", "I-LOC", "I-LOC", "O"]
+    # No spaces (ja): tokens join back into the exact paragraph, and the entity is exact
+    text = "メニュー書式 - セルを選択します。"
+    tokens, tags = lt.bio_tokens(text, [[4, 11, "menuitem"]], "ja")
+    assert "".join(tokens) == text
+    assert structured_generation.entities_from_bio(tokens, tags, joiner="") == [("location", "書式 - セル")]
+    # A class without a Universal NER tag (keycode) is O
+    assert lt.bio_tokens("Press Ctrl + C", [[6, 14, "keycode"]], "en")[1] == ["O", "O", "O", "O"]
+
+
+def _html_page(paragraphs: list[tuple[str, str]]) -> bytes:
+    body = "".join(f'<p id="{pid}" class="paragraph">{html}</p>' for pid, html in paragraphs)
+    return f"<html><body>{body}</body></html>".encode()
+
+
+def _deb(path, help_dir: str, pages: dict[str, list[tuple[str, str]]]) -> None:
+    """A minimal Debian package (an `ar` archive with data.tar.xz) holding help pages."""
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as archive:
+        for page, paragraphs in pages.items():
+            content = _html_page(paragraphs)
+            info = tarfile.TarInfo(f"./usr/share/libreoffice/help/{help_dir}/{page}")
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    payload = data.getvalue()
+    with open(path, "wb") as f:
+        f.write(b"!<arch>\n")
+        for name, content in ((b"debian-binary", b"2.0\n"), (b"data.tar.xz", payload)):
+            header = name.ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8)
+            f.write(
+                header + str(len(content)).encode().ljust(10) + b"`\n" + content + (b"\n" if len(content) % 2 else b"")
+            )
+
+
+# English paragraphs and their German / Japanese translations; ids are shared. Each page holds 4 paragraphs.
+WORDS = ["table", "chart", "sheet", "frame", "page", "cell", "field", "macro", "index", "style", "shape", "slide"]
+GERMAN = ["Tabelle", "Diagramm", "Blatt", "Rahmen", "Seite", "Zelle", "Feld", "Makro", "Verzeichnis", "Vorlage"]
+GERMAN += ["Form", "Folie"]
+JAPANESE = [
+    "表",
+    "グラフ",
+    "シート",
+    "フレーム",
+    "ページ",
+    "セル",
+    "フィールド",
+    "マクロ",
+    "索引",
+    "スタイル",
+    "図形",
+    "スライド",
+]
+
+
+def _help_pages(language: str) -> dict[str, list[tuple[str, str]]]:
+    pages = {}
+    for p in range(30):
+        paragraphs = []
+        for i in range(4):
+            n = p * 4 + i
+            word = WORDS[n % len(WORDS)]
+            if language == "en":
+                html = f'Choose <span class="menuitem">Insert - {word.title()} {n}</span> to add the {word} here.'
+            elif language == "de":
+                if n % 10 == 3:  # markup lost in translation: dropped by the mismatch filter
+                    html = f"Wählen Sie Einfügen - {GERMAN[n % 12]} {n}, um hier etwas hinzuzufügen."
+                elif n % 10 == 7:  # untranslated: dropped by the pair filter
+                    html = f'Choose <span class="menuitem">Insert - {word.title()} {n}</span> to add the {word} here.'
+                else:
+                    html = (
+                        f'Wählen Sie <span class="menuitem">Einfügen - {GERMAN[n % 12]} {n}</span>, um ihn zu setzen.'
+                    )
+            else:
+                html = f'<span class="menuitem">挿入 → {JAPANESE[n % 12]} {n}</span> を選択すると追加されます。'
+            paragraphs.append((f"par_id{n}", html))
+        pages[f"text/swriter/01/page{p:02d}.html"] = paragraphs
+    return pages
+
+
+@pytest.fixture
+def help_cache(tmp_path, monkeypatch):
+    """A cache with fake English, German and Japanese help packages (no download)."""
+    debs = tmp_path / "cache" / "libreoffice_help" / "debs"
+    debs.mkdir(parents=True)
+    for package, help_dir, language in (("en-us", "en-US", "en"), ("de", "de", "de"), ("ja", "ja", "ja")):
+        _deb(debs / f"libreoffice-help-{package}_1.0_all.deb", help_dir, _help_pages(language))
+    monkeypatch.setenv("TRL_MIDALIGN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_markup_extraction_is_cached_separately(help_cache):
+    markup = help_markup("de")
+    record = markup["text/swriter/01/page00.html#par_id0"]
+    assert spans_of(record["text"], record["spans"]) == [("Einfügen - Tabelle 0", "menuitem")]
+    assert (help_cache / "libreoffice_help" / "markup-v1" / "de.jsonl").is_file()
+    assert not (help_cache / "libreoffice_help" / "v1").exists()  # the plain-text cache is another one
+
+
+def test_filters_and_page_split(help_cache):
+    data = lt.libreoffice_task_paragraphs(["en", "de", "ja"], ["ja"], seed=3, min_paragraphs=1, max_chars=200)
+    # German: the paragraphs whose markup was lost (n % 10 == 3) or that were copied (n % 10 == 7) are dropped
+    kept = [int(p["id"].rpartition("par_id")[2]) for split in (data.eval,) for p in split["de"]]
+    assert kept and all(n % 10 not in (3, 7) for n in kept)
+    assert data.counts["de"]["train"] + data.counts["de"]["alignment"] + data.counts["de"]["eval"] == 96
+    assert data.counts["ja"]["train"] + data.counts["ja"]["alignment"] + data.counts["ja"]["eval"] == 120
+    # Disjoint pages: no page of the evaluation is in training or alignment, in any language
+    train_pages = {lt.page_of(p["id"]) for rows in data.train.values() for p in rows}
+    alignment_pages = {lt.page_of(p["id"]) for rows in data.alignment.values() for p in rows}
+    eval_pages = {lt.page_of(p["id"]) for rows in data.eval.values() for p in rows}
+    assert train_pages and alignment_pages and eval_pages
+    assert (
+        not (train_pages & eval_pages) and not (alignment_pages & eval_pages) and not (train_pages & alignment_pages)
+    )
+    # The split does not depend on the languages asked for
+    other = lt.libreoffice_task_paragraphs(["en"], seed=3, min_paragraphs=1, max_chars=200)
+    assert [p["id"] for p in other.train["en"]] == [p["id"] for p in data.train["en"]]
+    assert list(data.train) == ["en"] and list(data.alignment) == ["ja"]
+
+
+def test_written_files_load_in_each_recipe(help_cache, tmp_path):
+    data = lt.libreoffice_task_paragraphs(["en", "de", "ja"], ["ja"], min_paragraphs=1, max_chars=200)
+    out = tmp_path / "data"
+
+    # Slot filling: MASSIVE rows, partitions train/test, pairs with a locale column
+    written = lt.write_task_data("slot_filling", data, out)
+    assert written.eval_languages == ["en-US", "de-DE", "ja-JP"] and written.alignment_languages == ["ja-JP"]
+    train = loading.load_language_rows(written.dataset, None, "train", ["en-US"], "locale")
+    test = loading.load_language_rows(written.dataset, None, "test", None, "locale")
+    assert len(train) == len(data.train["en"]) and set(test["locale"]) == {"en-US", "de-DE", "ja-JP"}
+    rows = slot_filling.train_dataset(train, "locale", conversational=False)
+    assert any("menuitem: Insert - " in r["completion"] for r in rows)
+    examples = slot_filling.examples(test, "locale", conversational=False)
+    assert all(e["reference"].startswith("menuitem: ") for e in examples)
+    ids = {}
+    for row in test:
+        ids.setdefault(row["id"], set()).add(row["locale"])
+    assert any(len(locales) > 1 for locales in ids.values())  # ids are shared across languages
+
+    class Args:
+        alignment_dataset_name, alignment_dataset_config, alignment_dataset_split = written.pairs, None, "train"
+        alignment_pivot_language, language_column, max_alignment_pairs = "en-US", "locale", None
+
+    pairs = loading.load_pair_dataset(Args, ["ja-JP"], seed=0)
+    assert len(pairs) == len(data.alignment["ja"]) and set(pairs["language"]) == {"ja-JP"}
+
+    # Structured generation: tokens + BIO tags; the JSON answer holds the exact span
+    written = lt.write_task_data("structured_generation", data, out)
+    test = loading.load_language_rows(written.dataset, None, "test", None, "language")
+    examples = structured_generation.examples(test, "language", conversational=False)
+    by_language = {e["language"]: e for e in examples}
+    assert set(by_language) == {"en", "de", "ja"}
+    located = json.loads(by_language["ja"]["reference"])["location"]
+    assert located and located[0].startswith("挿入 → ")
+    assert structured_generation.english_languages(
+        loading.load_split(written.dataset, None, "train"), "language", "en"
+    ) == ["en"]
+
+    # Translation: one direction per language, the train language's pairs as task rows
+    data = lt.libreoffice_task_paragraphs(["de", "ja"], ["ja"], ["de"], min_paragraphs=1, max_chars=200)
+    written = lt.write_task_data("translation", data, out, translation_directions="both")
+    assert written.train_languages == ["de-en", "en-de"]
+    assert written.eval_languages == ["de-en", "ja-en", "en-de", "en-ja"]
+    rows = translation.direction_rows(written.dataset, None, "test", "ja-en", "en")
+    assert len(rows) == len(data.eval["ja"]) and rows[0]["target"].startswith("Choose Insert - ")
+    train = translation.direction_rows(written.dataset, None, "train", "en-de", "en")
+    assert train[0]["source"].startswith("Choose ") and train[0]["target"].startswith("Wählen Sie ")
+
+
+def test_bad_input_messages(help_cache, tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown LibreOffice help language 'xx'.*Available languages: ca, "):
+        lt.libreoffice_task_paragraphs(["xx"])
+    with pytest.raises(ValueError, match=r"'de' has only \d+ usable paragraphs in the eval pages.*--min_paragraphs"):
+        lt.libreoffice_task_paragraphs(["de"], min_paragraphs=40)
+    # Dropped with a warning instead, when asked for; never an empty evaluation set
+    counts = lt.libreoffice_task_paragraphs(["de", "ja"], min_paragraphs=1).counts
+    assert counts["de"]["eval"] < counts["ja"]["eval"]  # the German filters drop 2 paragraphs in 10
+    least = counts["ja"]["eval"]
+    data = lt.libreoffice_task_paragraphs(["de", "ja"], min_paragraphs=least, drop_short_languages=True)
+    assert list(data.eval) == ["ja"] and len(data.eval["ja"]) == least
+    with pytest.raises(ValueError, match="help language 'eu' has none. Help languages with a MASSIVE locale: ca, "):
+        lt.task_language_code("eu", "slot_filling")
+    assert (
+        lt.task_language_code("zh-cn", "slot_filling") == "zh-CN"
+        and lt.task_language_code("zh-cn", "translation") == "zh"
+    )
+    # A language whose evaluation paragraphs have no gold span of the task
+    data = lt.libreoffice_task_paragraphs(["ja"], min_paragraphs=1)
+    for row in data.eval["ja"]:
+        row["spans"] = []
+    with pytest.raises(ValueError, match=r"Language 'ja' has no gold span .* drop it"):
+        lt.write_task_data("slot_filling", data, tmp_path)
+    with pytest.raises(ValueError, match="non-English"):
+        lt.write_task_data("translation", lt.libreoffice_task_paragraphs(["ja"], min_paragraphs=1), tmp_path)
+
+
+def test_paragraph_without_gold_spans_is_refused_with_the_language(help_cache, monkeypatch):
+    # Japanese translations that lost all markup: the span tasks refuse the language, naming it
+    original = lt.help_markup
+
+    def without_spans(language, cache_dir=None):
+        records = original(language, cache_dir)
+        if language == "ja":
+            return {k: {"text": v["text"].replace("→", "->"), "spans": []} for k, v in records.items()}
+        return records
+
+    monkeypatch.setattr(lt, "help_markup", without_spans)
+    with pytest.raises(ValueError, match=r"Language 'ja' has no gold spans in the eval pages"):
+        lt.libreoffice_task_paragraphs(["ja"], min_paragraphs=1)
+
+
+@pytest.mark.slow
+@pytest.mark.downloads
+def test_transfer_quick_end_to_end(tmp_path):
+    output_dir = tmp_path / "transfer"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "transfer.py"), "--task", "slot_filling"]
+    command += ["--output_dir", str(output_dir), "--quick"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(output_dir / "transfer.json") as f:
+        transfer = json.load(f)
+    keys = ["task", "model", "metric", "train_languages", "alignment_languages", "eval_languages", "seeds"]
+    assert set(keys + ["baseline", "aligned"]) <= set(transfer)
+    assert transfer["task"] == "slot_filling" and transfer["metric"] == "slot_f1"
+    assert len(transfer["eval_languages"]) >= 10
+    for arm in ("baseline", "aligned"):
+        assert set(transfer[arm]) == set(transfer["eval_languages"])
+        for language, scores in transfer[arm].items():
+            assert len(scores) == len(transfer["seeds"]) == 1, (arm, language)
+            assert all(isinstance(s, float) and math.isfinite(s) for s in scores), (arm, language, scores)
+    curve = transfer["retrieval_accuracy"]
+    assert len(curve["layers"]) == 19 and set(curve["base"]) >= {"ja", "ru"} and "aligned" in curve
+    assert (output_dir / "transfer.md").read_text().count("|") > 20 and (output_dir / "transfer.png").is_file()
+    # Both recipe runs trained: their trainer states logged task losses, the aligned one twice as many steps
+    runs = [json.loads(line) for line in (output_dir / "runs.jsonl").read_text().splitlines()]
+    tasks = {r["arm"]: r for r in runs if r["kind"] == "task"}
+    assert tasks["baseline"]["losses"] and all(math.isfinite(x) for x in tasks["baseline"]["losses"])
+    assert tasks["aligned"]["global_step"] == 2 * tasks["baseline"]["global_step"]
+    assert tasks["aligned"]["alignment_losses"]
+    for arm in ("baseline", "aligned"):  # the saved LoRA adapters moved away from their zero initialisation
+        weights = load_file(output_dir / tasks[arm]["run_dir"] / "adapter_model.safetensors")
+        assert any("lora_B" in name and tensor.abs().max() > 0 for name, tensor in weights.items()), arm
+    # --report_only rebuilds the same report from runs.jsonl
+    os.remove(output_dir / "transfer.json")
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "transfer.py"), "--task", "slot_filling"]
+    command += ["--output_dir", str(output_dir), "--report_only"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(output_dir / "transfer.json") as f:
+        assert json.load(f)["baseline"] == transfer["baseline"]
