@@ -316,3 +316,15 @@ def test_transfer_quick_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     with open(output_dir / "transfer.json") as f:
         assert json.load(f)["baseline"] == transfer["baseline"]
+
+
+def test_capped_split_keeps_the_share_of_paragraphs_with_spans():
+    """The cap takes a random sample of the kept paragraphs, not the first ones of the shuffle (which held all the
+    kept paragraphs without spans: 66% of a capped split answered None instead of at most 25%)."""
+    rows = [{"id": f"page{i}.html#par{i}", "spans": [[0, 1, "emph"]] if i % 5 == 0 else []} for i in range(1000)]
+    for seed in range(5):
+        capped = lt._cap(rows, 100, 0.25, seed, "en:train")
+        without = sum(1 for row in capped if not row["spans"])
+        assert len(capped) == 100 and 10 <= without <= 40, (seed, without)
+        assert len({row["id"] for row in capped}) == 100
+    assert all(row["spans"] for row in lt._cap(rows, 100, 0.0, 0, "en:train"))

@@ -153,8 +153,10 @@ def _cap(paragraphs: list[dict], limit: int | None, no_span_fraction: float, see
     if no_span_fraction < 1.0:
         allowed = int(len(with_spans) * no_span_fraction / (1.0 - no_span_fraction))
         without = without[:allowed]
-    kept = {p["id"] for p in [*with_spans, *without]}
-    paragraphs = [p for p in paragraphs if p["id"] in kept]
+    # Shuffled again: the kept paragraphs without spans are the first ones of the shuffle, so the cap would take
+    # mostly them
+    paragraphs = [*with_spans, *without]
+    random.Random(_language_seed(seed, name + ":kept")).shuffle(paragraphs)
     return paragraphs[:limit]
 
 
