@@ -256,7 +256,12 @@ def run_recipe(args, data: dict, arm: str, seed: int) -> dict:
         "scores": {lang: scores[metric] for lang, scores in results["languages"].items()},
         "num_examples": {lang: scores["num_examples"] for lang, scores in results["languages"].items()},
         "global_step": state["global_step"],
-        "losses": [entry["loss"] for entry in log if "loss" in entry],
+        # The task loss of each logged step (the aligned arm's alignment-only steps log `align_loss` alone)
+        "losses": [
+            entry.get("task_loss", entry["loss"])
+            for entry in log
+            if "loss" in entry and ("task_loss" in entry or "align_loss" not in entry)
+        ],
         "alignment_losses": [entry[k] for entry in log for k in entry if k.startswith("align") and "loss" in k],
         "wall_s": round(wall, 1),
         "run_dir": os.path.relpath(run_dir, args.output_dir),
