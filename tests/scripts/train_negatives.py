@@ -14,9 +14,9 @@ import sys
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from testing_utils import PAIRS, build_model, build_tokenizer, task_rows
+from testing_utils import PAIRS, alignment_config, build_model, build_tokenizer, task_rows
 
-from trl_midalign import AlignmentConfig, AlignmentTrainer
+from trl_midalign import AlignmentTrainer
 from trl_midalign.scripts import end_processes
 
 
@@ -44,19 +44,12 @@ def main(output_dir: str, overrides: dict) -> None:
     tokenizer = build_tokenizer()
     model = build_model("llama", len(tokenizer), num_layers=4)
     settings = dict(
-        output_dir=output_dir,
         per_device_train_batch_size=8,
         gradient_accumulation_steps=2,
         max_steps=3,
-        logging_steps=1,
         learning_rate=0.05,
         optim="sgd",
         lr_scheduler_type="constant",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
         align_schedule="alignment_only",
         align_layer=2,
     )
@@ -69,7 +62,7 @@ def main(output_dir: str, overrides: dict) -> None:
     )
     trainer = AlignmentTrainer(
         model=model,
-        args=AlignmentConfig(**settings),
+        args=alignment_config(output_dir, **settings),
         train_dataset=task,
         alignment_dataset=pairs(),
         processing_class=tokenizer,
