@@ -254,6 +254,7 @@ def run_recipe(args, data: dict, arm: str, seed: int) -> dict:
         "seed": seed,
         "metric": metric,
         "scores": {lang: scores[metric] for lang, scores in results["languages"].items()},
+        "reference_loss": {lang: scores.get("reference_loss") for lang, scores in results["languages"].items()},
         "num_examples": {lang: scores["num_examples"] for lang, scores in results["languages"].items()},
         "global_step": state["global_step"],
         # The task loss of each logged step (the aligned arm's alignment-only steps log `align_loss` alone)
@@ -302,12 +303,24 @@ def build_report(output_dir: str) -> dict:
     probes = [r for r in runs if r["kind"] == "probe"]
     seeds = sorted({r["seed"] for r in tasks})
     eval_languages = data["eval_languages"]
-    arms = {}
-    for arm in ("baseline", "aligned"):
-        by_seed = {r["seed"]: r for r in tasks if r["arm"] == arm}
-        arms[arm] = {
-            lang: [by_seed[s]["scores"].get(lang) if s in by_seed else None for s in seeds] for lang in eval_languages
+
+    def per_seed(key: str) -> dict[str, dict[str, list]]:
+        """{arm: {language: [the runs' `key` value per seed]}} (None where a run or value is missing)."""
+        arms = {}
+        for arm in ("baseline", "aligned"):
+            by_seed = {r["seed"]: r.get(key) or {} for r in tasks if r["arm"] == arm}
+            arms[arm] = {lang: [by_seed.get(s, {}).get(lang) for s in seeds] for lang in eval_languages}
+        return arms
+
+    def paired(arms: dict) -> dict[str, list[float]]:
+        return {
+            lang: [
+                a - b for a, b in zip(arms["aligned"][lang], arms["baseline"][lang]) if a is not None and b is not None
+            ]
+            for lang in eval_languages
         }
+
+    arms, losses = per_seed("scores"), per_seed("reference_loss")
     languages = data["languages"]
     layer = int(settings["align_layer"])
     base = next((p for p in probes if p["arm"] == "base"), None)
@@ -321,12 +334,7 @@ def build_report(output_dir: str) -> dict:
                     lang: [statistics.fmean(c[lang][i] for c in curves) for i in range(len(base["layers"]))]
                     for lang in curves[0]
                 }
-    gains = {}
-    for lang in eval_languages:
-        pairs = [
-            (a, b) for a, b in zip(arms["aligned"][lang], arms["baseline"][lang]) if a is not None and b is not None
-        ]
-        gains[lang] = [a - b for a, b in pairs]
+    gains = paired(arms)
     correlation = None
     if base is not None:
         index = base["layers"].index(layer) if layer in base["layers"] else None
@@ -360,6 +368,8 @@ def build_report(output_dir: str) -> dict:
         "baseline": arms["baseline"],
         "aligned": arms["aligned"],
         "paired_difference": gains,
+        # The teacher-forced loss per reference token (lower is better), same layout
+        "reference_loss": {**losses, "paired_difference": paired(losses)},
         "groups": groups,
         "retrieval_accuracy": {"layers": base["layers"] if base else None, "align_layer": layer, **retrieval},
         "base_retrieval_vs_gain": correlation,
@@ -379,6 +389,25 @@ def _fmt(mean: float, std: float) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
 
 
+def _score_tables(values: dict, languages: list[str], groups: dict[str, list[str]]) -> list[str]:
+    """Markdown lines: per language mean ± std of `values["baseline"]`, `["aligned"]`, `["paired_difference"]`, then
+    the unweighted means over each group of languages."""
+    lines = ["| language | baseline | aligned | aligned - baseline |", "|---|---|---|---|"]
+    for lang in languages:
+        cells = [_fmt(*_mean_std(values[key][lang])) for key in ("baseline", "aligned", "paired_difference")]
+        lines.append(f"| {lang} | {' | '.join(cells)} |")
+    lines += ["", "| group | languages | baseline | aligned | aligned - baseline |", "|---|---|---|---|---|"]
+    for group, members in groups.items():
+        row = []
+        for key in ("baseline", "aligned", "paired_difference"):
+            per_language = [
+                statistics.fmean(v) for lang in members if (v := [x for x in values[key][lang] if x is not None])
+            ]
+            row.append(f"{statistics.fmean(per_language):.3f}" if per_language else "n/a")
+        lines.append(f"| {group} | {', '.join(members) or '-'} | {' | '.join(row)} |")
+    return lines
+
+
 def write_markdown(output_dir: str, transfer: dict, tasks: list[dict]) -> None:
     metric = transfer["metric"]
     lines = [
@@ -389,23 +418,17 @@ def write_markdown(output_dir: str, transfer: dict, tasks: list[dict]) -> None:
         + ", ".join(f"{arm} {steps}" for arm, steps in transfer["steps"].items())
         + " (the alternate schedule spends every second micro-batch on alignment).",
         "",
-        "| language | baseline | aligned | aligned - baseline |",
-        "|---|---|---|---|",
+        *_score_tables(transfer, transfer["eval_languages"], transfer["groups"]),
     ]
-    for lang in transfer["eval_languages"]:
-        base = _mean_std(transfer["baseline"][lang])
-        aligned = _mean_std(transfer["aligned"][lang])
-        gain = _mean_std(transfer["paired_difference"][lang])
-        lines.append(f"| {lang} | {_fmt(*base)} | {_fmt(*aligned)} | {_fmt(*gain)} |")
-    lines += ["", "| group | languages | baseline | aligned | aligned - baseline |", "|---|---|---|---|---|"]
-    for group, members in transfer["groups"].items():
-        row = []
-        for key in ("baseline", "aligned", "paired_difference"):
-            per_language = [
-                statistics.fmean(v) for lang in members if (v := [x for x in transfer[key][lang] if x is not None])
-            ]
-            row.append(f"{statistics.fmean(per_language):.3f}" if per_language else "n/a")
-        lines.append(f"| {group} | {', '.join(members) or '-'} | {' | '.join(row)} |")
+    if any(
+        v is not None for arm in ("baseline", "aligned") for vs in transfer["reference_loss"][arm].values() for v in vs
+    ):
+        lines += [
+            "",
+            "Teacher-forced loss per reference token (nats, lower is better) on the same evaluation rows:",
+            "",
+            *_score_tables(transfer["reference_loss"], transfer["eval_languages"], transfer["groups"]),
+        ]
     retrieval = transfer["retrieval_accuracy"]
     if retrieval.get("base"):
         index = retrieval["layers"].index(retrieval["align_layer"])

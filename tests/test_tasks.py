@@ -16,6 +16,7 @@ from trl_midalign.tasks.report import (
     generate_completions,
     load_results,
     plot_results,
+    reference_losses,
     results_table,
     summarize_groups,
     write_results,
@@ -170,6 +171,38 @@ def test_generate_completions_matches_unpadded_greedy_decoding(tokenizer):
         expected = _greedy_reference(model, ids, 6, tokenizer.eos_token_id)
         assert completion == tokenizer.decode(expected, skip_special_tokens=True).strip()
     assert model.training is False
+
+
+def test_reference_losses_match_a_plain_torch_computation(tokenizer):
+    model = build_model("llama", len(tokenizer), seed=5).eval()
+    prompts = [
+        [{"role": "user", "content": "Wake me up at seven"}],
+        "Turn off the light",
+        [{"role": "user", "content": "Who sang this song and what is the weather tomorrow"}],
+        "Set a timer",
+        "Play",
+    ]
+    references = ["time: seven", "None", "weather: tomorrow; song: this song", "None", "music: jazz music please"]
+    batched = reference_losses(model, tokenizer, prompts, references, batch_size=3, disable_progress=True)
+    single = reference_losses(model, tokenizer, prompts, references, batch_size=1, disable_progress=True)
+    for prompt, reference, (nll, count), (nll_single, count_single) in zip(prompts, references, batched, single):
+        if isinstance(prompt, str):
+            prompt_ids = tokenizer(prompt)["input_ids"]
+        else:
+            prompt_ids = tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        answer = tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([list(prompt_ids) + answer])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+        # token t is predicted by the logits at t - 1
+        expected = -sum(log_probs[len(prompt_ids) + k - 1, token].item() for k, token in enumerate(answer))
+        assert count == count_single == len(answer)
+        assert nll == pytest.approx(expected, rel=1e-4)
+        assert nll_single == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="one reference per prompt"):
+        reference_losses(model, tokenizer, prompts, references[:2])
 
 
 def _results(run, scores):

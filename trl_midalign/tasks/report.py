@@ -4,7 +4,8 @@ evaluation section.
 Results are dicts of the form `{"task": ..., "run": ..., "main_metric": ..., "languages": {lang: {metric: value,
 "num_examples": n}}, "groups": {...}}` written by [`write_results`] as JSON and a markdown table, and drawn by
 [`plot_results`] as a bar plot of one metric per language (one bar per run, e.g. baseline vs aligned).
-[`evaluate_examples`] does it all for a model: generation split over the processes, scores per language, files, plot.
+[`evaluate_examples`] does it all for a model: generation split over the processes, scores per language (plus the
+teacher-forced `reference_loss` of [`reference_losses`]), files, plot.
 The model card itself is written by the trainer (`trainer.create_model_card`, which for
 [`~trl_midalign.AlignmentTrainer`] records the alignment settings); [`write_card_section`] adds the run's languages,
 PEFT usage, settings and results to it.
@@ -166,6 +167,84 @@ def generate_completions(
     return outputs
 
 
+@torch.no_grad()
+def reference_losses(
+    model,
+    tokenizer,
+    prompts: Sequence[str | list[dict[str, str]]],
+    references: Sequence[str],
+    batch_size: int = 8,
+    desc: str = "Scoring references",
+    disable_progress: bool = False,
+) -> list[tuple[float, int]]:
+    """
+    Teacher-forced loss of each reference answer after its prompt: the task's training loss on evaluation examples.
+
+    A generated answer is either right or wrong; this loss also shows a model that is getting closer, so it separates
+    two runs with fewer examples than a generation metric. Each sequence is the prompt as generation sees it (see
+    [`tokenize_prompt`]) followed by the reference tokenized on its own and the tokenizer's EOS; only the reference
+    and EOS tokens are scored.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The model, unwrapped from DDP/DeepSpeed (under ZeRO-3 every process must call this with as many prompts).
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            The tokenizer; a missing pad token falls back to EOS.
+        prompts (`Sequence[str | list[dict[str, str]]]`):
+            Plain or conversational prompts.
+        references (`Sequence[str]`):
+            One reference answer per prompt.
+        batch_size (`int`, *optional*, defaults to `8`):
+            Sequences per forward pass.
+        desc (`str`, *optional*, defaults to `"Scoring references"`):
+            Label of the progress bar.
+        disable_progress (`bool`, *optional*, defaults to `False`):
+            Hide the progress bar.
+
+    Returns:
+        `list[tuple[float, int]]`: per prompt, the summed negative log-likelihood (nats) of its answer tokens and their
+        number.
+    """
+    if len(prompts) != len(references):
+        raise ValueError(
+            f"Got {len(prompts)} prompts but {len(references)} references; give one reference per prompt."
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    sequences, answer_lengths = [], []
+    for prompt, reference in zip(prompts, references):
+        answer = list(tokenizer(reference, add_special_tokens=False)["input_ids"]) + eos
+        sequences.append(torch.tensor(tokenize_prompt(tokenizer, prompt) + answer, dtype=torch.long))
+        answer_lengths.append(len(answer))
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    losses: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=disable_progress):
+            indices = order[start : start + batch_size]
+            input_ids = pad([sequences[i] for i in indices], padding_value=pad_id, padding_side="right")
+            attention_mask = pad(
+                [torch.ones_like(sequences[i]) for i in indices], padding_value=0, padding_side="right"
+            )
+            labels = torch.full_like(input_ids, -100)
+            for row, i in enumerate(indices):
+                end = len(sequences[i])
+                labels[row, end - answer_lengths[i] : end] = sequences[i][end - answer_lengths[i] :]
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            token_losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100, reduction="none"
+            )
+            for row, i in enumerate(indices):
+                losses[i] = (token_losses[row].sum().item(), answer_lengths[i])
+    finally:
+        model.train(was_training)
+    return losses
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation of a run
 def evaluate_examples(
@@ -188,6 +267,10 @@ def evaluate_examples(
     """
     Generate an answer for every example (split over the processes), score each language, and write the results,
     the predictions and the plot into `output_dir` (main process).
+
+    Each language gets the task's metrics (`score`) plus `reference_loss`: the teacher-forced loss per reference token
+    (nats, lower is better, see [`reference_losses`]), which tells runs apart with fewer examples than the metrics of
+    generated answers.
 
     Args:
         model:
@@ -233,7 +316,18 @@ def evaluate_examples(
             desc=f"Evaluating {task} (process {state.process_index})",
             disable_progress=not state.is_local_main_process,
         )
-        records = [dict(example, prediction=p) for example, p in zip(shard, predictions)]
+        losses = reference_losses(
+            model,
+            tokenizer,
+            [example["prompt"] for example in shard],
+            [example["reference"] for example in shard],
+            batch_size=batch_size,
+            disable_progress=not state.is_local_main_process,
+        )
+        records = [
+            dict(example, prediction=p, reference_nll=nll, reference_tokens=n)
+            for example, p, (nll, n) in zip(shard, predictions, losses)
+        ]
     if state.num_processes > 1:
         records = gather_object(records)
     if not state.is_main_process:
@@ -247,7 +341,9 @@ def evaluate_examples(
     for lang in dict.fromkeys(r["language"] for r in records):
         subset = [r for r in records if r["language"] == lang]
         scores = score([r["prediction"] for r in subset], [r["reference"] for r in subset], lang)
-        languages[lang] = {**scores, "num_examples": len(subset)}
+        # Token-weighted, as the training loss: summed NLL of all reference tokens over their number
+        loss = sum(r["reference_nll"] for r in subset) / max(1, sum(r["reference_tokens"] for r in subset))
+        languages[lang] = {**scores, "reference_loss": loss, "num_examples": len(subset)}
     results = {"task": task, "run": run, "main_metric": main_metric, "languages": languages, **(extra or {})}
     results["language_groups"] = {k: [lang for lang in v if lang in languages] for k, v in language_groups.items()}
     results["groups"] = summarize_groups(results, {**results["language_groups"], "all": list(languages)})
