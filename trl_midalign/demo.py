@@ -316,4 +316,9 @@ def _run(args: DemoArguments) -> dict:
         f"(layer {trainer.align_layer}); {summary['wall_time_s'] / 60:.1f} min. Files in {args.output_dir} "
         f"({REPORT_FILE}, {PLOT_FILE})"
     )
+    logger.info(
+        "This measures retrieval at the aligned layer, not a task. Whether a task trained in English transfers better "
+        "to other languages is measured by benchmarks/transfer.py (both arms through the recipes, several seeds; "
+        "hours on a CPU): see docs/transfer.md."
+    )
     return summary
