@@ -173,8 +173,9 @@ def test_generate_completions_matches_unpadded_greedy_decoding(tokenizer):
     assert model.training is False
 
 
-def test_reference_losses_match_a_plain_torch_computation(tokenizer):
-    model = build_model("llama", len(tokenizer), seed=5).eval()
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_reference_losses_match_a_plain_torch_computation(tokenizer, kind):
+    model = build_model(kind, len(tokenizer), seed=5).eval()
     prompts = [
         [{"role": "user", "content": "Wake me up at seven"}],
         "Turn off the light",

@@ -219,27 +219,33 @@ def reference_losses(
         sequences.append(torch.tensor(tokenize_prompt(tokenizer, prompt) + answer, dtype=torch.long))
         answer_lengths.append(len(answer))
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    order = sorted(range(len(sequences)), key=lambda i: (-answer_lengths[i], -len(sequences[i])))
     losses: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
     was_training = model.training
     model.eval()
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=disable_progress):
             indices = order[start : start + batch_size]
-            input_ids = pad([sequences[i] for i in indices], padding_value=pad_id, padding_side="right")
+            # Left padding: every answer ends at the last position, so the LM head (with a large vocabulary the costly
+            # part) only runs on the last `keep` positions, enough to predict the longest answer of the batch
+            input_ids = pad([sequences[i] for i in indices], padding_value=pad_id, padding_side="left")
             attention_mask = pad(
-                [torch.ones_like(sequences[i]) for i in indices], padding_value=0, padding_side="right"
+                [torch.ones_like(sequences[i]) for i in indices], padding_value=0, padding_side="left"
             )
-            labels = torch.full_like(input_ids, -100)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            keep = max(answer_lengths[i] for i in indices) + 1
+            logits = model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=position_ids.to(device),
+                logits_to_keep=keep,
+            ).logits
+            # logits[:, j] predicts the token at position width - keep + j + 1
+            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            targets = input_ids[:, input_ids.shape[1] - keep + 1 :].to(device)
+            token_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             for row, i in enumerate(indices):
-                end = len(sequences[i])
-                labels[row, end - answer_lengths[i] : end] = sequences[i][end - answer_lengths[i] :]
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            token_losses = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100, reduction="none"
-            )
-            for row, i in enumerate(indices):
-                losses[i] = (token_losses[row].sum().item(), answer_lengths[i])
+                losses[i] = (-token_log_probs[row, -answer_lengths[i] :].sum().item(), answer_lengths[i])
     finally:
         model.train(was_training)
     return losses
