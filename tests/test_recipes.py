@@ -241,6 +241,7 @@ def test_slot_filling_runs_with_only_a_model_and_local_data(work, tmp_path):
         "slot_precision",
         "slot_recall",
         "exact_match",
+        "reference_loss",
         "num_examples",
     }
     for name in ("adapter_model.safetensors", "eval_results.json", "eval_results.md", "eval_results.png", "README.md"):
@@ -604,6 +605,7 @@ def test_two_process_launch(work, tmp_path, name, backend):
     results = json.load(open(os.path.join(output_dir, "eval_results.json")))
     num_rows = {"slot_filling": len(MASSIVE), "translation": 8, "structured_generation": len(NER)}[name]
     assert sum(v["num_examples"] for v in results["languages"].values()) == num_rows
+    assert all(0 < v["reference_loss"] < 50 for v in results["languages"].values())  # scored on every process
     # The saved adapter reloads (single process, no DeepSpeed) and gives the outputs generated under the launch
     recorded, regenerated = reload_predictions(work["model"], output_dir)
     assert regenerated == recorded
