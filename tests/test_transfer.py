@@ -1,6 +1,7 @@
 """The LibreOffice task data (spans from the help markup, filters, page split, the recipes' loaders on the written
 files) and the transfer benchmark driver (`benchmarks/transfer.py --quick`, end to end, marked slow/downloads)."""
 
+import importlib.util
 import io
 import json
 import math
@@ -328,3 +329,38 @@ def test_capped_split_keeps_the_share_of_paragraphs_with_spans():
         assert len(capped) == 100 and 10 <= without <= 40, (seed, without)
         assert len({row["id"] for row in capped}) == 100
     assert all(row["spans"] for row in lt._cap(rows, 100, 0.0, 0, "en:train"))
+
+
+def test_report_pairs_the_arms_by_seed_for_the_metric_and_the_reference_loss(tmp_path):
+    """build_report on hand-written runs: paired differences per language and seed, for both measures, and tables."""
+    spec = importlib.util.spec_from_file_location("transfer_driver", os.path.join(ROOT, "benchmarks", "transfer.py"))
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    (tmp_path / "data").mkdir()
+    languages = {"en": "en-US", "ja": "ja-JP", "fr": "fr-FR"}
+    data = {
+        "eval_languages": ["en-US", "ja-JP", "fr-FR"], "train_languages": ["en-US"], "alignment_languages": ["ja-JP"],
+        "languages": languages, "counts": {},
+    }  # fmt: skip
+    (tmp_path / "data" / "data.json").write_text(json.dumps(data))
+    settings = {"task": "slot_filling", "model_name": "m", "align_layer": "2", "alignment_languages": ["ja"]}
+    (tmp_path / "settings.json").write_text(json.dumps({**settings, "train_languages": ["en"]}))
+    scores = {("baseline", 0): [0.5, 0.1, 0.2], ("aligned", 0): [0.6, 0.3, 0.1],
+              ("baseline", 1): [0.4, 0.2, 0.2], ("aligned", 1): [0.4, 0.5, 0.2]}  # fmt: skip
+    losses = {key: [2.0 - s for s in values] for key, values in scores.items()}
+    with open(tmp_path / "runs.jsonl", "w") as f:
+        for (arm, seed), values in scores.items():
+            record = {"kind": "task", "arm": arm, "seed": seed, "metric": "slot_f1", "global_step": 4, "losses": [1.0],
+                      "scores": dict(zip(data["eval_languages"], values)),
+                      "reference_loss": dict(zip(data["eval_languages"], losses[arm, seed])), "wall_s": 1.0}  # fmt: skip
+            f.write(json.dumps(record) + "\n")
+    transfer = driver.build_report(str(tmp_path))
+    for i, lang in enumerate(data["eval_languages"]):
+        expected = [scores["aligned", s][i] - scores["baseline", s][i] for s in (0, 1)]
+        assert transfer["paired_difference"][lang] == pytest.approx(expected)
+        assert transfer["reference_loss"]["paired_difference"][lang] == pytest.approx([-x for x in expected])
+        assert transfer["reference_loss"]["baseline"][lang] == [losses["baseline", s][i] for s in (0, 1)]
+    assert transfer["groups"]["alignment languages"] == ["ja-JP"] and transfer["groups"]["unseen"] == ["fr-FR"]
+    table = (tmp_path / "transfer.md").read_text()
+    assert "| ja-JP | 0.150 ± 0.071 | 0.400 ± 0.141 | 0.250 ± 0.071 |" in table  # slot F1
+    assert "| ja-JP | 1.850 ± 0.071 | 1.600 ± 0.141 | -0.250 ± 0.071 |" in table  # its reference loss
