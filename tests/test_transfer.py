@@ -364,3 +364,26 @@ def test_report_pairs_the_arms_by_seed_for_the_metric_and_the_reference_loss(tmp
     table = (tmp_path / "transfer.md").read_text()
     assert "| ja-JP | 0.150 ± 0.071 | 0.400 ± 0.141 | 0.250 ± 0.071 |" in table  # slot F1
     assert "| ja-JP | 1.850 ± 0.071 | 1.600 ± 0.141 | -0.250 ± 0.071 |" in table  # its reference loss
+
+
+def test_answer_statistics_of_slot_filling_outputs():
+    """benchmarks/transfer_outputs.py on hand-written predictions: untyped F1, verbatim share and None share."""
+    spec = importlib.util.spec_from_file_location("outputs", os.path.join(ROOT, "benchmarks", "transfer_outputs.py"))
+    outputs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(outputs)
+    prompt = slot_filling.PROMPT.format
+    records = [  # right span, wrong type / a value not in the request / None for a gold span / right None
+        {"prompt": prompt(utterance="Choose Format - Cells"), "reference": "emph: Format - Cells",
+         "prediction": "menuitem: Format - Cells"},
+        {"prompt": prompt(utterance="Wählen Sie Format - Zellen"), "reference": "menuitem: Format - Zellen",
+         "prediction": "menuitem: Format - Cells; emph: Zellen"},
+        {"prompt": prompt(utterance="Click OK"), "reference": "emph: OK", "prediction": "None"},
+        {"prompt": prompt(utterance="Nothing here"), "reference": "None", "prediction": "None"},
+    ]  # fmt: skip
+    stats = outputs.answer_statistics(records)
+    # untyped: predicted {format - cells, format - cells, zellen}, gold {format - cells, format - zellen, ok}: 1 hit
+    assert stats["untyped_f1"] == pytest.approx(2 * (1 / 3) * (1 / 3) / (2 / 3))
+    assert stats["verbatim"] == pytest.approx(2 / 3)  # "Format - Cells" is not in the German request
+    assert stats["none"] == pytest.approx(2 / 4)
+    with pytest.raises(ValueError, match="Not a slot-filling prompt"):
+        outputs.request_of("Translate this")
