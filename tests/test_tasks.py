@@ -204,6 +204,14 @@ def test_reference_losses_match_a_plain_torch_computation(tokenizer, kind):
         assert nll_single == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="one reference per prompt"):
         reference_losses(model, tokenizer, prompts, references[:2])
+    # a forward without `logits_to_keep` (older or custom models) gives the same losses
+    plain_forward = model.forward
+    model.forward = lambda input_ids, attention_mask, position_ids: plain_forward(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    )
+    fallback = reference_losses(model, tokenizer, prompts, references, batch_size=3, disable_progress=True)
+    assert [n for _, n in fallback] == [n for _, n in batched]
+    assert [nll for nll, _ in fallback] == pytest.approx([nll for nll, _ in batched], rel=1e-5)
 
 
 def _results(run, scores):

@@ -214,9 +214,12 @@ def reference_losses(
         raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     sequences, answer_lengths = [], []
-    for prompt, reference in zip(prompts, references):
+    for i, (prompt, reference) in enumerate(zip(prompts, references)):
+        prompt_ids = tokenize_prompt(tokenizer, prompt)
+        if not prompt_ids:
+            raise ValueError(f"Prompt {i} ({prompt!r}) has no tokens: the answer's first token would follow nothing.")
         answer = list(tokenizer(reference, add_special_tokens=False)["input_ids"]) + eos
-        sequences.append(torch.tensor(tokenize_prompt(tokenizer, prompt) + answer, dtype=torch.long))
+        sequences.append(torch.tensor(prompt_ids + answer, dtype=torch.long))
         answer_lengths.append(len(answer))
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: (-answer_lengths[i], -len(sequences[i])))
@@ -234,12 +237,16 @@ def reference_losses(
             )
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             keep = max(answer_lengths[i] for i in indices) + 1
-            logits = model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                position_ids=position_ids.to(device),
-                logits_to_keep=keep,
-            ).logits
+            inputs = {
+                "input_ids": input_ids.to(device),
+                "attention_mask": attention_mask.to(device),
+                "position_ids": position_ids.to(device),
+            }
+            try:
+                logits = model(**inputs, logits_to_keep=keep).logits
+            except TypeError:  # a model whose forward has no `logits_to_keep`: all positions, then the last ones
+                logits = model(**inputs).logits
+            logits = logits[:, -keep:]
             # logits[:, j] predicts the token at position width - keep + j + 1
             log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             targets = input_ids[:, input_ids.shape[1] - keep + 1 :].to(device)
