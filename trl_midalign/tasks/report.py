@@ -87,6 +87,21 @@ def tokenize_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
     return list(output["input_ids"])
 
 
+def _pad_id(tokenizer) -> int:
+    """The tokenizer's pad token id, or its EOS id when it has no pad token."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
+    return pad_id
+
+
+def _left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask` of token sequences padded on the left, so that all end at the last position."""
+    input_ids = pad(sequences, padding_value=pad_id, padding_side="left")
+    attention_mask = pad([torch.ones_like(ids) for ids in sequences], padding_value=0, padding_side="left")
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def generate_completions(
     model,
@@ -127,9 +142,7 @@ def generate_completions(
     Returns:
         `list[str]`: the decoded completions (special tokens removed, whitespace stripped), one per prompt.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
+    pad_id = _pad_id(tokenizer)
     eos_ids = set()
     for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         eos_ids.update([value] if isinstance(value, int) else (value or []))
@@ -143,8 +156,7 @@ def generate_completions(
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=disable_progress):
             indices = order[start : start + batch_size]
             # Left padding: the prompts end where generation starts
-            input_ids = pad([encoded[i] for i in indices], padding_value=pad_id, padding_side="left")
-            attention_mask = pad([torch.ones_like(encoded[i]) for i in indices], padding_value=0, padding_side="left")
+            input_ids, attention_mask = _left_pad([encoded[i] for i in indices], pad_id)
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -209,9 +221,7 @@ def reference_losses(
         raise ValueError(
             f"Got {len(prompts)} prompts but {len(references)} references; give one reference per prompt."
         )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
+    pad_id = _pad_id(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     sequences, answer_lengths = [], []
     for i, (prompt, reference) in enumerate(zip(prompts, references)):
@@ -231,10 +241,7 @@ def reference_losses(
             indices = order[start : start + batch_size]
             # Left padding: every answer ends at the last position, so the LM head (with a large vocabulary the costly
             # part) only runs on the last `keep` positions, enough to predict the longest answer of the batch
-            input_ids = pad([sequences[i] for i in indices], padding_value=pad_id, padding_side="left")
-            attention_mask = pad(
-                [torch.ones_like(sequences[i]) for i in indices], padding_value=0, padding_side="left"
-            )
+            input_ids, attention_mask = _left_pad([sequences[i] for i in indices], pad_id)
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             keep = max(answer_lengths[i] for i in indices) + 1
             inputs = {
