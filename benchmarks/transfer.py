@@ -9,9 +9,10 @@ For one task (slot filling, translation or structured generation), this driver
 2. probes the base model's retrieval accuracy at every layer on held-out eval-page pairs (`probe_layers`);
 3. runs BOTH arms through the unchanged recipe script (`recipes/<task>.py`) as subprocesses, for every seed: the
    baseline (`--alignment false`, plain `trl.SFTTrainer`) and the aligned run (`AlignmentTrainer`, alternate
-   schedule) with otherwise identical settings. The alternate schedule spends every second micro-batch on alignment,
-   so the aligned arm gets `--aligned_steps_factor` (default 2) times the baseline's optimizer steps: both arms see
-   the same number of task micro-batches (the paper doubles the epochs, 10 vs 5, for the same reason);
+   schedule by default; `--align_weight`, `--align_schedule joint`, `--align_stop_gradient target` for variants) with
+   otherwise identical settings. The alternate schedule spends every second micro-batch on alignment,
+   so the aligned arm gets `--aligned_steps_factor` (default 2; 1 with `joint`) times the baseline's optimizer steps:
+   both arms see the same number of task micro-batches (the paper doubles the epochs, 10 vs 5, for the same reason);
 4. probes each trained adapter again (the whole layer curve, to see whether layers other than the aligned one move);
 5. writes `transfer.json`, `transfer.md` and `transfer.png` into `--output_dir`.
 
@@ -21,6 +22,12 @@ there, so an interrupted run resumes, and `--report_only` rebuilds the report fr
     python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot --quick
     python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot --seeds 3
     python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot --report_only
+
+A variant of the aligned arm can reuse the baselines of an earlier run (`--baseline_from`; refused unless the task
+data, the probe pairs and every setting the baseline depends on are the same):
+
+    python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot_w01 --seeds 3 \
+        --align_weight 0.1 --baseline_from outputs/transfer_slot
 """
 
 import argparse
@@ -59,10 +66,25 @@ def parse_args(argv=None):
         "--eval_languages", nargs="+", default=CACHED + DOWNLOADED, help="evaluated besides English; help codes"
     )
     parser.add_argument("--max_steps", type=int, default=None, help="baseline optimizer steps (default 150; quick 4)")
-    parser.add_argument("--aligned_steps_factor", type=float, default=2.0, help="aligned steps / baseline steps")
+    parser.add_argument(
+        "--aligned_steps_factor",
+        type=float,
+        default=None,
+        help="aligned steps / baseline steps (default 2 with the alternate schedule, 1 with joint)",
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--align_layer", default="12", help="layer of the alignment loss (Gemma 3 270M has 18)")
+    parser.add_argument("--align_weight", type=float, default=1.0, help="weight of the alignment loss (aligned arm)")
+    parser.add_argument(
+        "--align_schedule", default="alternate", choices=["alternate", "joint"], help="schedule of the aligned arm"
+    )
+    parser.add_argument(
+        "--align_stop_gradient",
+        default="none",
+        choices=["none", "target"],
+        help="'target' detaches the English side of the pairs (aligned arm)",
+    )
     parser.add_argument(
         "--max_chars", type=int, default=None, help="longest English paragraph (default 120; quick 70)"
     )
@@ -85,6 +107,12 @@ def parse_args(argv=None):
         help="pairs per alignment step of the aligned arm (default: the task batch)",
     )
     parser.add_argument(
+        "--baseline_from",
+        default=None,
+        help="reuse the baseline runs of this earlier output_dir (same task data and baseline settings; checked) and "
+        "run only the aligned arm: for variants of the aligned arm",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=1, help="runs at a time (each recipe gets cores / jobs threads); 2 on 2 cores"
     )
     args = parser.parse_args(argv)
@@ -99,6 +127,7 @@ def parse_args(argv=None):
         "probe_pairs": 16 if quick else 64,
         "min_paragraphs": 3 if quick else 20,
         "directions": "into_english" if quick else "both",
+        "aligned_steps_factor": 2.0 if args.align_schedule == "alternate" else 1.0,
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -216,7 +245,10 @@ def recipe_command(args, data: dict, arm: str, seed: int, run_dir: str) -> list[
             "--alignment", "true", "--alignment_dataset_name", data["pairs"],
             "--alignment_languages", ",".join(data["alignment_languages"]), "--align_layer", str(args.align_layer),
             "--max_alignment_pairs", str(args.max_alignment_pairs), "--align_max_length", "64",
+            "--align_weight", str(args.align_weight), "--align_schedule", args.align_schedule,
         ]  # fmt: skip
+        if args.align_stop_gradient != "none":
+            command += ["--align_stop_gradient", args.align_stop_gradient]
         if args.align_batch_size:
             command += ["--align_batch_size", str(args.align_batch_size)]
     else:
@@ -267,6 +299,48 @@ def run_recipe(args, data: dict, arm: str, seed: int) -> dict:
         "wall_s": round(wall, 1),
         "run_dir": os.path.relpath(run_dir, args.output_dir),
     }
+
+
+# Settings the baseline arm depends on; `--baseline_from` refuses an earlier run that differs in any of them.
+BASELINE_SETTINGS = (
+    "task", "model_name", "train_languages", "max_steps", "batch_size", "learning_rate", "max_chars", "max_length",
+    "max_eval", "max_new_tokens", "probe_pairs", "directions", "data_seed",
+)  # fmt: skip
+
+
+def reuse_baseline(source_dir: str, output_dir: str, settings: dict, data: dict) -> None:
+    """Copy the baseline records (and the base model's probe) of `source_dir` into `output_dir`'s runs.jsonl.
+
+    Refuses, naming the setting or file, unless the earlier run trained its baseline on the same task data with the
+    same settings and evaluated and probed the same rows.
+    """
+    with open(os.path.join(source_dir, "settings.json")) as f:
+        source = json.load(f)
+    for key in BASELINE_SETTINGS:
+        if source.get(key) != settings.get(key):
+            raise ValueError(
+                f"--baseline_from {source_dir}: its baseline ran with {key}={source.get(key)!r}, this run asks for "
+                f"{key}={settings.get(key)!r}; pass the same value or drop --baseline_from."
+            )
+    for path in (data["dataset"], data["probe_pairs"]):
+        theirs = os.path.join(source_dir, os.path.relpath(path, output_dir))
+        with open(path, "rb") as f:
+            ours = f.read()
+        same = False
+        if os.path.isfile(theirs):
+            with open(theirs, "rb") as f:
+                same = f.read() == ours
+        if not same:
+            raise ValueError(
+                f"--baseline_from {source_dir}: {theirs} differs from (or lacks) this run's {path}; the baseline "
+                "would be scored on other rows. Rebuild it with the same languages and data settings."
+            )
+    done = {(r["kind"], r["arm"], r.get("seed")) for r in read_runs(output_dir)}
+    for record in read_runs(source_dir):
+        if record["arm"] in ("base", "baseline") and (record["kind"], record["arm"], record.get("seed")) not in done:
+            if "run_dir" in record:
+                record["run_dir"] = os.path.relpath(os.path.join(source_dir, record["run_dir"]), output_dir)
+            append_run(output_dir, {**record, "reused_from": os.path.abspath(source_dir)})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -516,12 +590,15 @@ def main(argv=None) -> dict:
         "alignment_languages": [lang for lang in args.alignment_languages if lang in data["languages"]],
         **{k: getattr(args, k) for k in (
             "quick", "seeds", "max_steps", "aligned_steps_factor", "batch_size", "learning_rate", "align_layer",
-            "max_chars", "max_length", "max_eval", "max_new_tokens", "max_alignment_pairs", "probe_pairs",
-            "directions", "data_seed",
+            "align_weight", "align_schedule", "align_stop_gradient", "align_batch_size", "max_chars", "max_length",
+            "max_eval", "max_new_tokens", "max_alignment_pairs", "probe_pairs", "directions", "data_seed",
+            "baseline_from",
         )},
     }  # fmt: skip
     with open(os.path.join(args.output_dir, "settings.json"), "w") as f:
         json.dump(settings, f, indent=2)
+    if args.baseline_from:
+        reuse_baseline(args.baseline_from, args.output_dir, settings, data)
     done = {(r["kind"], r["arm"], r.get("seed")) for r in read_runs(args.output_dir)}
     layer = int(args.align_layer)
     if ("probe", "base", None) not in done:

@@ -387,3 +387,57 @@ def test_answer_statistics_of_slot_filling_outputs():
     assert stats["none"] == pytest.approx(2 / 4)
     with pytest.raises(ValueError, match="Not a slot-filling prompt"):
         outputs.request_of("Translate this")
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("transfer_driver", os.path.join(ROOT, "benchmarks", "transfer.py"))
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    return driver
+
+
+def test_aligned_arm_variants_reach_the_recipe_command():
+    driver = _driver()
+    data = {"dataset": "d.jsonl", "pairs": "p.jsonl", "train_languages": ["en-US"], "eval_languages": ["ja-JP"],
+            "alignment_languages": ["ja-JP"]}  # fmt: skip
+    args = driver.parse_args(["--task", "slot_filling", "--output_dir", "o", "--max_steps", "10", "--model", "m", "--align_weight",
+                              "0.1", "--align_schedule", "joint", "--align_stop_gradient", "target"])  # fmt: skip
+    assert args.aligned_steps_factor == 1.0  # joint: one step per task micro-batch, as the baseline
+    aligned = driver.recipe_command(args, data, "aligned", 0, "run")
+    assert aligned[aligned.index("--align_weight") + 1] == "0.1"
+    assert aligned[aligned.index("--align_schedule") + 1] == "joint"
+    assert aligned[aligned.index("--align_stop_gradient") + 1] == "target"
+    assert aligned[aligned.index("--max_steps") + 1] == "10"
+    baseline = driver.recipe_command(args, data, "baseline", 0, "run")
+    assert not any(flag.startswith("--align_") for flag in baseline)
+    args = driver.parse_args(["--task", "slot_filling", "--output_dir", "o", "--max_steps", "10", "--model", "m"])
+    aligned = driver.recipe_command(args, data, "aligned", 0, "run")
+    assert aligned[aligned.index("--max_steps") + 1] == "20" and "--align_stop_gradient" not in aligned
+
+
+def test_baseline_from_copies_the_baseline_runs_only_when_data_and_settings_match(tmp_path):
+    driver = _driver()
+    settings = {key: 1 for key in driver.BASELINE_SETTINGS}
+    for name, extra in (("old", {"align_layer": "12"}), ("new", {"align_layer": "9"})):
+        (tmp_path / name / "data").mkdir(parents=True)
+        (tmp_path / name / "settings.json").write_text(json.dumps({**settings, **extra}))
+        for file in ("rows.jsonl", "probe.jsonl"):
+            (tmp_path / name / "data" / file).write_text('{"a": 1}\n')
+    old, new = tmp_path / "old", tmp_path / "new"
+    records = [{"kind": "probe", "arm": "base", "seed": None, "retrieval": {}},
+               {"kind": "task", "arm": "baseline", "seed": 0, "run_dir": "runs/baseline-seed0", "scores": {"x": 0.5}},
+               {"kind": "probe", "arm": "baseline", "seed": 0, "retrieval": {}},
+               {"kind": "task", "arm": "aligned", "seed": 0, "run_dir": "runs/aligned-seed0", "scores": {"x": 0.1}}]  # fmt: skip
+    (old / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = {"dataset": str(new / "data" / "rows.jsonl"), "probe_pairs": str(new / "data" / "probe.jsonl")}
+    for _ in range(2):  # a second call (a resumed run) adds nothing
+        driver.reuse_baseline(str(old), str(new), {**settings, "align_layer": "9"}, data)
+    copied = driver.read_runs(str(new))
+    assert [(r["kind"], r["arm"]) for r in copied] == [("probe", "base"), ("task", "baseline"), ("probe", "baseline")]
+    assert copied[1]["scores"] == {"x": 0.5} and all(r["reused_from"] == str(old) for r in copied)
+    assert os.path.normpath(new / copied[1]["run_dir"]) == str(old / "runs" / "baseline-seed0")
+    with pytest.raises(ValueError, match="learning_rate=1.*learning_rate=2"):
+        driver.reuse_baseline(str(old), str(new), {**settings, "learning_rate": 2}, data)
+    (old / "data" / "probe.jsonl").write_text('{"a": 2}\n')
+    with pytest.raises(ValueError, match="probe.jsonl differs"):
+        driver.reuse_baseline(str(old), str(new), settings, data)
