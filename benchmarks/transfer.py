@@ -314,6 +314,11 @@ def reuse_baseline(source_dir: str, output_dir: str, settings: dict, data: dict)
     Refuses, naming the setting or file, unless the earlier run trained its baseline on the same task data with the
     same settings and evaluated and probed the same rows.
     """
+    if not os.path.isfile(os.path.join(source_dir, "settings.json")):
+        raise ValueError(
+            f"--baseline_from {source_dir}: no settings.json there; pass an --output_dir of an earlier run of this "
+            "driver."
+        )
     with open(os.path.join(source_dir, "settings.json")) as f:
         source = json.load(f)
     for key in BASELINE_SETTINGS:

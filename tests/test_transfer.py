@@ -400,8 +400,8 @@ def test_aligned_arm_variants_reach_the_recipe_command():
     driver = _driver()
     data = {"dataset": "d.jsonl", "pairs": "p.jsonl", "train_languages": ["en-US"], "eval_languages": ["ja-JP"],
             "alignment_languages": ["ja-JP"]}  # fmt: skip
-    args = driver.parse_args(["--task", "slot_filling", "--output_dir", "o", "--max_steps", "10", "--model", "m", "--align_weight",
-                              "0.1", "--align_schedule", "joint", "--align_stop_gradient", "target"])  # fmt: skip
+    args = driver.parse_args(["--task", "slot_filling", "--output_dir", "o", "--max_steps", "10", "--model", "m",
+                              "--align_weight", "0.1", "--align_schedule", "joint", "--align_stop_gradient", "target"])  # fmt: skip
     assert args.aligned_steps_factor == 1.0  # joint: one step per task micro-batch, as the baseline
     aligned = driver.recipe_command(args, data, "aligned", 0, "run")
     assert aligned[aligned.index("--align_weight") + 1] == "0.1"
@@ -441,3 +441,5 @@ def test_baseline_from_copies_the_baseline_runs_only_when_data_and_settings_matc
     (old / "data" / "probe.jsonl").write_text('{"a": 2}\n')
     with pytest.raises(ValueError, match="probe.jsonl differs"):
         driver.reuse_baseline(str(old), str(new), settings, data)
+    with pytest.raises(ValueError, match="no settings.json there"):
+        driver.reuse_baseline(str(tmp_path / "missing"), str(new), settings, data)
