@@ -17,6 +17,7 @@ Prints one markdown table row per directory and arm: mean ± std over seeds.
 import argparse
 import glob
 import json
+import math
 import os
 import statistics
 
@@ -57,8 +58,14 @@ def run_statistics(run_dir: str) -> dict[str, dict[str, float]]:
         by_language.setdefault(record["language"], []).append(record)
     stats = {lang: answer_statistics(rows) for lang, rows in by_language.items()}
     others = [s for lang, s in stats.items() if lang != ENGLISH]
-    mean = {key: statistics.fmean(s[key] for s in others) for key in others[0]} if others else {}
+    mean = {key: _finite_mean([s[key] for s in others]) for key in others[0]} if others else {}
     return {"english": stats.get(ENGLISH, {}), "others": mean}
+
+
+def _finite_mean(values: list[float]) -> float:
+    """The mean of the finite values (`verbatim` is NaN for a language whose answers hold no slot); NaN if none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else float("nan")
 
 
 def main(argv=None) -> list[dict]:
@@ -78,7 +85,7 @@ def main(argv=None) -> list[dict]:
             cells = []
             for key in keys:
                 for group in ("english", "others"):
-                    values = [s[group][key] for s in per_run if key in s[group]]
+                    values = [s[group][key] for s in per_run if math.isfinite(s[group].get(key, math.nan))]
                     std = statistics.stdev(values) if len(values) > 1 else 0.0
                     cells.append(f"{statistics.fmean(values):.2f} ± {std:.2f}" if values else "n/a")
             print(f"| {output_dir} | {arm} | {len(per_run)} | " + " | ".join(cells) + " |")

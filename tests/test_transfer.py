@@ -389,6 +389,29 @@ def test_answer_statistics_of_slot_filling_outputs():
         outputs.request_of("Translate this")
 
 
+def test_answer_statistics_when_a_language_answers_only_none(tmp_path):
+    """A language whose answers hold no slot has no verbatim share: the others' mean and the table leave it out (a run
+    of the joint weight-10 variant crashed the table with a NaN)."""
+    spec = importlib.util.spec_from_file_location("outputs", os.path.join(ROOT, "benchmarks", "transfer_outputs.py"))
+    outputs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(outputs)
+    prompt = slot_filling.PROMPT.format
+    rows = {"en-US": ("Click OK", "emph: OK", "emph: OK"), "de-DE": ("Klicken Sie OK", "emph: OK", "emph: Abbrechen"),
+            "km-KH": ("ចុច OK", "emph: OK", "None")}  # fmt: skip
+    for seed, languages in enumerate((rows, {k: v for k, v in rows.items() if k != "de-DE"})):
+        run = tmp_path / "runs" / f"aligned-seed{seed}"
+        run.mkdir(parents=True)
+        records = [{"language": lang, "prompt": prompt(utterance=u), "reference": r, "prediction": p}
+                   for lang, (u, r, p) in languages.items()]  # fmt: skip
+        (run / "eval_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = outputs.run_statistics(str(tmp_path / "runs" / "aligned-seed0"))
+    assert stats["others"]["verbatim"] == 0.0  # de-DE's "Abbrechen" is not in its request; km-KH has no value
+    assert stats["others"]["none"] == pytest.approx(1 / 2)
+    assert math.isnan(outputs.run_statistics(str(tmp_path / "runs" / "aligned-seed1"))["others"]["verbatim"])
+    (table,) = outputs.main([str(tmp_path)])  # seed 1 has no verbatim share in the other languages: one value left
+    assert [run["others"]["none"] for run in table["runs"]] == [pytest.approx(0.5), 1.0]
+
+
 def _driver():
     spec = importlib.util.spec_from_file_location("transfer_driver", os.path.join(ROOT, "benchmarks", "transfer.py"))
     driver = importlib.util.module_from_spec(spec)
