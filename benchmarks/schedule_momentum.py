@@ -83,7 +83,6 @@ def measure(args, model_path: str, rows: list[dict], align_weight: float) -> lis
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.manual_seed(0)
     model_path = args.model or gemma3_270m()
     pairs = libreoffice_parallel_pairs(
         ["ja", "ru"], max_pairs_per_language=args.steps * args.batch_size, max_chars=120

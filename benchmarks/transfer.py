@@ -194,6 +194,16 @@ def read_runs(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def run_key(record: dict) -> tuple:
+    """What identifies a line of runs.jsonl: `(kind, arm, seed)`."""
+    return record["kind"], record["arm"], record.get("seed")
+
+
+def recorded_runs(output_dir: str) -> set[tuple]:
+    """The `run_key` of every run and probe already in `output_dir`'s runs.jsonl (what a resumed call skips)."""
+    return {run_key(r) for r in read_runs(output_dir)}
+
+
 def append_run(output_dir: str, record: dict) -> None:
     with open(os.path.join(output_dir, RUNS_FILE), "a") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -340,9 +350,9 @@ def reuse_baseline(source_dir: str, output_dir: str, settings: dict, data: dict)
                 f"--baseline_from {source_dir}: {theirs} differs from (or lacks) this run's {path}; the baseline "
                 "would be scored on other rows. Rebuild it with the same languages and data settings."
             )
-    done = {(r["kind"], r["arm"], r.get("seed")) for r in read_runs(output_dir)}
+    done = recorded_runs(output_dir)
     for record in read_runs(source_dir):
-        if record["arm"] in ("base", "baseline") and (record["kind"], record["arm"], record.get("seed")) not in done:
+        if record["arm"] in ("base", "baseline") and run_key(record) not in done:
             if "run_dir" in record:
                 record["run_dir"] = os.path.relpath(os.path.join(source_dir, record["run_dir"]), output_dir)
             append_run(output_dir, {**record, "reused_from": os.path.abspath(source_dir)})
@@ -604,7 +614,7 @@ def main(argv=None) -> dict:
         json.dump(settings, f, indent=2)
     if args.baseline_from:
         reuse_baseline(args.baseline_from, args.output_dir, settings, data)
-    done = {(r["kind"], r["arm"], r.get("seed")) for r in read_runs(args.output_dir)}
+    done = recorded_runs(args.output_dir)
     layer = int(args.align_layer)
     if ("probe", "base", None) not in done:
         result = probe(args.model, None, data["probe_pairs"], args.probe_pairs, layer)
