@@ -16,7 +16,7 @@ import types
 import warnings
 
 import pytest
-from testing_utils import build_model, build_tokenizer
+from testing_utils import build_model, build_tokenizer, load_script
 
 from trl_midalign.cli import main as cli_main
 from trl_midalign.probing import ProbeResult
@@ -329,12 +329,7 @@ TOKEN = "hf_TestTokenThatMustNeverBeWritten0123456789"
 
 def load_recipe(name: str):
     """The module of `recipes/<name>.py`, loaded from its file (the recipes are scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(RECIPES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join(RECIPES, f"{name}.py"))
 
 
 def test_recipe_keeps_the_hub_token_off_disk_and_pushes_only_its_own_files(tmp_path, monkeypatch):

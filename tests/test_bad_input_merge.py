@@ -7,7 +7,6 @@ no model are checked with model loading disabled, so the error comes before any 
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from testing_utils import build_model, build_tokenizer, task_rows
+from testing_utils import build_model, build_tokenizer, load_script, task_rows
 from transformers import AutoModelForCausalLM
 
 import trl_midalign
@@ -689,10 +688,7 @@ RECIPES = ("slot_filling", "translation", "structured_generation")
 
 def recipe(name: str):
     """The recipe script `recipes/{name}.py` as a module (its `main` does not run)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join(ROOT, "recipes", f"{name}.py"))
 
 
 def recipe_parsers():

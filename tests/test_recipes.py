@@ -13,7 +13,6 @@ import base64
 import functools
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 from safetensors.torch import load_file
-from testing_utils import build_model, build_tokenizer, write_jsonl
+from testing_utils import build_model, build_tokenizer, load_script, write_jsonl
 
 from trl_midalign.scripts import parse_args
 from trl_midalign.tasks.arguments import PAPER_LORA_MODULES
@@ -53,10 +52,7 @@ FAST = [
 @functools.cache
 def recipe(name: str):
     """The module of `recipes/<name>.py`, loaded from its file (the recipes are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(RECIPES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join(RECIPES, f"{name}.py"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

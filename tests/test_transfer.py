@@ -1,7 +1,6 @@
 """The LibreOffice task data (spans from the help markup, filters, page split, the recipes' loaders on the written
 files) and the transfer benchmark driver (`benchmarks/transfer.py --quick`, end to end, marked slow/downloads)."""
 
-import importlib.util
 import io
 import json
 import math
@@ -12,6 +11,7 @@ import tarfile
 
 import pytest
 from safetensors.torch import load_file
+from testing_utils import load_script
 
 from trl_midalign.data_sources import libreoffice_tasks as lt
 from trl_midalign.data_sources.libreoffice import _HelpPageParser, help_markup
@@ -319,6 +319,11 @@ def test_transfer_quick_end_to_end(tmp_path):
         assert json.load(f)["baseline"] == transfer["baseline"]
 
 
+def _benchmark(name: str):
+    """The script `benchmarks/<name>.py` as a module."""
+    return load_script(os.path.join(ROOT, "benchmarks", f"{name}.py"))
+
+
 def test_capped_split_keeps_the_share_of_paragraphs_with_spans():
     """The cap takes a random sample of the kept paragraphs, not the first ones of the shuffle (which held all the
     kept paragraphs without spans: 66% of a capped split answered None instead of at most 25%)."""
@@ -333,9 +338,7 @@ def test_capped_split_keeps_the_share_of_paragraphs_with_spans():
 
 def test_report_pairs_the_arms_by_seed_for_the_metric_and_the_reference_loss(tmp_path):
     """build_report on hand-written runs: paired differences per language and seed, for both measures, and tables."""
-    spec = importlib.util.spec_from_file_location("transfer_driver", os.path.join(ROOT, "benchmarks", "transfer.py"))
-    driver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(driver)
+    driver = _benchmark("transfer")
     (tmp_path / "data").mkdir()
     languages = {"en": "en-US", "ja": "ja-JP", "fr": "fr-FR"}
     data = {
@@ -368,9 +371,7 @@ def test_report_pairs_the_arms_by_seed_for_the_metric_and_the_reference_loss(tmp
 
 def test_answer_statistics_of_slot_filling_outputs():
     """benchmarks/transfer_outputs.py on hand-written predictions: untyped F1, verbatim share and None share."""
-    spec = importlib.util.spec_from_file_location("outputs", os.path.join(ROOT, "benchmarks", "transfer_outputs.py"))
-    outputs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(outputs)
+    outputs = _benchmark("transfer_outputs")
     prompt = slot_filling.PROMPT.format
     records = [  # right span, wrong type / a value not in the request / None for a gold span / right None
         {"prompt": prompt(utterance="Choose Format - Cells"), "reference": "emph: Format - Cells",
@@ -392,9 +393,7 @@ def test_answer_statistics_of_slot_filling_outputs():
 def test_answer_statistics_when_a_language_answers_only_none(tmp_path):
     """A language whose answers hold no slot has no verbatim share: the others' mean and the table leave it out (a run
     of the joint weight-10 variant crashed the table with a NaN)."""
-    spec = importlib.util.spec_from_file_location("outputs", os.path.join(ROOT, "benchmarks", "transfer_outputs.py"))
-    outputs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(outputs)
+    outputs = _benchmark("transfer_outputs")
     prompt = slot_filling.PROMPT.format
     rows = {"en-US": ("Click OK", "emph: OK", "emph: OK"), "de-DE": ("Klicken Sie OK", "emph: OK", "emph: Abbrechen"),
             "km-KH": ("ចុច OK", "emph: OK", "None")}  # fmt: skip
@@ -412,15 +411,8 @@ def test_answer_statistics_when_a_language_answers_only_none(tmp_path):
     assert [run["others"]["none"] for run in table["runs"]] == [pytest.approx(0.5), 1.0]
 
 
-def _driver():
-    spec = importlib.util.spec_from_file_location("transfer_driver", os.path.join(ROOT, "benchmarks", "transfer.py"))
-    driver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(driver)
-    return driver
-
-
 def test_aligned_arm_variants_reach_the_recipe_command():
-    driver = _driver()
+    driver = _benchmark("transfer")
     data = {"dataset": "d.jsonl", "pairs": "p.jsonl", "train_languages": ["en-US"], "eval_languages": ["ja-JP"],
             "alignment_languages": ["ja-JP"]}  # fmt: skip
     args = driver.parse_args(["--task", "slot_filling", "--output_dir", "o", "--max_steps", "10", "--model", "m",
@@ -439,7 +431,7 @@ def test_aligned_arm_variants_reach_the_recipe_command():
 
 
 def test_baseline_from_copies_the_baseline_runs_only_when_data_and_settings_match(tmp_path):
-    driver = _driver()
+    driver = _benchmark("transfer")
     settings = {key: 1 for key in driver.BASELINE_SETTINGS}
     for name, extra in (("old", {"align_layer": "12"}), ("new", {"align_layer": "9"})):
         (tmp_path / name / "data").mkdir(parents=True)

@@ -8,6 +8,7 @@ tests/scripts get `PYTHONPATH=<repo>/tests:<repo>` from the test that launches t
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -256,3 +257,13 @@ def changed_parameters(before: dict[str, torch.Tensor], model) -> list[str]:
     """The names of the trainable parameters of `model` that differ from `before` (see `trainable_state`)."""
     after = trainable_state(model)
     return sorted(name for name, value in after.items() if not torch.equal(before[name], value))
+
+
+def load_script(path: str):
+    """The Python script at `path` (a recipe or a benchmark: scripts, not a package) as a module; its `main` does not
+    run."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
