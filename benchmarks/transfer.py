@@ -28,6 +28,13 @@ data, the probe pairs and every setting the baseline depends on are the same):
 
     python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot_w01 --seeds 3 \
         --align_weight 0.1 --baseline_from outputs/transfer_slot
+
+The adapters of an earlier run can be scored again on more evaluation rows without training (`--evaluate_from`; the
+data and training settings come from its settings.json, the eval pages are the same). With `--max_new_tokens 1` only
+the teacher-forced reference loss is meaningful, which is cheap enough for hundreds of rows per language:
+
+    python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot_256 \
+        --evaluate_from outputs/transfer_slot --max_eval 256 --max_new_tokens 1
 """
 
 import argparse
@@ -113,9 +120,20 @@ def parse_args(argv=None):
         "run only the aligned arm: for variants of the aligned arm",
     )
     parser.add_argument(
+        "--evaluate_from",
+        default=None,
+        help="train nothing: evaluate the adapters of this earlier output_dir (both arms, its seeds) on this run's "
+        "evaluation rows, e.g. more of them with --max_eval 256 --max_new_tokens 1 (reference loss only); the data "
+        "and training settings are taken from its settings.json",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=1, help="runs at a time (each recipe gets cores / jobs threads); 2 on 2 cores"
     )
     args = parser.parse_args(argv)
+    if args.evaluate_from and args.baseline_from:
+        parser.error("--evaluate_from trains nothing and --baseline_from trains the aligned arm: pass one of them")
+    if args.evaluate_from:
+        take_training_settings(args, parser)
     quick = args.quick
     defaults = {
         "seeds": 1 if quick else 3,
@@ -135,6 +153,53 @@ def parse_args(argv=None):
     if args.train_languages is None:
         args.train_languages = ["de"] if args.task == "translation" else ["en"]
     return args
+
+
+# What `--evaluate_from` takes from the earlier run's settings.json: everything that decides its data and its training
+# (the evaluation caps `max_eval` and `max_new_tokens` only when not given).
+TRAINING_SETTINGS = (
+    "train_languages", "alignment_languages", "quick", "seeds", "max_steps", "aligned_steps_factor", "batch_size",
+    "learning_rate", "align_layer", "align_weight", "align_schedule", "align_stop_gradient", "align_batch_size",
+    "max_chars", "max_length", "max_alignment_pairs", "probe_pairs", "directions", "data_seed",
+)  # fmt: skip
+
+
+def read_settings(source_dir: str, flag: str) -> dict:
+    path = os.path.join(source_dir, "settings.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{flag} {source_dir}: no settings.json there; pass an --output_dir of an earlier run of this driver."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def take_training_settings(args, parser: argparse.ArgumentParser) -> None:
+    """Set the data and training settings of `args` to those of the `--evaluate_from` run.
+
+    Refuses another task, and a flag given on the command line with a value other than the earlier run's: the adapters
+    being evaluated were trained with that run's settings. A setting an older driver did not record keeps this call's
+    value (printed), so pass it as that run had it.
+    """
+    source = read_settings(args.evaluate_from, "--evaluate_from")
+    if source["task"] != args.task:
+        raise ValueError(
+            f"--evaluate_from {args.evaluate_from}: its runs are of task {source['task']!r}, not {args.task!r}."
+        )
+    for key in TRAINING_SETTINGS:
+        given = getattr(args, key)
+        if key not in source:  # an older driver that did not record it: the value of this call stands
+            print(f"[transfer] {args.evaluate_from}/settings.json does not record {key}; taking {key}={given!r}")
+            continue
+        if given != parser.get_default(key) and given != source[key]:
+            raise ValueError(
+                f"--evaluate_from {args.evaluate_from}: its adapters were trained with {key}={source[key]!r}, this "
+                f"call passes {key}={given!r}; drop the flag (the earlier run's value is used)."
+            )
+        setattr(args, key, source[key])
+    for key in ("max_eval", "max_new_tokens"):
+        if getattr(args, key) is None:
+            setattr(args, key, source[key])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,9 +331,12 @@ def recipe_command(args, data: dict, arm: str, seed: int, run_dir: str) -> list[
     return command
 
 
-def run_recipe(args, data: dict, arm: str, seed: int) -> dict:
+def run_recipe(args, data: dict, arm: str, seed: int, adapter: str | None = None) -> dict:
+    """Train (or, given `adapter`, only evaluate) one run through the recipe; its record for runs.jsonl."""
     run_dir = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
     command = recipe_command(args, data, arm, seed, run_dir)
+    if adapter is not None:
+        command += ["--eval_only", "--adapter_path", adapter]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
@@ -284,10 +352,11 @@ def run_recipe(args, data: dict, arm: str, seed: int) -> dict:
     with open(os.path.join(run_dir, "eval_results.json")) as f:
         results = json.load(f)
     metric = results["main_metric"]
+    trained = adapter or run_dir
     checkpoints = sorted(
-        (d for d in os.listdir(run_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
+        (d for d in os.listdir(trained) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
     )
-    with open(os.path.join(run_dir, checkpoints[-1], "trainer_state.json")) as f:
+    with open(os.path.join(trained, checkpoints[-1], "trainer_state.json")) as f:
         state = json.load(f)
     log = state["log_history"]
     return {
@@ -308,7 +377,25 @@ def run_recipe(args, data: dict, arm: str, seed: int) -> dict:
         "alignment_losses": [entry[k] for entry in log for k in entry if k.startswith("align") and "loss" in k],
         "wall_s": round(wall, 1),
         "run_dir": os.path.relpath(run_dir, args.output_dir),
+        **({"evaluated_from": os.path.abspath(adapter)} if adapter else {}),
     }
+
+
+def adapters_of(source_dir: str) -> dict[tuple[str, int], str]:
+    """The adapter folder of every task run recorded in `source_dir` (`--evaluate_from`), by `(arm, seed)`."""
+    adapters = {}
+    for record in read_runs(source_dir):
+        if record["kind"] == "task":
+            path = record.get("evaluated_from") or os.path.join(source_dir, record["run_dir"])
+            if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+                raise ValueError(
+                    f"--evaluate_from {source_dir}: the {record['arm']} run of seed {record['seed']} has no adapter "
+                    f"in {path}; finish or rerun that run first."
+                )
+            adapters[record["arm"], record["seed"]] = path
+    if not adapters:
+        raise ValueError(f"--evaluate_from {source_dir}: its runs.jsonl records no finished run to evaluate.")
+    return adapters
 
 
 # Settings the baseline arm depends on; `--baseline_from` refuses an earlier run that differs in any of them.
@@ -324,13 +411,7 @@ def reuse_baseline(source_dir: str, output_dir: str, settings: dict, data: dict)
     Refuses, naming the setting or file, unless the earlier run trained its baseline on the same task data with the
     same settings and evaluated and probed the same rows.
     """
-    if not os.path.isfile(os.path.join(source_dir, "settings.json")):
-        raise ValueError(
-            f"--baseline_from {source_dir}: no settings.json there; pass an --output_dir of an earlier run of this "
-            "driver."
-        )
-    with open(os.path.join(source_dir, "settings.json")) as f:
-        source = json.load(f)
+    source = read_settings(source_dir, "--baseline_from")
     for key in BASELINE_SETTINGS:
         if source.get(key) != settings.get(key):
             raise ValueError(
@@ -607,13 +688,21 @@ def main(argv=None) -> dict:
             "quick", "seeds", "max_steps", "aligned_steps_factor", "batch_size", "learning_rate", "align_layer",
             "align_weight", "align_schedule", "align_stop_gradient", "align_batch_size", "max_chars", "max_length",
             "max_eval", "max_new_tokens", "max_alignment_pairs", "probe_pairs", "directions", "data_seed",
-            "baseline_from",
+            "baseline_from", "evaluate_from",
         )},
     }  # fmt: skip
     with open(os.path.join(args.output_dir, "settings.json"), "w") as f:
         json.dump(settings, f, indent=2)
+    if (
+        args.evaluate_from
+        and settings["model_name"] != read_settings(args.evaluate_from, "--evaluate_from")["model_name"]
+    ):
+        raise ValueError(
+            f"--evaluate_from {args.evaluate_from}: its adapters belong to another model than {args.model}."
+        )
     if args.baseline_from:
         reuse_baseline(args.baseline_from, args.output_dir, settings, data)
+    adapters = adapters_of(args.evaluate_from) if args.evaluate_from else None
     done = recorded_runs(args.output_dir)
     layer = int(args.align_layer)
     if ("probe", "base", None) not in done:
@@ -622,13 +711,14 @@ def main(argv=None) -> dict:
     lock = threading.Lock()
 
     def run_and_probe(arm: str, seed: int) -> None:
+        adapter = adapters[arm, seed] if adapters else None
         if ("task", arm, seed) not in done:
-            record = run_recipe(args, data, arm, seed)
+            record = run_recipe(args, data, arm, seed, adapter)
             with lock:
                 append_run(args.output_dir, record)
             print(f"[transfer] {arm} seed {seed}: {record['scores']} ({record['wall_s']:.0f} s)", flush=True)
         if ("probe", arm, seed) not in done:
-            adapter = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
+            adapter = adapter or os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
             result = probe(args.model, adapter, data["probe_pairs"], args.probe_pairs, layer)
             with lock:
                 append_run(args.output_dir, {"kind": "probe", "arm": arm, "seed": seed, **result})
@@ -638,6 +728,8 @@ def main(argv=None) -> dict:
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))  # the probes run in this process
     runs = [(arm, seed) for seed in range(args.seeds) for arm in ("baseline", "aligned")]
+    if adapters:
+        runs = [run for run in runs if run in adapters]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for future in [pool.submit(run_and_probe, arm, seed) for arm, seed in runs]:
             future.result()  # re-raises a failed run

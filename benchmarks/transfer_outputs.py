@@ -1,13 +1,23 @@
-"""What the slot-filling answers of `benchmarks/transfer.py` runs look like, per arm: beyond slot F1.
+"""What the answers of `benchmarks/transfer.py` runs look like, per arm: beyond the task's metric.
 
-For every run of one or more transfer output directories (their `runs/<arm>-seed<k>/eval_predictions.jsonl`), and for
-English and the mean of the other languages:
+For every run of one or more transfer output directories (their `runs/<arm>-seed<k>/eval_predictions.jsonl`):
+
+Slot filling, for English and the mean of the other languages:
 
 - `untyped_f1`: span F1 with the slot type ignored (is the right text picked, whatever its class?);
 - `verbatim`: the share of predicted slot values that occur in the request as they are (case-insensitive). A slot
   value is always a piece of the request, so a lower share means answers that are paraphrased, translated, mixed
   with another language or degenerate (repeated `emph:emph:...`);
 - `none`: the share of answers without any slot.
+
+Translation, for the mean of the directions into English and out of English that had no task data (the trained
+directions, `train_languages` of the run's settings.json, are left out):
+
+- `copied`: the share of answers that repeat the source text (case and spacing ignored) instead of translating it;
+- `target_script`: the share of answers whose letters are mostly in the target language's script; only directions
+  with a non-Latin side (ja, zh, ko, hi, km, ru) count, where script tells the languages apart (off-target answers,
+  e.g. English copied into an English -> Japanese direction, score 0); `reference_script`: the same for the
+  references, which shows how far the script test can be trusted (about 1).
 
     python benchmarks/transfer_outputs.py outputs/transfer_slot [more output dirs]
 
@@ -49,17 +59,74 @@ def answer_statistics(records: list[dict]) -> dict[str, float]:
     }
 
 
-def run_statistics(run_dir: str) -> dict[str, dict[str, float]]:
-    """{"english": stats, "others": stats averaged over the non-English languages} of one run."""
+# Unicode ranges of the scripts that tell a translation's target language apart from English (and from each other)
+SCRIPTS = {
+    "ja": ((0x3040, 0x30FF), (0x4E00, 0x9FFF)),  # kana, CJK ideographs
+    "zh": ((0x3400, 0x4DBF), (0x4E00, 0x9FFF)),
+    "ko": ((0x1100, 0x11FF), (0x3130, 0x318F), (0xAC00, 0xD7AF)),
+    "hi": ((0x0900, 0x097F),),
+    "km": ((0x1780, 0x17FF),),
+    "ru": ((0x0400, 0x04FF),),
+    "en": ((0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F)),  # Latin
+}
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def in_script(text: str, language: str) -> bool:
+    """Whether at least half of the letters of `text` are in the script of `language` (a key of `SCRIPTS`)."""
+    letters = [ord(c) for c in text if c.isalpha()]
+    inside = sum(any(lo <= c <= hi for lo, hi in SCRIPTS[language]) for c in letters)
+    return bool(letters) and inside >= len(letters) / 2
+
+
+def translation_statistics(records: list[dict]) -> dict[str, float]:
+    """`copied` and `target_script` of one direction's prediction records (see the module docstring)."""
+    source, target = records[0]["language"].split("-")
+    scored = target in SCRIPTS and (target != "en" or source in SCRIPTS)  # a non-Latin side
+    return {
+        "copied": sum(_normalise(r["prediction"]) == _normalise(r["source"]) for r in records) / len(records),
+        "target_script": (
+            sum(in_script(r["prediction"], target) for r in records) / len(records) if scored else float("nan")
+        ),
+        # the same for the references: how far the script test itself can be trusted (about 1)
+        "reference_script": (
+            sum(in_script(r["reference"], target) for r in records) / len(records) if scored else float("nan")
+        ),
+    }
+
+
+def _group(task: str, language: str, trained: list[str]) -> str | None:
+    if task == "slot_filling":
+        return "en" if language == ENGLISH else "others"
+    source, target = language.split("-")
+    if source in trained or target in trained:  # de-en, en-de: the task data
+        return None
+    return "into en" if target == "en" else "out of en"
+
+
+TASKS = {
+    "slot_filling": (answer_statistics, ("untyped_f1", "verbatim", "none"), ("en", "others")),
+    "translation": (translation_statistics, ("copied", "target_script", "reference_script"), ("into en", "out of en")),
+}
+
+
+def run_statistics(run_dir: str, task: str = "slot_filling", trained: list[str] = ()) -> dict[str, dict[str, float]]:
+    """{group: the statistics averaged over the group's languages} of one run (groups: see `TASKS`)."""
     with open(os.path.join(run_dir, "eval_predictions.jsonl")) as f:
         records = [json.loads(line) for line in f]
     by_language: dict[str, list[dict]] = {}
     for record in records:
         by_language.setdefault(record["language"], []).append(record)
-    stats = {lang: answer_statistics(rows) for lang, rows in by_language.items()}
-    others = [s for lang, s in stats.items() if lang != ENGLISH]
-    mean = {key: _finite_mean([s[key] for s in others]) for key in others[0]} if others else {}
-    return {"english": stats.get(ENGLISH, {}), "others": mean}
+    statistics_of, keys, groups = TASKS[task]
+    stats = {lang: statistics_of(rows) for lang, rows in by_language.items()}
+    result = {}
+    for group in groups:
+        members = [s for lang, s in stats.items() if _group(task, lang, list(trained)) == group]
+        result[group] = {key: _finite_mean([s[key] for s in members]) for key in keys} if members else {}
+    return result
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -70,21 +137,32 @@ def _finite_mean(values: list[float]) -> float:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output_dirs", nargs="+", help="output directories of benchmarks/transfer.py (slot filling)")
+    parser.add_argument(
+        "output_dirs", nargs="+", help="output directories of benchmarks/transfer.py (slot filling or translation)"
+    )
     args = parser.parse_args(argv)
-    keys = ("untyped_f1", "verbatim", "none")
-    print("| runs | arm | seeds | " + " | ".join(f"{k} en | {k} others" for k in keys) + " |")
-    print("|---|---|---|" + "---|---|" * len(keys))
-    rows = []
+    settings = []
     for output_dir in args.output_dirs:
+        with open(os.path.join(output_dir, "settings.json")) as f:
+            settings.append(json.load(f))
+    tasks = {s["task"] for s in settings}
+    if len(tasks) != 1 or not tasks <= set(TASKS):
+        raise SystemExit(f"Pass output directories of one task of {sorted(TASKS)}; these are of {sorted(tasks)}.")
+    task = tasks.pop()
+    _, keys, groups = TASKS[task]
+    print("| runs | arm | seeds | " + " | ".join(f"{k} {g}" for k in keys for g in groups) + " |")
+    print("|---|---|---|" + "---|" * len(keys) * len(groups))
+    rows = []
+    for output_dir, setting in zip(args.output_dirs, settings):
         for arm in ("baseline", "aligned"):
             runs = sorted(glob.glob(os.path.join(output_dir, "runs", f"{arm}-seed*", "eval_predictions.jsonl")))
-            per_run = [run_statistics(os.path.dirname(path)) for path in runs]
+            trained = setting["train_languages"]
+            per_run = [run_statistics(os.path.dirname(path), task, trained) for path in runs]
             if not per_run:
                 continue
             cells = []
             for key in keys:
-                for group in ("english", "others"):
+                for group in groups:
                     values = [s[group][key] for s in per_run if math.isfinite(s[group].get(key, math.nan))]
                     std = statistics.stdev(values) if len(values) > 1 else 0.0
                     cells.append(f"{statistics.fmean(values):.2f} ± {std:.2f}" if values else "n/a")

@@ -317,6 +317,25 @@ def test_transfer_quick_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     with open(output_dir / "transfer.json") as f:
         assert json.load(f)["baseline"] == transfer["baseline"]
+    # --evaluate_from scores the same adapters on more rows, training nothing
+    evaluated_dir = tmp_path / "evaluated"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "transfer.py"), "--task", "slot_filling"]
+    command += ["--output_dir", str(evaluated_dir), "--evaluate_from", str(output_dir), "--max_eval", "5"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    again = [json.loads(line) for line in (evaluated_dir / "runs.jsonl").read_text().splitlines()]
+    for arm in ("baseline", "aligned"):
+        record = next(r for r in again if r["kind"] == "task" and r["arm"] == arm)
+        assert os.path.normpath(record["evaluated_from"]) == str(output_dir / tasks[arm]["run_dir"])
+        assert record["global_step"] == tasks[arm]["global_step"] and record["losses"] == tasks[arm]["losses"]
+        assert set(record["num_examples"].values()) == {5} and set(tasks[arm]["num_examples"].values()) == {3}
+        assert not (evaluated_dir / record["run_dir"] / "adapter_model.safetensors").exists()  # nothing trained
+        # the same adapter probed on the same pairs gives the same curve
+        before = next(r for r in runs if r["kind"] == "probe" and r["arm"] == arm)["retrieval"]
+        after = next(r for r in again if r["kind"] == "probe" and r["arm"] == arm)["retrieval"]
+        assert before.keys() == after.keys()
+        for language in before:
+            assert after[language] == pytest.approx(before[language], abs=1e-6), (arm, language)
 
 
 def _benchmark(name: str):
@@ -403,12 +422,45 @@ def test_answer_statistics_when_a_language_answers_only_none(tmp_path):
         records = [{"language": lang, "prompt": prompt(utterance=u), "reference": r, "prediction": p}
                    for lang, (u, r, p) in languages.items()]  # fmt: skip
         (run / "eval_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "settings.json").write_text(json.dumps({"task": "slot_filling", "train_languages": ["en"]}))
     stats = outputs.run_statistics(str(tmp_path / "runs" / "aligned-seed0"))
     assert stats["others"]["verbatim"] == 0.0  # de-DE's "Abbrechen" is not in its request; km-KH has no value
     assert stats["others"]["none"] == pytest.approx(1 / 2)
     assert math.isnan(outputs.run_statistics(str(tmp_path / "runs" / "aligned-seed1"))["others"]["verbatim"])
     (table,) = outputs.main([str(tmp_path)])  # seed 1 has no verbatim share in the other languages: one value left
     assert [run["others"]["none"] for run in table["runs"]] == [pytest.approx(0.5), 1.0]
+
+
+def test_translation_outputs_copied_and_target_script(tmp_path):
+    """benchmarks/transfer_outputs.py on hand-written translations: copies of the source, answers in the target
+    script, the trained directions left out."""
+    outputs = _benchmark("transfer_outputs")
+    assert outputs.in_script("選択したセルに Calc", "ja") and not outputs.in_script("Editing Curves", "ja")
+    assert outputs.in_script("Изменить", "ru") and outputs.in_script("Insert Chart", "en")
+    assert not outputs.in_script("", "en") and not outputs.in_script("123 !", "ko")
+    rows = [("en-ja", "Editing Curves", "曲線を編集する", "editing  curves"),  # copied, off target
+            ("en-ja", "Insert Chart", "グラフの挿入", "グラフを挿入"),  # in the target script
+            ("en-fr", "Insert Chart", "Insérer un diagramme", "Insert chart"),  # copied; Latin: no script share
+            ("ja-en", "グラフの挿入", "Insert Chart", "Insert a chart"),
+            ("ja-en", "グラフの挿入", "Insert Chart", "グラフの挿入"),  # copied, not English
+            ("de-en", "Diagramm einfügen", "Insert Chart", "Diagramm einfügen"),  # trained direction: left out
+            ("en-de", "Insert Chart", "Diagramm einfügen", "Insert Chart")]  # fmt: skip
+    run = tmp_path / "runs" / "baseline-seed0"
+    run.mkdir(parents=True)
+    records = [{"language": d, "source": src, "reference": ref, "prediction": pred} for d, src, ref, pred in rows]
+    (run / "eval_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "settings.json").write_text(json.dumps({"task": "translation", "train_languages": ["de"]}))
+    stats = outputs.run_statistics(str(run), "translation", ["de"])
+    assert stats["out of en"]["copied"] == pytest.approx((1 / 2 + 1) / 2)  # en-ja, en-fr
+    assert stats["out of en"]["target_script"] == pytest.approx(1 / 2)  # en-ja only
+    assert stats["into en"] == {"copied": pytest.approx(1 / 2), "target_script": pytest.approx(1 / 2),
+                                "reference_script": 1.0}  # fmt: skip
+    assert stats["out of en"]["reference_script"] == 1.0
+    (table,) = outputs.main([str(tmp_path)])
+    assert table["arm"] == "baseline" and table["runs"] == [stats]
+    (tmp_path / "settings.json").write_text(json.dumps({"task": "structured_generation", "train_languages": ["en"]}))
+    with pytest.raises(SystemExit, match="structured_generation"):
+        outputs.main([str(tmp_path)])
 
 
 def test_aligned_arm_variants_reach_the_recipe_command():
@@ -458,3 +510,65 @@ def test_baseline_from_copies_the_baseline_runs_only_when_data_and_settings_matc
         driver.reuse_baseline(str(old), str(new), settings, data)
     with pytest.raises(ValueError, match="no settings.json there"):
         driver.reuse_baseline(str(tmp_path / "missing"), str(new), settings, data)
+
+
+def test_evaluate_from_takes_the_training_settings_of_the_earlier_run(tmp_path):
+    driver = _benchmark("transfer")
+    old = tmp_path / "old"
+    old.mkdir()
+    trained = {"task": "slot_filling", "model_name": "gemma-3-270m", "train_languages": ["en"],
+               "alignment_languages": ["ja", "ru"], "quick": False, "seeds": 3, "max_steps": 32,
+               "aligned_steps_factor": 1.0, "batch_size": 4, "learning_rate": 0.001, "align_layer": "12",
+               "align_weight": 10.0, "align_schedule": "joint", "align_stop_gradient": "none", "align_batch_size": 16,
+               "max_chars": 70, "max_length": 96, "max_eval": 32, "max_new_tokens": 24, "max_alignment_pairs": 512,
+               "probe_pairs": 32, "directions": "both", "data_seed": 0}  # fmt: skip
+    (old / "settings.json").write_text(json.dumps(trained))
+    base = ["--task", "slot_filling", "--output_dir", str(tmp_path / "new"), "--evaluate_from", str(old)]
+    args = driver.parse_args([*base, "--max_eval", "256", "--max_new_tokens", "1"])
+    for key in driver.TRAINING_SETTINGS:
+        assert getattr(args, key) == trained[key], key
+    assert (args.max_eval, args.max_new_tokens) == (256, 1)
+    args = driver.parse_args([*base, "--batch_size", "4"])  # the earlier run's value may be repeated
+    assert (args.max_eval, args.max_new_tokens, args.batch_size) == (32, 24, 4)
+    with pytest.raises(ValueError, match="max_steps=32, this call passes max_steps=64"):
+        driver.parse_args([*base, "--max_steps", "64"])
+    with pytest.raises(ValueError, match="task 'slot_filling', not 'translation'"):
+        driver.parse_args(["--task", "translation", *base[2:]])
+    with pytest.raises(SystemExit):
+        driver.parse_args([*base, "--baseline_from", str(old)])
+    with pytest.raises(ValueError, match="no settings.json there"):
+        driver.parse_args([*base[:-1], str(tmp_path / "missing")])
+    # A setting an older driver did not record keeps the value of this call
+    del trained["align_batch_size"]
+    (old / "settings.json").write_text(json.dumps(trained))
+    assert driver.parse_args([*base, "--align_batch_size", "8"]).align_batch_size == 8
+
+
+def test_evaluate_from_finds_every_adapter_or_names_the_missing_one(tmp_path):
+    driver = _benchmark("transfer")
+    old, earlier = tmp_path / "old", tmp_path / "earlier"
+    for folder in (old / "runs" / "aligned-seed0", earlier / "runs" / "baseline-seed0"):
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+    records = [{"kind": "probe", "arm": "base", "seed": None},
+               {"kind": "task", "arm": "baseline", "seed": 0, "run_dir": "../earlier/runs/baseline-seed0",
+                "reused_from": str(earlier)},
+               {"kind": "task", "arm": "aligned", "seed": 0, "run_dir": "runs/aligned-seed0"}]  # fmt: skip
+    (old / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    adapters = driver.adapters_of(str(old))
+    assert {key: os.path.normpath(path) for key, path in adapters.items()} == {
+        ("baseline", 0): str(earlier / "runs" / "baseline-seed0"),
+        ("aligned", 0): str(old / "runs" / "aligned-seed0"),
+    }
+    # An evaluation of an evaluation points at the adapters of the run that trained them
+    evaluated = [{"kind": "task", "arm": "aligned", "seed": 0, "run_dir": "runs/aligned-seed0",
+                  "evaluated_from": str(old / "runs" / "aligned-seed0")}]  # fmt: skip
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "runs.jsonl").write_text(json.dumps(evaluated[0]) + "\n")
+    assert driver.adapters_of(str(tmp_path / "again")) == {("aligned", 0): str(old / "runs" / "aligned-seed0")}
+    os.remove(old / "runs" / "aligned-seed0" / "adapter_config.json")
+    with pytest.raises(ValueError, match="aligned run of seed 0 has no adapter"):
+        driver.adapters_of(str(old))
+    (old / "runs.jsonl").write_text(json.dumps(records[0]) + "\n")
+    with pytest.raises(ValueError, match="records no finished run"):
+        driver.adapters_of(str(old))
