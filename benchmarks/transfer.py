@@ -124,14 +124,13 @@ def parse_args(argv=None):
         default=None,
         help="train nothing: evaluate the adapters of this earlier output_dir (both arms, its seeds) on this run's "
         "evaluation rows, e.g. more of them with --max_eval 256 --max_new_tokens 1 (reference loss only); the data "
-        "and training settings are taken from its settings.json",
+        "and training settings are taken from its settings.json; with --baseline_from (an earlier --evaluate_from "
+        "output_dir with the same rows) only the aligned arm is evaluated",
     )
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs at a time (each recipe gets cores / jobs threads); 2 on 2 cores"
     )
     args = parser.parse_args(argv)
-    if args.evaluate_from and args.baseline_from:
-        parser.error("--evaluate_from trains nothing and --baseline_from trains the aligned arm: pass one of them")
     if args.evaluate_from:
         take_training_settings(args, parser)
     quick = args.quick

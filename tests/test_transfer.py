@@ -534,8 +534,6 @@ def test_evaluate_from_takes_the_training_settings_of_the_earlier_run(tmp_path):
         driver.parse_args([*base, "--max_steps", "64"])
     with pytest.raises(ValueError, match="task 'slot_filling', not 'translation'"):
         driver.parse_args(["--task", "translation", *base[2:]])
-    with pytest.raises(SystemExit):
-        driver.parse_args([*base, "--baseline_from", str(old)])
     with pytest.raises(ValueError, match="no settings.json there"):
         driver.parse_args([*base[:-1], str(tmp_path / "missing")])
     # A setting an older driver did not record keeps the value of this call
