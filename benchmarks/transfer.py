@@ -677,10 +677,15 @@ def main(argv=None) -> dict:
         from trl_midalign.data_sources import gemma3_270m
 
         args.model = gemma3_270m()
+    model_name = "gemma-3-270m" if "gemma-3-270m" in args.model else os.path.basename(args.model.rstrip("/"))
+    if args.evaluate_from and model_name != read_settings(args.evaluate_from, "--evaluate_from")["model_name"]:
+        raise ValueError(
+            f"--evaluate_from {args.evaluate_from}: its adapters belong to another model than {args.model}."
+        )
     data = build_data(args)
     settings = {
         "task": args.task,
-        "model_name": "gemma-3-270m" if "gemma-3-270m" in args.model else os.path.basename(args.model.rstrip("/")),
+        "model_name": model_name,
         "train_languages": args.train_languages,
         "alignment_languages": [lang for lang in args.alignment_languages if lang in data["languages"]],
         **{k: getattr(args, k) for k in (
@@ -692,13 +697,6 @@ def main(argv=None) -> dict:
     }  # fmt: skip
     with open(os.path.join(args.output_dir, "settings.json"), "w") as f:
         json.dump(settings, f, indent=2)
-    if (
-        args.evaluate_from
-        and settings["model_name"] != read_settings(args.evaluate_from, "--evaluate_from")["model_name"]
-    ):
-        raise ValueError(
-            f"--evaluate_from {args.evaluate_from}: its adapters belong to another model than {args.model}."
-        )
     if args.baseline_from:
         reuse_baseline(args.baseline_from, args.output_dir, settings, data)
     adapters = adapters_of(args.evaluate_from) if args.evaluate_from else None
