@@ -30,6 +30,7 @@ import json
 import math
 import os
 import statistics
+from collections.abc import Sequence
 
 from trl_midalign.tasks.metrics import span_f1
 from trl_midalign.tasks.slot_filling import PROMPT, parse_slots
@@ -83,7 +84,7 @@ def in_script(text: str, language: str) -> bool:
 
 
 def translation_statistics(records: list[dict]) -> dict[str, float]:
-    """`copied` and `target_script` of one direction's prediction records (see the module docstring)."""
+    """`copied`, `target_script` and `reference_script` of one direction's prediction records (module docstring)."""
     source, target = records[0]["language"].split("-")
     scored = target in SCRIPTS and (target != "en" or source in SCRIPTS)  # a non-Latin side
     return {
@@ -98,7 +99,7 @@ def translation_statistics(records: list[dict]) -> dict[str, float]:
     }
 
 
-def _group(task: str, language: str, trained: list[str]) -> str | None:
+def _group(task: str, language: str, trained: Sequence[str]) -> str | None:
     if task == "slot_filling":
         return "en" if language == ENGLISH else "others"
     source, target = language.split("-")
@@ -113,7 +114,9 @@ TASKS = {
 }
 
 
-def run_statistics(run_dir: str, task: str = "slot_filling", trained: list[str] = ()) -> dict[str, dict[str, float]]:
+def run_statistics(
+    run_dir: str, task: str = "slot_filling", trained: Sequence[str] = ()
+) -> dict[str, dict[str, float]]:
     """{group: the statistics averaged over the group's languages} of one run (groups: see `TASKS`)."""
     with open(os.path.join(run_dir, "eval_predictions.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -124,7 +127,7 @@ def run_statistics(run_dir: str, task: str = "slot_filling", trained: list[str] 
     stats = {lang: statistics_of(rows) for lang, rows in by_language.items()}
     result = {}
     for group in groups:
-        members = [s for lang, s in stats.items() if _group(task, lang, list(trained)) == group]
+        members = [s for lang, s in stats.items() if _group(task, lang, trained) == group]
         result[group] = {key: _finite_mean([s[key] for s in members]) for key in keys} if members else {}
     return result
 
