@@ -87,15 +87,15 @@ def translation_statistics(records: list[dict]) -> dict[str, float]:
     """`copied`, `target_script` and `reference_script` of one direction's prediction records (module docstring)."""
     source, target = records[0]["language"].split("-")
     scored = target in SCRIPTS and (target != "en" or source in SCRIPTS)  # a non-Latin side
+
+    def script_share(field: str) -> float:
+        return sum(in_script(r[field], target) for r in records) / len(records) if scored else float("nan")
+
     return {
         "copied": sum(_normalise(r["prediction"]) == _normalise(r["source"]) for r in records) / len(records),
-        "target_script": (
-            sum(in_script(r["prediction"], target) for r in records) / len(records) if scored else float("nan")
-        ),
+        "target_script": script_share("prediction"),
         # the same for the references: how far the script test itself can be trusted (about 1)
-        "reference_script": (
-            sum(in_script(r["reference"], target) for r in records) / len(records) if scored else float("nan")
-        ),
+        "reference_script": script_share("reference"),
     }
 
 
