@@ -17,7 +17,8 @@ For one task (slot filling, translation or structured generation), this driver
 5. writes `transfer.json`, `transfer.md` and `transfer.png` into `--output_dir`.
 
 Every finished run is appended as one JSON line to `<output_dir>/runs.jsonl`; a second call skips the runs already
-there, so an interrupted run resumes, and `--report_only` rebuilds the report from that file alone.
+there, so an interrupted run resumes (or `--seeds` grows; any other setting must stay as it was, else the call is
+refused), and `--report_only` rebuilds the report from that file alone.
 
     python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot --quick
     python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot --seeds 3
@@ -266,6 +267,32 @@ def run_key(record: dict) -> tuple:
 def recorded_runs(output_dir: str) -> set[tuple]:
     """The `run_key` of every run and probe already in `output_dir`'s runs.jsonl (what a resumed call skips)."""
     return {run_key(r) for r in read_runs(output_dir)}
+
+
+# Settings a resumed call may change: more seeds add runs, and baselines already copied from --baseline_from stay valid.
+RESUMABLE_SETTINGS = ("seeds", "baseline_from")
+
+
+def check_resume(output_dir: str, settings: dict) -> None:
+    """Refuse to add runs to `output_dir` with settings other than those of the runs already recorded there.
+
+    A second call skips the recorded runs and trains the missing ones; with another learning rate (or data, layer,
+    evaluation cap, ...) the report would silently mix runs of two experiments. Only `RESUMABLE_SETTINGS` may differ.
+    """
+    path = os.path.join(output_dir, "settings.json")
+    if not read_runs(output_dir) or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        recorded = json.load(f)
+    for key, value in settings.items():
+        if key in RESUMABLE_SETTINGS or key not in recorded:  # not recorded by an older driver: cannot be compared
+            continue
+        if recorded[key] != value:
+            raise ValueError(
+                f"--output_dir {output_dir} holds runs made with {key}={recorded[key]!r}, this call asks for "
+                f"{key}={value!r}. Pass the same value to resume those runs, or another --output_dir for a new "
+                "experiment (--baseline_from reuses its baselines)."
+            )
 
 
 def append_run(output_dir: str, record: dict) -> None:
@@ -682,12 +709,10 @@ def main(argv=None) -> dict:
         raise ValueError(
             f"--evaluate_from {args.evaluate_from}: its adapters belong to another model than {args.model}."
         )
-    data = build_data(args)
     settings = {
         "task": args.task,
         "model_name": model_name,
         "train_languages": args.train_languages,
-        "alignment_languages": [lang for lang in args.alignment_languages if lang in data["languages"]],
         **{k: getattr(args, k) for k in (
             "quick", "seeds", "max_steps", "aligned_steps_factor", "batch_size", "learning_rate", "align_layer",
             "align_weight", "align_schedule", "align_stop_gradient", "align_batch_size", "max_chars", "max_length",
@@ -695,6 +720,10 @@ def main(argv=None) -> dict:
             "baseline_from", "evaluate_from",
         )},
     }  # fmt: skip
+    check_resume(args.output_dir, settings)  # before build_data rewrites the data files of the recorded runs
+    data = build_data(args)
+    settings["alignment_languages"] = [lang for lang in args.alignment_languages if lang in data["languages"]]
+    check_resume(args.output_dir, settings)  # the alignment languages are known (installed) only now
     with open(os.path.join(args.output_dir, "settings.json"), "w") as f:
         json.dump(settings, f, indent=2)
     if args.baseline_from:

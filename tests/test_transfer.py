@@ -512,6 +512,37 @@ def test_baseline_from_copies_the_baseline_runs_only_when_data_and_settings_matc
         driver.reuse_baseline(str(tmp_path / "missing"), str(new), settings, data)
 
 
+def test_resuming_with_other_settings_is_refused_before_the_data_is_rebuilt(tmp_path):
+    driver = _benchmark("transfer")
+    out = tmp_path / "run"
+    (out / "data" / "slot_filling").mkdir(parents=True)
+    common = ["--task", "slot_filling", "--output_dir", str(out), "--model", str(tmp_path / "gemma-3-270m")]
+    args = driver.parse_args([*common, "--learning_rate", "1e-3"])
+    recorded = {"task": "slot_filling", "model_name": "gemma-3-270m", "train_languages": args.train_languages,
+                "alignment_languages": ["ja", "ru"],
+                **{key: getattr(args, key) for key in driver.TRAINING_SETTINGS if key not in ("train_languages",
+                   "alignment_languages")},
+                "max_eval": args.max_eval, "max_new_tokens": args.max_new_tokens, "baseline_from": None,
+                "evaluate_from": None}  # fmt: skip
+    (out / "settings.json").write_text(json.dumps(recorded))
+    (out / "data" / "slot_filling" / "massive.jsonl").write_text('{"a": 1}\n')
+    # Nothing recorded yet: any settings may be used (the directory is simply reused)
+    driver.check_resume(str(out), {**recorded, "learning_rate": 3e-4})
+    (out / "runs.jsonl").write_text(json.dumps({"kind": "task", "arm": "baseline", "seed": 0}) + "\n")
+    with pytest.raises(ValueError, match=r"holds runs made with learning_rate=0\.001, this call asks for "
+                       r"learning_rate=0\.0003"):  # fmt: skip
+        driver.main([*common, "--learning_rate", "3e-4"])
+    # refused before anything in the directory was rewritten
+    assert json.loads((out / "settings.json").read_text()) == recorded
+    assert (out / "data" / "slot_filling" / "massive.jsonl").read_text() == '{"a": 1}\n'
+    with pytest.raises(ValueError, match="alignment_languages=\\['ja', 'ru'\\], this call asks for"):
+        driver.check_resume(str(out), {**recorded, "alignment_languages": ["ja"]})
+    # More seeds, or dropping --baseline_from once its baselines are copied, resumes
+    driver.check_resume(str(out), {**recorded, "seeds": 5, "baseline_from": "elsewhere"})
+    # A key an older driver did not record cannot be compared and is let through
+    driver.check_resume(str(out), {**recorded, "a_new_setting": 1})
+
+
 def test_evaluate_from_takes_the_training_settings_of_the_earlier_run(tmp_path):
     driver = _benchmark("transfer")
     old = tmp_path / "old"
