@@ -152,6 +152,24 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.train_languages is None:
         args.train_languages = ["de"] if args.task == "translation" else ["en"]
+    for name in (
+        "seeds", "max_steps", "batch_size", "max_chars", "max_length", "max_eval", "max_new_tokens",
+        "max_alignment_pairs", "probe_pairs", "min_paragraphs", "jobs",
+    ):  # fmt: skip
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.align_batch_size is not None and args.align_batch_size < 2:
+        parser.error(
+            f"--align_batch_size must be at least 2, got {args.align_batch_size}: each pair of an alignment step is "
+            "contrasted with the other pairs of that step."
+        )
+    for name in ("learning_rate", "aligned_steps_factor"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
+    if not args.align_weight >= 0:
+        parser.error(f"--align_weight must be 0 or more, got {args.align_weight}.")
+    if not str(args.align_layer).isdigit():
+        parser.error(f"--align_layer must be a layer number (0 = the embeddings), got {args.align_layer!r}.")
     return args
 
 

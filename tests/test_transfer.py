@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -510,6 +511,30 @@ def test_baseline_from_copies_the_baseline_runs_only_when_data_and_settings_matc
         driver.reuse_baseline(str(old), str(new), settings, data)
     with pytest.raises(ValueError, match="no settings.json there"):
         driver.reuse_baseline(str(tmp_path / "missing"), str(new), settings, data)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+        (["--max_eval", "0"], "--max_eval must be at least 1, got 0"),
+        (["--quick", "--probe_pairs", "-3"], "--probe_pairs must be at least 1, got -3"),
+        (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+        (["--align_batch_size", "1"], "--align_batch_size must be at least 2, got 1"),
+        (["--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
+        (["--learning_rate", "nan"], "--learning_rate must be positive, got nan"),
+        (["--aligned_steps_factor", "-1"], "--aligned_steps_factor must be positive, got -1.0"),
+        (["--align_weight", "-0.5"], "--align_weight must be 0 or more, got -0.5"),
+        (["--align_layer", "auto"], "--align_layer must be a layer number .* got 'auto'"),
+    ],
+)
+def test_bad_numbers_are_refused_when_parsing(flags, message, capsys):
+    driver = _benchmark("transfer")
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--task", "slot_filling", "--output_dir", "unused", *flags])
+    assert re.search(message, capsys.readouterr().err)
+    args = driver.parse_args(["--task", "slot_filling", "--output_dir", "unused", "--align_weight", "0"])
+    assert args.align_weight == 0 and args.seeds == 3
 
 
 def test_resuming_with_other_settings_is_refused_before_the_data_is_rebuilt(tmp_path):
