@@ -37,11 +37,10 @@ def parse_args(argv=None):
 def paragraph_lengths(n: int, seed: int = 0) -> list[int]:
     from transformers import AutoTokenizer
 
-    from trl_midalign.data_sources import cache_root, gemma3_270m
-    from trl_midalign.data_sources.libreoffice import _help_paragraphs
+    from trl_midalign.demo import gemma3_270m, help_paragraphs
 
     tokenizer = AutoTokenizer.from_pretrained(gemma3_270m())
-    texts = list(_help_paragraphs("en-us", "en-US", cache_root()).values())
+    texts = list(help_paragraphs("en").values())
     random.Random(seed).shuffle(texts)
     return [len(ids) for ids in tokenizer(texts[:n], add_special_tokens=True)["input_ids"]]
 

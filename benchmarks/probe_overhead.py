@@ -15,7 +15,7 @@ stays within the budget.
     python benchmarks/probe_overhead.py                        # 30 steps, probing every 10, 2 threads
     python benchmarks/probe_overhead.py --probe_pairs_per_language 32
 
-The model and data are cached under ~/.cache/trl_midalign after the first run (see `trl_midalign.data_sources`).
+The model and data are cached under ~/.cache/trl_midalign after the first run (see `trl_midalign.demo`).
 """
 
 import argparse
@@ -29,7 +29,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_midalign import AlignmentConfig, AlignmentTrainer, LayerProbeCallback
-from trl_midalign.data_sources import gemma3_270m, libreoffice_parallel_pairs
+from trl_midalign.demo import gemma3_270m, libreoffice_parallel_pairs
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_midalign.data_sources import gemma3_270m, libreoffice_parallel_pairs
+from trl_midalign.demo import gemma3_270m, libreoffice_parallel_pairs
 from trl_midalign.probing import probe_layers
 
 

@@ -715,14 +715,14 @@ JAPANESE = [("par_id1", "ボタンをクリックしてドキュメントを保�
 
 
 def test_demo_shows_progress_while_extracting_the_help_pages(tmp_path, capsys):
-    from trl_midalign.data_sources import libreoffice_parallel_pairs
+    from trl_midalign.demo import libreoffice_parallel_pairs
     from trl_midalign.demo import _show_progress
 
     debs = tmp_path / "cache" / "libreoffice_help" / "debs"
     debs.mkdir(parents=True)
     fake_deb(debs / "libreoffice-help-en-us_1.0_all.deb", "en-US", {"shared/page.html": ENGLISH})
     fake_deb(debs / "libreoffice-help-ja_1.0_all.deb", "ja", {"shared/page.html": JAPANESE})
-    shown = [logging.getLogger(name) for name in ("trl_midalign.demo", "trl_midalign.data_sources")]
+    shown = [logging.getLogger(name) for name in ("trl_midalign.demo", "trl_midalign.demo")]
     before = [(logger.level, list(logger.handlers)) for logger in shown]
     with _show_progress():
         pairs = libreoffice_parallel_pairs(["ja"], cache_dir=tmp_path / "cache")
@@ -740,7 +740,7 @@ def test_demo_shows_progress_while_extracting_the_help_pages(tmp_path, capsys):
 
 
 def test_demo_without_apt_get_says_what_to_do(tmp_path, capsys, monkeypatch):
-    from trl_midalign.data_sources import libreoffice
+    from trl_midalign.demo import libreoffice
     from trl_midalign.demo import _show_progress
 
     monkeypatch.setattr(libreoffice.shutil, "which", lambda name: None)
@@ -751,7 +751,7 @@ def test_demo_without_apt_get_says_what_to_do(tmp_path, capsys, monkeypatch):
 
 def test_demo_shows_progress_while_converting_the_model(tmp_path, capsys, monkeypatch):
     import trl_midalign.modeling as modeling
-    from trl_midalign.data_sources import gemma
+    from trl_midalign.demo import gemma
     from trl_midalign.demo import _show_progress
 
     tokenizer = build_tokenizer()

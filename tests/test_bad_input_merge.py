@@ -28,7 +28,7 @@ from trl_midalign.cli import merge as cli_merge
 from trl_midalign.cli.demo import DemoArguments
 from trl_midalign.cli.merge import MergeArguments, run_merge
 from trl_midalign.cli.probe import ProbeArguments
-from trl_midalign.data_sources import cache_root
+from trl_midalign.demo import cache_root
 from trl_midalign.merging import merge as merge_module
 from trl_midalign.merging import merge_adapters
 from trl_midalign.tasks.arguments import RecipeArguments, RecipeModelConfig

@@ -17,7 +17,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.mark.slow
 @pytest.mark.downloads
 def test_demo_end_to_end_on_gemma(tmp_path, capsys):
-    from trl_midalign.data_sources import libreoffice_parallel_pairs
+    from trl_midalign.demo import libreoffice_parallel_pairs
 
     out = tmp_path / "demo"
     cli_main(
@@ -40,7 +40,7 @@ def test_demo_end_to_end_on_gemma(tmp_path, capsys):
     # align_layer="auto": the layer the base model's probe on the training pairs ranks first
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_midalign.data_sources import gemma3_270m
+    from trl_midalign.demo import gemma3_270m
 
     pairs = libreoffice_parallel_pairs(["ja", "hi", "fr"], max_pairs_per_language=48, seed=0, max_chars=100).to_list()
     train = [row for language in ("ja", "hi") for row in [r for r in pairs if r["language"] == language][16:48]]

@@ -15,7 +15,7 @@ from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
 from transformers.utils.quantization_config import GgufConfig
 from trl import SFTConfig, SFTTrainer
 
-from trl_midalign.data_sources import gemma3_270m, gemma3_270m_gguf
+from trl_midalign.demo import gemma3_270m, gemma3_270m_gguf
 from trl_midalign.modeling import load_causal_lm, load_tokenizer, prepare_gguf_model
 
 

@@ -524,7 +524,7 @@ def test_callback_needs_a_trainer_and_valid_layers(tmp_path, tokenizer):
 @pytest.mark.downloads
 def test_gemma3_270m_on_libreoffice_pairs_peaks_in_the_middle(tmp_path, capsys):
     """The paper's finding on a real multilingual model: alignment peaks in the middle layers, not at the top."""
-    from trl_midalign.data_sources import gemma3_270m, libreoffice_parallel_pairs
+    from trl_midalign.demo import gemma3_270m, libreoffice_parallel_pairs
 
     pairs = libreoffice_parallel_pairs(["de", "fr", "ja"], max_pairs_per_language=64, seed=0)
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs.to_list())
@@ -556,7 +556,7 @@ def test_gemma3_270m_on_libreoffice_pairs_peaks_in_the_middle(tmp_path, capsys):
 @pytest.mark.downloads
 def test_cli_probe_accepts_a_gguf_file(tmp_path):
     """A `.gguf` path is dequantized on load and probes exactly like the checkpoint converted from it."""
-    from trl_midalign.data_sources import gemma3_270m, gemma3_270m_gguf, libreoffice_parallel_pairs
+    from trl_midalign.demo import gemma3_270m, gemma3_270m_gguf, libreoffice_parallel_pairs
 
     pairs = libreoffice_parallel_pairs(["de", "ja"], max_pairs_per_language=8, seed=1)
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs.to_list())

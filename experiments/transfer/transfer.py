@@ -2,7 +2,7 @@
 
 For one task (slot filling, translation or structured generation), this driver
 
-1. builds the task data from the inline markup of the LibreOffice help (`trl_midalign.data_sources.libreoffice_tasks`):
+1. builds the task data from the inline markup of the LibreOffice help (`experiments/transfer/libreoffice_tasks.py`):
    task training data in English (translation: the directions de-en and en-de), alignment pairs (non-English,
    English) of `--alignment_languages` from the alignment pages, evaluation rows of `--eval_languages` (plus English)
    from the eval pages; pages are split once with a fixed seed, so no evaluated paragraph was trained on;
@@ -20,21 +20,21 @@ Every finished run is appended as one JSON line to `<output_dir>/runs.jsonl`; a 
 there, so an interrupted run resumes (or `--seeds` grows; any other setting must stay as it was, else the call is
 refused), and `--report_only` rebuilds the report from that file alone.
 
-    python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot --quick
-    python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot --seeds 3
-    python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot --report_only
+    python experiments/transfer/transfer.py --task slot_filling --output_dir outputs/transfer_slot --quick
+    python experiments/transfer/transfer.py --task slot_filling --output_dir outputs/transfer_slot --seeds 3
+    python experiments/transfer/transfer.py --task slot_filling --output_dir outputs/transfer_slot --report_only
 
 A variant of the aligned arm can reuse the baselines of an earlier run (`--baseline_from`; refused unless the task
 data, the probe pairs and every setting the baseline depends on are the same):
 
-    python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot_w01 --seeds 3 \
+    python experiments/transfer/transfer.py --task slot_filling --output_dir outputs/transfer_slot_w01 --seeds 3 \
         --align_weight 0.1 --baseline_from outputs/transfer_slot
 
 The adapters of an earlier run can be scored again on more evaluation rows without training (`--evaluate_from`; the
 data and training settings come from its settings.json, the eval pages are the same). With `--max_new_tokens 1` only
 the teacher-forced reference loss is meaningful, which is cheap enough for hundreds of rows per language:
 
-    python benchmarks/transfer.py --task slot_filling --output_dir outputs/transfer_slot_256 \
+    python experiments/transfer/transfer.py --task slot_filling --output_dir outputs/transfer_slot_256 \
         --evaluate_from outputs/transfer_slot --max_eval 256 --max_new_tokens 1
 """
 
@@ -50,7 +50,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPES = os.path.join(ROOT, "recipes")
 TASKS = ("slot_filling", "translation", "structured_generation")
 CACHED = ["de", "fr", "hi", "ja", "km", "ko", "pt", "ru"]
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few steps, 1 seed, few examples: < 10 min on 2 cores")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; --quick: 1)")
     parser.add_argument("--report_only", action="store_true", help="rebuild the report from runs.jsonl")
-    parser.add_argument("--model", default=None, help="model path (default: Gemma 3 270M, trl_midalign.data_sources)")
+    parser.add_argument("--model", default=None, help="model path (default: Gemma 3 270M, trl_midalign.demo)")
     parser.add_argument("--train_languages", nargs="+", default=None, help="task data (default en; translation de)")
     parser.add_argument("--alignment_languages", nargs="+", default=["ja", "hi", "ru"])
     parser.add_argument(
@@ -224,7 +224,7 @@ def take_training_settings(args, parser: argparse.ArgumentParser) -> None:
 # Data
 def available_languages(languages: list[str]) -> tuple[list[str], dict[str, str]]:
     """The languages whose help markup extracts (downloading missing packages), and why the others failed."""
-    from trl_midalign.data_sources.libreoffice import help_markup
+    from trl_midalign.demo.libreoffice import help_markup
 
     kept, failed = [], {}
     for language in languages:
@@ -238,7 +238,7 @@ def available_languages(languages: list[str]) -> tuple[list[str], dict[str, str]
 
 
 def build_data(args) -> dict:
-    from trl_midalign.data_sources.libreoffice_tasks import libreoffice_task_paragraphs, write_task_data
+    from libreoffice_tasks import libreoffice_task_paragraphs, write_task_data
 
     wanted = list(dict.fromkeys([*args.alignment_languages, *args.eval_languages]))
     wanted = [lang for lang in wanted if lang not in ("en", "en-us")]
@@ -719,7 +719,7 @@ def main(argv=None) -> dict:
         return transfer
     start = time.perf_counter()
     if args.model is None:
-        from trl_midalign.data_sources import gemma3_270m
+        from trl_midalign.demo import gemma3_270m
 
         args.model = gemma3_270m()
     model_name = "gemma-3-270m" if "gemma-3-270m" in args.model else os.path.basename(args.model.rstrip("/"))

@@ -1,4 +1,4 @@
-"""What the answers of `benchmarks/transfer.py` runs look like, per arm: beyond the task's metric.
+"""What the answers of `experiments/transfer/transfer.py` runs look like, per arm: beyond the task's metric.
 
 For every run of one or more transfer output directories (their `runs/<arm>-seed<k>/eval_predictions.jsonl`):
 
@@ -19,7 +19,7 @@ directions, `train_languages` of the run's settings.json, are left out):
   e.g. English copied into an English -> Japanese direction, score 0); `reference_script`: the same for the
   references, which shows how far the script test can be trusted (about 1).
 
-    python benchmarks/transfer_outputs.py outputs/transfer_slot [more output dirs]
+    python experiments/transfer/transfer_outputs.py outputs/transfer_slot [more output dirs]
 
 Prints one markdown table row per directory and arm: mean ± std over seeds.
 """
@@ -141,7 +141,7 @@ def _finite_mean(values: list[float]) -> float:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "output_dirs", nargs="+", help="output directories of benchmarks/transfer.py (slot filling or translation)"
+        "output_dirs", nargs="+", help="output directories of experiments/transfer/transfer.py (slot filling or translation)"
     )
     args = parser.parse_args(argv)
     settings = []

@@ -309,6 +309,22 @@ def _help_paragraphs(package: str, help_dir: str, root: Path) -> dict[str, str]:
     return paragraphs
 
 
+def help_paragraphs(language: str, cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """
+    Paragraph id -> plain text for one help language (`"en"` for the English original), extracted from the Debian
+    package once and cached: every paragraph of the help, translated or not, unfiltered (for length statistics and
+    benchmarks; `libreoffice_parallel_pairs` gives filtered pairs).
+
+    Raises:
+        ValueError: If the language has no help package (the message lists the available ones).
+    """
+    if str(language).strip().lower() in ("en", "en-us"):
+        package, help_dir = _ENGLISH
+    else:
+        package, help_dir, _ = LIBREOFFICE_LANGUAGES[_normalize_language(language)]
+    return _help_paragraphs(package, help_dir, cache_root(cache_dir))
+
+
 def help_markup(language: str, cache_dir: str | os.PathLike | None = None) -> dict[str, dict]:
     """
     Paragraph id (`"<page path>#<paragraph id>"`) -> `{"text": ..., "spans": [[start, end, class], ...]}` for one help
@@ -418,7 +434,7 @@ def libreoffice_parallel_pairs(
     Example:
 
     ```python
-    >>> from trl_midalign.data_sources import libreoffice_parallel_pairs
+    >>> from trl_midalign.demo import libreoffice_parallel_pairs
 
     >>> pairs = libreoffice_parallel_pairs(["de", "ja"], max_pairs_per_language=1000)
     >>> pairs.column_names

@@ -20,12 +20,12 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 
-from ._logging import get_logger
-from .cli.demo import DemoArguments
-from .config import AlignmentConfig
-from .probing import ProbeResult, probe_layers
-from .probing.plots import pyplot
-from .trainer import AlignmentTrainer
+from .._logging import get_logger
+from .arguments import DemoArguments
+from ..config import AlignmentConfig
+from ..probing import ProbeResult, probe_layers
+from ..probing.plots import pyplot
+from ..trainer import AlignmentTrainer
 
 
 logger = get_logger(__name__)
@@ -36,14 +36,15 @@ REPORT_FILE = "report.md"
 _GROUP_COLORS = {"trained": "tab:blue", "unseen": "tab:orange"}
 
 
-# The loggers whose messages the demo shows on stdout: its own, and the download, conversion and extraction progress
-_SHOWN_LOGGERS = (__name__, "trl_midalign.data_sources")
+# The logger whose messages the demo shows on stdout: the demo package's (its own, and the download, conversion and
+# extraction progress of its material)
+_SHOWN_LOGGERS = ("trl_midalign.demo",)
 
 
 @contextlib.contextmanager
 def _show_progress() -> Iterator[None]:
     """
-    Show the INFO messages of the demo and of `trl_midalign.data_sources` (download, conversion, extraction) on stdout
+    Show the INFO messages of `trl_midalign.demo` (the demo; download, conversion, extraction) on stdout
     as `[demo]` lines while the demo runs; the loggers are restored afterwards.
     """
     handler = logging.StreamHandler(sys.stdout)
@@ -238,7 +239,7 @@ def run_demo(args: DemoArguments) -> dict:
 
 
 def _run(args: DemoArguments) -> dict:
-    from .data_sources import gemma3_270m, libreoffice_parallel_pairs  # the demo's material: installed on first use
+    from . import gemma3_270m, libreoffice_parallel_pairs  # the demo's material: installed on first use
 
     start = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
@@ -318,7 +319,7 @@ def _run(args: DemoArguments) -> dict:
     )
     logger.info(
         "This measures retrieval at the aligned layer, not a task. Whether a task trained in English transfers better "
-        "to other languages is measured by benchmarks/transfer.py (both arms through the recipes, several seeds; "
+        "to other languages is measured by experiments/transfer/transfer.py (both arms through the recipes, several seeds; "
         "hours on a CPU): see docs/transfer.md."
     )
     return summary

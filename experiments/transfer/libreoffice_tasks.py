@@ -1,4 +1,4 @@
-"""Task data with gold labels in every language, from the inline markup of the LibreOffice help.
+"""The transfer study's data builder: task data with gold labels in every language, from the inline markup of the LibreOffice help.
 
 The translated help pages keep the English pages' inline markup (`<span class="emph">`, `"menuitem"`, `"literal"`,
 ...), so each paragraph gives, in every language, a plain text and its labelled spans. From these, this module writes
@@ -25,9 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .._logging import get_logger
-from .cache import temporary_sibling
-from .libreoffice import LIBREOFFICE_LANGUAGES, SPAN_CLASSES, _has_markup, _keep_pair, _normalize_language, help_markup
+from trl_midalign._logging import get_logger
+from trl_midalign.demo.cache import temporary_sibling
+from trl_midalign.demo.libreoffice import (
+    LIBREOFFICE_LANGUAGES,
+    SPAN_CLASSES,
+    _has_markup,
+    _keep_pair,
+    _normalize_language,
+    help_markup,
+)
 
 
 logger = get_logger(__name__)
@@ -84,7 +91,7 @@ def task_language_code(language: str, task: Task) -> str:
     Raises:
         ValueError: For slot filling, a help language that has no MASSIVE locale.
     """
-    from ..tasks.slot_filling import MASSIVE_LOCALES
+    from trl_midalign.tasks.slot_filling import MASSIVE_LOCALES
 
     code = ENGLISH if language in (ENGLISH, "en-us") else _normalize_language(language)
     if task != "slot_filling":

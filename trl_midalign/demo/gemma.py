@@ -81,7 +81,7 @@ def gemma3_270m(cache_dir: str | os.PathLike | None = None) -> str:
 
     ```python
     >>> from transformers import AutoModelForCausalLM, AutoTokenizer
-    >>> from trl_midalign.data_sources import gemma3_270m
+    >>> from trl_midalign.demo import gemma3_270m
 
     >>> model = AutoModelForCausalLM.from_pretrained(gemma3_270m())
     >>> tokenizer = AutoTokenizer.from_pretrained(gemma3_270m())

@@ -7,8 +7,8 @@ blocks below the aligned layer), however small the alignment loss is. This scrip
 r=8 on all linear layers, the recipes' learning rate 1e-3, aligned layer 12) with `align_weight` 1 and 1e-6: the norm of
 each step's change of the LoRA weights, summed over the blocks below the aligned layer and over the blocks at and above.
 
-    python benchmarks/schedule_momentum.py                  # 3.5 minutes on 2 CPU cores shared with other jobs
-    python benchmarks/schedule_momentum.py --steps 12 --align_weights 1 0.1 1e-6
+    python experiments/schedule_momentum/schedule_momentum.py                  # 3.5 minutes on 2 CPU cores shared with other jobs
+    python experiments/schedule_momentum/schedule_momentum.py --steps 12 --align_weights 1 0.1 1e-6
 """
 
 import argparse
@@ -21,7 +21,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from trl_midalign import AlignmentConfig, AlignmentTrainer
-from trl_midalign.data_sources import gemma3_270m, libreoffice_parallel_pairs
+from trl_midalign.demo import gemma3_270m, libreoffice_parallel_pairs
 
 
 def parse_args(argv=None):
