@@ -592,7 +592,8 @@ def synthetic_result(num_layers: int, languages: list[str], offset: float) -> Pr
 def test_demo_plot_has_integer_layer_ticks_a_labelled_aligned_layer_and_paired_colours(tmp_path):
     from matplotlib.colors import to_rgba
 
-    from trl_midalign.demo import DemoArguments, _before_after_figure, _plot
+    from trl_midalign.demo import DemoArguments
+    from trl_midalign.demo.run import _before_after_figure, _plot
 
     args = DemoArguments(output_dir=str(tmp_path), train_languages=["ja", "hi", "ru"], unseen_languages=["fr", "ko"])
     languages = args.train_languages + args.unseen_languages
@@ -624,7 +625,8 @@ def test_demo_plot_has_integer_layer_ticks_a_labelled_aligned_layer_and_paired_c
 
 
 def test_demo_report_explains_retrieval_accuracy_and_points_to_the_plot(tmp_path):
-    from trl_midalign.demo import DemoArguments, _write_report
+    from trl_midalign.demo import DemoArguments
+    from trl_midalign.demo.run import _write_report
 
     args = DemoArguments(output_dir=str(tmp_path), train_languages=["ja"], unseen_languages=["fr"])
     report = _write_report(synthetic_result(6, ["ja", "fr"], 0.3), synthetic_result(6, ["ja", "fr"], 0.5), 3, args)
@@ -642,7 +644,8 @@ def test_demo_report_explains_retrieval_accuracy_and_points_to_the_plot(tmp_path
 
 
 def test_demo_settings_raise_no_deprecation_warning(tmp_path):
-    from trl_midalign.demo import DemoArguments, _alignment_config
+    from trl_midalign.demo import DemoArguments
+    from trl_midalign.demo.run import _alignment_config
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -654,7 +657,8 @@ def test_demo_settings_raise_no_deprecation_warning(tmp_path):
 def test_demo_trainer_is_built_without_future_warnings(tmp_path, tokenizer):
     from datasets import Dataset
 
-    from trl_midalign.demo import DemoArguments, _alignment_trainer
+    from trl_midalign.demo import DemoArguments
+    from trl_midalign.demo.run import _alignment_trainer
 
     pairs = Dataset.from_list(pair_rows() * 1)
     args = DemoArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=1, max_length=16)
@@ -670,7 +674,7 @@ def test_demo_trainer_is_built_without_future_warnings(tmp_path, tokenizer):
 def test_demo_data_preparation_shows_no_progress_bars_and_restores_them(capsys):
     import datasets
 
-    from trl_midalign.demo import _datasets_progress_bars_disabled, _split_pairs
+    from trl_midalign.demo.run import _datasets_progress_bars_disabled, _split_pairs
 
     rows = [{"language": lang, "parallel_source": f"{lang} {i}", "parallel_target": f"en {i}", "id": str(i)}
             for lang in ("ja", "fr") for i in range(6)]  # fmt: skip
@@ -716,13 +720,13 @@ JAPANESE = [("par_id1", "ボタンをクリックしてドキュメントを保�
 
 def test_demo_shows_progress_while_extracting_the_help_pages(tmp_path, capsys):
     from trl_midalign.demo import libreoffice_parallel_pairs
-    from trl_midalign.demo import _show_progress
+    from trl_midalign.demo.run import _show_progress
 
     debs = tmp_path / "cache" / "libreoffice_help" / "debs"
     debs.mkdir(parents=True)
     fake_deb(debs / "libreoffice-help-en-us_1.0_all.deb", "en-US", {"shared/page.html": ENGLISH})
     fake_deb(debs / "libreoffice-help-ja_1.0_all.deb", "ja", {"shared/page.html": JAPANESE})
-    shown = [logging.getLogger(name) for name in ("trl_midalign.demo", "trl_midalign.demo")]
+    shown = [logging.getLogger(name) for name in ("trl_midalign.demo",)]
     before = [(logger.level, list(logger.handlers)) for logger in shown]
     with _show_progress():
         pairs = libreoffice_parallel_pairs(["ja"], cache_dir=tmp_path / "cache")
@@ -741,7 +745,7 @@ def test_demo_shows_progress_while_extracting_the_help_pages(tmp_path, capsys):
 
 def test_demo_without_apt_get_says_what_to_do(tmp_path, capsys, monkeypatch):
     from trl_midalign.demo import libreoffice
-    from trl_midalign.demo import _show_progress
+    from trl_midalign.demo.run import _show_progress
 
     monkeypatch.setattr(libreoffice.shutil, "which", lambda name: None)
     with _show_progress(), pytest.raises(RuntimeError, match=r"needs Debian's `apt-get`.*libreoffice_help/debs"):
@@ -752,7 +756,7 @@ def test_demo_without_apt_get_says_what_to_do(tmp_path, capsys, monkeypatch):
 def test_demo_shows_progress_while_converting_the_model(tmp_path, capsys, monkeypatch):
     import trl_midalign.modeling as modeling
     from trl_midalign.demo import gemma
-    from trl_midalign.demo import _show_progress
+    from trl_midalign.demo.run import _show_progress
 
     tokenizer = build_tokenizer()
     monkeypatch.setattr(gemma, "_gemma_package", lambda: None)
@@ -772,7 +776,8 @@ def test_demo_shows_progress_while_converting_the_model(tmp_path, capsys, monkey
 
 
 def test_demo_refuses_an_empty_training_language_list(tmp_path):
-    from trl_midalign.demo import DemoArguments, run_demo
+    from trl_midalign.demo import DemoArguments
+    from trl_midalign.demo.run import run_demo
 
     with pytest.raises(ValueError, match="--train_languages is empty"):
         run_demo(DemoArguments(output_dir=str(tmp_path), train_languages=[], unseen_languages=["fr"]))

@@ -7,7 +7,8 @@ import torch
 from peft import PeftConfig
 
 from trl_midalign.cli import main as cli_main
-from trl_midalign.demo import DemoArguments, run_demo
+from trl_midalign.demo import DemoArguments
+from trl_midalign.demo.run import run_demo
 from trl_midalign.probing import ProbeResult, probe_layers
 
 

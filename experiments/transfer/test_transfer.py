@@ -10,11 +10,11 @@ import subprocess
 import sys
 import tarfile
 
+import libreoffice_tasks as lt
 import pytest
 from safetensors.torch import load_file
 from testing_utils import load_script
 
-import libreoffice_tasks as lt
 from trl_midalign.demo.libreoffice import _HelpPageParser, help_markup
 from trl_midalign.tasks import loading, slot_filling, structured_generation, translation
 

@@ -141,7 +141,9 @@ def _finite_mean(values: list[float]) -> float:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "output_dirs", nargs="+", help="output directories of experiments/transfer/transfer.py (slot filling or translation)"
+        "output_dirs",
+        nargs="+",
+        help="output directories of experiments/transfer/transfer.py (slot filling or translation)",
     )
     args = parser.parse_args(argv)
     settings = []

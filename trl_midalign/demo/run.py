@@ -21,11 +21,11 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from .._logging import get_logger
-from .arguments import DemoArguments
 from ..config import AlignmentConfig
 from ..probing import ProbeResult, probe_layers
 from ..probing.plots import pyplot
 from ..trainer import AlignmentTrainer
+from .arguments import DemoArguments
 
 
 logger = get_logger(__name__)
