@@ -34,9 +34,10 @@ python recipes/slot_filling.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct -
 """
 
 from transformers import AutoTokenizer
-from trl import SFTTrainer, TrlParser, get_peft_config
+from trl import SFTTrainer, get_peft_config
 
 from trl_midalign import AlignmentConfig, AlignmentTrainer, scripts
+from trl_midalign.parser import MidAlignParser
 from trl_midalign.tasks import loading
 from trl_midalign.tasks import slot_filling as task
 from trl_midalign.tasks.arguments import RecipeModelConfig
@@ -119,9 +120,9 @@ def main(script_args: task.SlotFillingArguments, training_args: AlignmentConfig,
     return results
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((task.SlotFillingArguments, AlignmentConfig, RecipeModelConfig))
+def make_parser() -> MidAlignParser:
+    return MidAlignParser((task.SlotFillingArguments, AlignmentConfig, RecipeModelConfig))
 
 
 if __name__ == "__main__":
-    main(*scripts.parse_args(make_parser()))
+    main(*make_parser().parse_args_and_config())

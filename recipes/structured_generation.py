@@ -28,9 +28,10 @@ accelerate launch --config_file recipes/accelerate_configs/zero2.yaml recipes/st
 """
 
 from transformers import AutoTokenizer
-from trl import SFTTrainer, TrlParser, get_peft_config
+from trl import SFTTrainer, get_peft_config
 
 from trl_midalign import AlignmentConfig, AlignmentTrainer, scripts
+from trl_midalign.parser import MidAlignParser
 from trl_midalign.tasks import loading
 from trl_midalign.tasks import structured_generation as task
 from trl_midalign.tasks.arguments import RecipeModelConfig
@@ -117,9 +118,9 @@ def main(
     return results
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((task.StructuredGenerationArguments, AlignmentConfig, RecipeModelConfig))
+def make_parser() -> MidAlignParser:
+    return MidAlignParser((task.StructuredGenerationArguments, AlignmentConfig, RecipeModelConfig))
 
 
 if __name__ == "__main__":
-    main(*scripts.parse_args(make_parser()))
+    main(*make_parser().parse_args_and_config())

@@ -31,9 +31,10 @@ accelerate launch --config_file recipes/accelerate_configs/zero2.yaml recipes/tr
 
 from datasets import concatenate_datasets
 from transformers import AutoTokenizer
-from trl import SFTTrainer, TrlParser, get_peft_config
+from trl import SFTTrainer, get_peft_config
 
 from trl_midalign import AlignmentConfig, AlignmentTrainer, scripts
+from trl_midalign.parser import MidAlignParser
 from trl_midalign.tasks import loading
 from trl_midalign.tasks import translation as task
 from trl_midalign.tasks.arguments import RecipeModelConfig
@@ -124,9 +125,9 @@ def main(script_args: task.TranslationArguments, training_args: AlignmentConfig,
     return results
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((task.TranslationArguments, AlignmentConfig, RecipeModelConfig))
+def make_parser() -> MidAlignParser:
+    return MidAlignParser((task.TranslationArguments, AlignmentConfig, RecipeModelConfig))
 
 
 if __name__ == "__main__":
-    main(*scripts.parse_args(make_parser()))
+    main(*make_parser().parse_args_and_config())

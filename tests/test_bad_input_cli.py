@@ -335,7 +335,7 @@ def load_recipe(name: str):
 def test_recipe_keeps_the_hub_token_off_disk_and_pushes_only_its_own_files(tmp_path, monkeypatch):
     import torch
 
-    from trl_midalign.scripts import PUSH_FILES, parse_args
+    from trl_midalign.scripts import PUSH_FILES
 
     model_dir = tmp_path / "models" / "tiny-llama"
     tokenizer = build_tokenizer()
@@ -370,7 +370,7 @@ def test_recipe_keeps_the_hub_token_off_disk_and_pushes_only_its_own_files(tmp_p
         "--save_strategy", "steps", "--save_steps", "1",
         "--hub_token", TOKEN, "--push_to_hub", "--hub_model_id", "tester/tiny-massive",
     ]  # fmt: skip
-    module.main(*parse_args(module.make_parser(), argv))
+    module.main(*module.make_parser().parse_args_and_config(argv))
 
     # transformers pickled the arguments into output_dir and every checkpoint; the token is in none of them
     pickled = sorted(os.path.relpath(os.path.join(d, n), output_dir) for d, _, names in os.walk(output_dir)

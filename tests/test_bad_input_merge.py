@@ -21,16 +21,16 @@ from testing_utils import build_model, build_tokenizer, load_script, task_rows
 from transformers import AutoModelForCausalLM
 
 import trl_midalign
-from trl_midalign import scripts
-from trl_midalign.cli import NEGATIVE_FLAG_HELP, describe_negative_flags, make_parser
 from trl_midalign.cli import main as cli_main
+from trl_midalign.cli import make_parser
 from trl_midalign.cli import merge as cli_merge
-from trl_midalign.cli.demo import DemoArguments
-from trl_midalign.cli.merge import MergeArguments, run_merge
-from trl_midalign.cli.probe import ProbeArguments
-from trl_midalign.demo import cache_root
+from trl_midalign.cli.merge import run_merge
+from trl_midalign.demo import DemoArguments, cache_root
 from trl_midalign.merging import merge as merge_module
 from trl_midalign.merging import merge_adapters
+from trl_midalign.merging.arguments import MergeArguments
+from trl_midalign.parser import NEGATIVE_FLAG_HELP
+from trl_midalign.probing.arguments import ProbeArguments
 from trl_midalign.tasks.arguments import RecipeArguments, RecipeModelConfig
 
 
@@ -693,7 +693,7 @@ def recipe(name: str):
 
 def recipe_parsers():
     for name in RECIPES:
-        yield name, describe_negative_flags(recipe(name).make_parser())
+        yield name, recipe(name).make_parser()
 
 
 def negative_flags(parser) -> dict[str, tuple[str, str]]:
@@ -711,9 +711,6 @@ def test_negative_flags_say_what_disabling_does():
             seen[dest] = negative
     assert seen["plot"] == NEGATIVE_FLAG_HELP["plot"] and seen["plot"].startswith("Do not write")
     assert seen["alignment"] == NEGATIVE_FLAG_HELP["alignment"] and "without the alignment loss" in seen["alignment"]
-    assert seen["check_ranks"] == NEGATIVE_FLAG_HELP["check_ranks"] and seen["check_ranks"].startswith(
-        "Deprecated, no effect"
-    )
     assert seen["remove_unused_columns"].startswith("Turn --remove_unused_columns off (--remove_unused_columns: ")
 
 
@@ -734,9 +731,9 @@ def test_every_project_negative_flag_has_its_own_text():
 
 def test_recipe_help_uses_the_negative_texts(capsys):
     with pytest.raises(SystemExit):
-        scripts.parse_args(recipe("slot_filling").make_parser(), ["--help"])
+        recipe("slot_filling").make_parser().parse_args_and_config(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--no_check_ranks, --no-check-ranks Deprecated, no effect (as --check_ranks)" in out
+    assert "--no_use_peft, --no-use-peft Train the full model instead of a LoRA adapter" in out
     assert "--no_alignment, --no-alignment Train without the alignment loss" in out
 
 

@@ -19,9 +19,10 @@ from testing_utils import PAIRS, build_tokenizer, task_rows
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from trl_midalign.cli import main as cli_main
-from trl_midalign.cli.merge import MergeArguments, run_merge
+from trl_midalign.cli.merge import run_merge
 from trl_midalign.merging import format_search_table, merge_adapters, search_merge_weights
 from trl_midalign.merging import merge as merge_module
+from trl_midalign.merging.arguments import MergeArguments
 from trl_midalign.probing import probe_layers
 
 

@@ -26,7 +26,6 @@ import pytest
 from safetensors.torch import load_file
 from testing_utils import build_model, build_tokenizer, load_script, write_jsonl
 
-from trl_midalign.scripts import parse_args
 from trl_midalign.tasks.arguments import PAPER_LORA_MODULES
 
 
@@ -126,7 +125,7 @@ def fast_run(work: dict, name: str, output_dir) -> list[str]:
 
 def run_main(name: str, argv: list[str]):
     module = recipe(name)
-    return module.main(*parse_args(module.make_parser(), argv))
+    return module.main(*module.make_parser().parse_args_and_config(argv))
 
 
 def reload_predictions(model_dir: str, adapter_dir: str, max_new_tokens: int = 6) -> tuple[list[str], list[str]]:
@@ -162,7 +161,9 @@ def adapter_fingerprint(adapter_dir: str) -> dict:
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(RECIPES, "configs", "*.yaml"))))
 def test_shipped_configs_parse_with_current_trl(path):
     name = next(n for n in RECIPE_NAMES if os.path.basename(path).startswith(n))
-    script_args, training_args, model_args = parse_args(recipe(name).make_parser(), ["--config", path, "--use_cpu"])
+    script_args, training_args, model_args = (
+        recipe(name).make_parser().parse_args_and_config(["--config", path, "--use_cpu"])
+    )
     # The paper's settings
     assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (8, 16, 0.1)
     assert set(model_args.lora_target_modules) == set(PAPER_LORA_MODULES)
@@ -193,7 +194,7 @@ def test_unknown_yaml_key_is_refused_with_a_suggestion(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("model_name_or_path: x\ndataset_name: y\nalign_layr: middle\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) 'align_layr' \(did you mean 'align_layer'"):
-        parse_args(recipe("slot_filling").make_parser(), ["--config", str(config), "--output_dir", "o"])
+        recipe("slot_filling").make_parser().parse_args_and_config(["--config", str(config), "--output_dir", "o"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,20 +1,15 @@
 """What the recipes in `recipes/` share, so that each of them reads as one straight `main` (load -> trainer -> train ->
-save -> evaluate -> push), as TRL's `trl/scripts/sft.py` does: parsing the arguments (YAML included), the checks before
-any model is loaded, loading a saved adapter for `--eval_only`, the evaluation, model-card section and Hub upload of a
+save -> evaluate -> push), as TRL's `trl/scripts/sft.py` does: the checks before any model is loaded, loading a saved adapter for `--eval_only`, the evaluation, model-card section and Hub upload of a
 run, and the end of a multi-process run.
 
 The task-specific parts (arguments, prompts, formats, metrics, pairs) live in [`trl_midalign.tasks`].
 """
 
-import difflib
 import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
-
-import yaml
 
 from ._logging import get_logger
 from .tasks import report
@@ -22,50 +17,6 @@ from .tasks.report import PLOT_FILE, RESULTS_FILE, TABLE_FILE, is_local_path, pu
 
 
 logger = get_logger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Arguments
-def parse_args(parser, args: Sequence[str] | None = None) -> tuple:
-    """
-    `parser.parse_args_and_config(args)`, with a clear error for a YAML key no dataclass knows (and the closest
-    known keys), and `--no_X` flags that say what they do.
-
-    Args:
-        parser ([`~trl.TrlParser`]):
-            The recipe's parser.
-        args (`Sequence[str]`, *optional*):
-            Command-line arguments; defaults to `sys.argv[1:]`.
-
-    Returns:
-        `tuple`: one instance per dataclass of the parser.
-    """
-    import sys
-
-    from .cli import describe_negative_flags
-
-    describe_negative_flags(parser)  # --no_alignment, --no_use_peft, ...: a help of their own, not the positive's
-    argv = list(sys.argv[1:] if args is None else args)
-    if "--config" in argv:
-        path = argv[argv.index("--config") + 1]
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--config {path}: no such file.")
-        with open(path) as f:
-            config = yaml.safe_load(f) or {}
-        if not isinstance(config, dict):
-            raise ValueError(f"{path} must hold a YAML mapping of argument names to values.")
-        known = {f.name for dataclass_type in parser.dataclass_types for f in fields(dataclass_type)} | {"env"}
-        unknown = [key for key in config if key not in known]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, known, n=2)
-                hints.append(f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
-            raise ValueError(
-                f"{path}: unknown key(s) {', '.join(hints)}. Every key must be an argument of the recipe, of "
-                "AlignmentConfig (trl.SFTConfig + align_*) or of trl.ModelConfig; fix the spelling or remove it."
-            )
-    return parser.parse_args_and_config(argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

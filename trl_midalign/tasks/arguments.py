@@ -79,9 +79,6 @@ class RecipeArguments:
         compare_with (`str`, *optional*):
             Results of another run (its output_dir or `eval_results.json`), drawn next to this run's in the plot, e.g.
             the baseline when this is the aligned run.
-        check_ranks (`bool`, *optional*, defaults to `True`):
-            Deprecated, no effect. The check that every process ends training with the same weights now runs in the
-            test suite (`tests/test_recipes.py`), not in every run.
     """
 
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, or a local file or folder."})
@@ -144,13 +141,6 @@ class RecipeArguments:
     compare_with: str | None = field(
         default=None,
         metadata={"help": "Another run's output_dir or eval_results.json, plotted next to this run (e.g. baseline)."},
-    )
-    check_ranks: bool = field(
-        default=True,
-        metadata={
-            "help": "Deprecated, no effect: the check that all processes end with identical trainable weights runs in "
-            "the test suite now."
-        },
     )
 
     def __post_init__(self):
