@@ -365,7 +365,7 @@ def test_state_file_is_complete_and_written_atomically(run_copy):
 
 
 def test_interrupted_state_write_leaves_the_old_file(tmp_path, monkeypatch):
-    from trl_midalign import trainer as trainer_module
+    from trl_midalign import checkpoints
 
     path = tmp_path / "alignment_state.json"
     path.write_text('{"align_micro_step": 1, "align_layer": 2}')
@@ -374,9 +374,9 @@ def test_interrupted_state_write_leaves_the_old_file(tmp_path, monkeypatch):
         f.write('{"align_micro')
         raise KeyboardInterrupt  # killed while writing
 
-    monkeypatch.setattr(trainer_module.json, "dump", dump_then_die)
+    monkeypatch.setattr(checkpoints.json, "dump", dump_then_die)
     with pytest.raises(KeyboardInterrupt):
-        trainer_module._write_json_atomically(str(path), {"align_micro_step": 2, "align_layer": 2})
+        checkpoints.write_alignment_state(str(tmp_path), {"align_micro_step": 2, "align_layer": 2})
     assert path.read_text() == '{"align_micro_step": 1, "align_layer": 2}'
     assert [p.name for p in tmp_path.iterdir()] == ["alignment_state.json"]
 

@@ -455,6 +455,31 @@ def pack_with_pairs(
     return packed
 
 
+def check_batch_for_schedule(
+    args: "AlignmentConfig", *, needs_task: bool, needs_pairs: bool, has_task: bool, has_pairs: bool, mode: str
+) -> None:
+    """
+    Refuse a batch that lacks what the schedule asks of it (task rows, alignment pairs), naming the columns or the
+    argument that would give them.
+    """
+    schedule = args.align_schedule
+    columns = f"{args.align_source_column!r} and {args.align_target_column!r}"
+    if mode == "eval" and not needs_task and not has_pairs:
+        raise ValueError(
+            f"This evaluation batch holds no alignment pairs, and align_schedule={schedule!r} evaluates only the "
+            f"alignment loss. Give the evaluation rows the columns {columns}."
+        )
+    if needs_pairs and not has_pairs:
+        raise ValueError(
+            f"This batch carries no alignment pairs. Give the rows the columns {columns}, or pass `alignment_dataset`."
+        )
+    if needs_task and not has_task:
+        raise ValueError(
+            f"align_schedule={schedule!r} needs task examples, but the batch only holds alignment pairs. Pass task "
+            "rows as `train_dataset`, or use align_schedule='alignment_only'."
+        )
+
+
 @dataclass
 class DataCollatorForAlignment(DataCollatorMixin):
     """

@@ -8,11 +8,8 @@ forward inside one forward of the outermost wrapper. Checkpoints record the sche
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import re
-import tempfile
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -21,18 +18,26 @@ import torch
 from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import PreTrainedModel, ProcessorMixin, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 
 from ._logging import get_logger
+from .checkpoints import (
+    check_weights_are_finite,
+    resolve_resume_checkpoint,
+    restore_alignment_state,
+    resume_advice,
+    warn_about_earlier_checkpoints,
+    write_alignment_state,
+)
 from .config import AlignmentConfig
 from .data import (
     PAIR_KEYS,
     DataCollatorForAlignment,
     all_rows_dropped_message,
     attach_alignment_dataset,
+    check_batch_for_schedule,
     check_eval_dataset,
     check_prepared_dataset,
     has_pair_columns,
@@ -48,12 +53,9 @@ from .schedules import is_alignment_step, is_task_step
 
 logger = get_logger(__name__)
 
-STATE_FILE = "alignment_state.json"
 # Attention implementations that keep padding-free (packed) sequences apart, given per-sequence `position_ids` and no
 # cache: transformers builds a per-sequence mask for these, and flash-attention kernels read the sequence boundaries.
 _PADDING_FREE_ATTENTION = ("eager", "sdpa", "flex_attention")
-_STATE_KEYS = {"align_micro_step": int, "align_layer": int}
-_CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def _env_flag(name: str) -> bool:
@@ -80,8 +82,18 @@ def _fsdp_version(args: TrainingArguments) -> int | None:
     return None
 
 
-def _check_engine(args: TrainingArguments) -> None:
-    """Refuse the distributed engines the alignment forward was not built and tested for, naming the fix."""
+def _uses_deepspeed(args: TrainingArguments) -> bool:
+    return bool(args.deepspeed) or _env_flag("ACCELERATE_USE_DEEPSPEED")
+
+
+def _check_alignment_setup(args: AlignmentConfig) -> None:
+    """
+    The `align_*` checks that depend on the engine and the number of processes (those of the settings alone are in
+    [`AlignmentConfig`]): refuse the engines the alignment forward was not built and tested for, and the combinations
+    of gradient caching it cannot run, naming the fix. An alignment step leaves the blocks above the aligned layer
+    (and the LM head) without gradients, so DDP is told to look for unused parameters in every schedule that has
+    alignment-only steps.
+    """
     if _fsdp_version(args) == 1:
         raise ValueError(
             "FSDP version 1 is not supported by AlignmentTrainer: its flat-parameter wrapper does not let the "
@@ -94,13 +106,20 @@ def _check_engine(args: TrainingArguments) -> None:
             "Megatron-LM is not supported by AlignmentTrainer (its model is not a transformers causal LM whose decoder "
             "blocks can be run alone). Use FSDP2, DeepSpeed ZeRO or DDP."
         )
-
-
-def _require_unused_parameter_search(args: AlignmentConfig) -> None:
-    """
-    An alignment step leaves the blocks above the aligned layer (and the LM head) without gradients, so DDP must look
-    for unused parameters in every schedule that has alignment-only steps.
-    """
+    if args.align_mini_batch_size is not None:
+        if _uses_deepspeed(args):
+            raise ValueError(
+                f"align_mini_batch_size={args.align_mini_batch_size} (gradient caching) is not supported under "
+                "DeepSpeed: its second forward runs inside the backward, and DeepSpeed reduces each gradient only "
+                "once per backward. Use DDP, FSDP2 or one process, or leave align_mini_batch_size unset "
+                "(align_gather_negatives works under DeepSpeed)."
+            )
+        if args.align_schedule == "joint" and args.world_size > 1:
+            raise ValueError(
+                "align_mini_batch_size (gradient caching) with align_schedule='joint' is not supported with "
+                "several processes: the cached alignment backward would run DDP forwards inside the task's DDP "
+                "backward. Use align_schedule='alternate' (or 'alignment_only'), or one process."
+            )
     if args.align_schedule == "joint":
         return
     if args.ddp_find_unused_parameters is False:
@@ -140,8 +159,7 @@ def _place_for_probe(model: nn.Module, args: AlignmentConfig) -> None:
     if (
         args.device.type == "cpu"
         or args.place_model_on_device is False
-        or args.deepspeed
-        or _env_flag("ACCELERATE_USE_DEEPSPEED")
+        or _uses_deepspeed(args)
         or _fsdp_version(args) is not None
         or args.fp16_full_eval
         or args.bf16_full_eval
@@ -163,107 +181,6 @@ def _check_padding_free_attention(model: nn.Module) -> None:
             "Load the model with attn_implementation='sdpa' or 'flash_attention_2' (model_init_kwargs or "
             "from_pretrained), or set padding_free=False and packing=False."
         )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-def _checkpoint_folders(folder: str) -> list[str]:
-    """The `checkpoint-<step>` folders of `folder`, oldest first."""
-    if not os.path.isdir(folder):
-        return []
-    found = []
-    for entry in os.listdir(folder):
-        match = _CHECKPOINT_PATTERN.match(entry)
-        if match and os.path.isdir(os.path.join(folder, entry)):
-            found.append((int(match.group(1)), os.path.join(folder, entry)))
-    return [path for _, path in sorted(found)]
-
-
-def _read_alignment_state(checkpoint: str) -> dict[str, Any]:
-    """Read a checkpoint's `alignment_state.json`, raising a `ValueError` that names the file for a broken one."""
-    path = os.path.join(checkpoint, STATE_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(
-            f"{path} is not valid JSON ({error}): the file was cut short or corrupted, so the phase of the alignment "
-            "schedule cannot be restored from this checkpoint."
-        ) from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds {type(state).__name__}, not the JSON object AlignmentTrainer writes.")
-    for key, kind in _STATE_KEYS.items():
-        if key not in state:
-            raise ValueError(f"{path} has no {key!r} (its keys: {sorted(state)}): the file is incomplete.")
-        if isinstance(state[key], bool) or not isinstance(state[key], kind) or state[key] < 0:
-            raise ValueError(f"{path}: {key!r} must be a non-negative int, got {state[key]!r}.")
-    if not isinstance(state.get("align_schedule", ""), str):
-        raise ValueError(f"{path}: 'align_schedule' must be a string, got {state['align_schedule']!r}.")
-    return state
-
-
-def _checkpoint_problem(checkpoint: str) -> tuple[type[Exception], str] | None:
-    """What keeps `checkpoint` from being resumed, as (exception type, explanation), or `None` if it is intact."""
-    if not os.path.exists(checkpoint):
-        return FileNotFoundError, f"{checkpoint} does not exist"
-    if not os.path.isdir(checkpoint):
-        return FileNotFoundError, f"{checkpoint} is a file, not a checkpoint folder"
-    if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
-        return FileNotFoundError, (
-            f"{checkpoint} has no {TRAINER_STATE_NAME}: the checkpoint was cut short while being written (process "
-            "killed, disk full), or it is not a Trainer checkpoint"
-        )
-    if not os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
-        return FileNotFoundError, (
-            f"{checkpoint} has no {STATE_FILE}, the last file AlignmentTrainer writes into a checkpoint: it was cut "
-            "short while being written (process killed, disk full), or it was written by another trainer (such as "
-            "SFTTrainer), whose checkpoints do not record the phase of the alignment schedule"
-        )
-    try:
-        _read_alignment_state(checkpoint)
-    except ValueError as error:
-        return ValueError, str(error).rstrip(".")
-    return None
-
-
-def _newest_intact_checkpoint(folder: str) -> str | None:
-    """The newest checkpoint of `folder` that has its trainer state and a valid alignment state."""
-    for checkpoint in reversed(_checkpoint_folders(folder)):
-        if _checkpoint_problem(checkpoint) is None:
-            return checkpoint
-    return None
-
-
-def _resume_advice(folder: str) -> str:
-    """Name the newest intact checkpoint of `folder`, or say that there is none."""
-    intact = _newest_intact_checkpoint(folder)
-    if intact is not None:
-        return (
-            f"The newest intact checkpoint in {folder} is {intact}: resume from it with "
-            f"resume_from_checkpoint={intact!r} (or delete the broken checkpoint folders and pass "
-            "resume_from_checkpoint=True)."
-        )
-    return (
-        f"There is no intact checkpoint (one with {TRAINER_STATE_NAME} and a valid {STATE_FILE}) in {folder}: start "
-        "the run again without resume_from_checkpoint."
-    )
-
-
-def _write_json_atomically(path: str, data: dict[str, Any]) -> None:
-    """Write `data` to `path` through a temporary file and `os.replace`, so that `path` is never left half-written."""
-    handle, temporary = tempfile.mkstemp(
-        dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
 
 
 class AlignmentTrainer(SFTTrainer):
@@ -367,8 +284,8 @@ class AlignmentTrainer(SFTTrainer):
         alignment_dataset: Dataset | None = None,
     ):
         args = _as_alignment_config(args, model)
-        _check_engine(args)
         _ = args.distributed_state  # sets up the accelerate state: from here on, logs come from the main process only
+        _check_alignment_setup(args)
 
         # The model, loaded here when given by name: its depth (and, for align_layer="auto", a probe) gives the layer
         model_init_kwargs = args.model_init_kwargs
@@ -401,7 +318,6 @@ class AlignmentTrainer(SFTTrainer):
         else:
             self.align_layer = resolve_layer(args.align_layer, self.num_layers)
         peft_config = _adapter_config_below_layer(peft_config, model, args, self.align_layer)
-        _require_unused_parameter_search(args)
 
         # Metric bookkeeping read by `log`, which Trainer may call as soon as it exists
         self._eval_metric_prefix = "eval"
@@ -433,21 +349,6 @@ class AlignmentTrainer(SFTTrainer):
             )
         finally:
             args.model_init_kwargs = model_init_kwargs
-
-        if args.align_mini_batch_size is not None:
-            if self.is_deepspeed_enabled:
-                raise ValueError(
-                    f"align_mini_batch_size={args.align_mini_batch_size} (gradient caching) is not supported under "
-                    "DeepSpeed: its second forward runs inside the backward, and DeepSpeed reduces each gradient only "
-                    "once per backward. Use DDP, FSDP2 or one process, or leave align_mini_batch_size unset "
-                    "(align_gather_negatives works under DeepSpeed)."
-                )
-            if args.align_schedule == "joint" and self.accelerator.num_processes > 1:
-                raise ValueError(
-                    "align_mini_batch_size (gradient caching) with align_schedule='joint' is not supported with "
-                    "several processes: the cached alignment backward would run DDP forwards inside the task's DDP "
-                    "backward. Use align_schedule='alternate' (or 'alignment_only'), or one process."
-                )
 
         if self.padding_free:
             _check_padding_free_attention(self.model)
@@ -705,16 +606,26 @@ class AlignmentTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         pair = {key: inputs.pop(key) for key in PAIR_KEYS if key in inputs}
-        schedule = self.args.align_schedule
-        weight = self.args.align_weight
-        has_task = "input_ids" in inputs
+        is_task, pair = self._scheduled_parts(mode, inputs, pair)
+        task_loss, align_loss, outputs = self._losses(
+            model, inputs, pair, is_task, mode, return_outputs, num_items_in_batch
+        )
+        loss = self._log_and_combine(mode, task_loss, align_loss, inputs, pair, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
 
+    def _scheduled_parts(self, mode: str, inputs: dict, pair: dict) -> tuple[bool, dict]:
+        """
+        What this micro-batch trains or evaluates, as the schedule says: whether it has a task loss, and the pairs of
+        its alignment loss (empty: none).
+        """
+        schedule = self.args.align_schedule
+        has_task, has_pairs = "input_ids" in inputs, bool(pair)
         if mode == "train":
             is_task = is_task_step(schedule, self._align_micro_step)
             is_align = is_alignment_step(schedule, self._align_micro_step)
             self._align_micro_step += 1
         else:
-            if pair and pair["align_input_ids"].size(0) < 4 and has_task and schedule != "alignment_only":
+            if has_pairs and pair["align_input_ids"].size(0) < 4 and has_task and schedule != "alignment_only":
                 # A trailing evaluation batch of one pair has no negative: evaluate its task loss only
                 if not self._warned_single_pair_eval:
                     logger.warning(
@@ -722,28 +633,18 @@ class AlignmentTrainer(SFTTrainer):
                         "skipped, as it has no negative, and eval align_loss averages the other batches. (Said once.)"
                     )
                     self._warned_single_pair_eval = True
-                pair = {}
+                pair, has_pairs = {}, False
             is_task = has_task and schedule != "alignment_only"
-            is_align = bool(pair)
-            if not is_task and not is_align:
-                raise ValueError(
-                    f"This evaluation batch holds no alignment pairs, and align_schedule={schedule!r} evaluates only "
-                    f"the alignment loss. Give the evaluation rows the columns {self.args.align_source_column!r} and "
-                    f"{self.args.align_target_column!r}."
-                )
-        if is_align and not pair:
-            raise ValueError(
-                "This batch carries no alignment pairs. Give the rows the columns "
-                f"{self.args.align_source_column!r} and {self.args.align_target_column!r}, or pass `alignment_dataset`."
-            )
-        if is_task and not has_task:
-            raise ValueError(
-                f"align_schedule={schedule!r} needs task examples, but the batch only holds alignment pairs. Pass task "
-                "rows as `train_dataset`, or use align_schedule='alignment_only'."
-            )
+            is_align = has_pairs
+        check_batch_for_schedule(
+            self.args, needs_task=is_task, needs_pairs=is_align, has_task=has_task, has_pairs=has_pairs, mode=mode
+        )
+        return is_task, pair if is_align else {}
 
-        outputs = None
-        task_loss = align_loss = None
+    def _losses(self, model, inputs, pair, is_task, mode, return_outputs, num_items_in_batch):
+        """The task loss (or `None`), the alignment loss (or `None`) and the task forward's outputs (or `None`)."""
+        outputs = task_loss = align_loss = None
+        is_align = bool(pair)
         # Gradient caching only where there is a backward to cache for, and more pairs than one mini-batch; with
         # several processes always, so that every process runs the same collectives even when batch sizes differ
         mini_batch = self.args.align_mini_batch_size
@@ -753,15 +654,18 @@ class AlignmentTrainer(SFTTrainer):
             task_loss, align_loss = self._in_one_forward(
                 model, self._task_and_alignment_loss, inputs, pair, num_items_in_batch
             )
-        else:
-            if is_task:
-                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                task_loss, outputs = result if return_outputs else (result, None)
-            if is_align and cached:
-                align_loss = self._cached_alignment_loss(model, pair)
-            elif is_align:
-                align_loss = self._in_one_forward(model, self._alignment_loss, pair)
+            return task_loss, align_loss, None
+        if is_task:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            task_loss, outputs = result if return_outputs else (result, None)
+        if is_align and cached:
+            align_loss = self._cached_alignment_loss(model, pair)
+        elif is_align:
+            align_loss = self._in_one_forward(model, self._alignment_loss, pair)
+        return task_loss, align_loss, outputs
 
+    def _log_and_combine(self, mode, task_loss, align_loss, inputs, pair, num_items_in_batch):
+        """Log both losses (stopping on a non-finite one while training) and return the loss to back-propagate."""
         loss = 0.0
         if task_loss is not None:
             loss = task_loss
@@ -777,14 +681,14 @@ class AlignmentTrainer(SFTTrainer):
             self._metrics[mode]["align_loss"].append(align_value)
             self._count_steps_without_negatives(pair["align_same_pair"], mode)
             # In eval the alternate schedule reports the task loss as `eval_loss` (for early stopping), like the paper
-            if mode == "train" or schedule != "alternate":
-                scaled = weight * align_loss
+            if mode == "train" or self.args.align_schedule != "alternate":
+                scaled = self.args.align_weight * align_loss
                 if mode == "train" and self._loss_is_scaled_for_ga(num_items_in_batch):
                     scaled = scaled / self._window_align_steps
                 loss = loss + scaled
         if mode == "train" and isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
             raise self._non_finite_loss_error("total", loss.detach().item())
-        return (loss, outputs) if return_outputs else loss
+        return loss
 
     def _count_steps_without_negatives(self, same_pair: torch.Tensor, mode: str) -> None:
         """Count the alignment batches (over all processes) in which every other pair is masked as a duplicate."""
@@ -811,118 +715,34 @@ class AlignmentTrainer(SFTTrainer):
             "this step updates any weight, so no checkpoint will hold a non-finite result. Likely causes: "
             + "; ".join(causes)
             + ". "
-            + _resume_advice(self.args.output_dir)
+            + resume_advice(self.args.output_dir)
         )
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Checkpoints and model card
+    # Checkpoints (their integrity lives in `checkpoints.py`) and model card
     def _save_checkpoint(self, model, trial):
-        self._check_weights_are_finite()
+        check_weights_are_finite(self.model, self.state.global_step, self.args.output_dir)
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            # Written last and atomically: a checkpoint with this file is complete
             state = {
                 "align_micro_step": self._align_micro_step,
                 "align_layer": self.align_layer,
                 "align_schedule": self.args.align_schedule,
             }
-            _write_json_atomically(os.path.join(folder, STATE_FILE), state)
-
-    def _check_weights_are_finite(self) -> None:
-        """Refuse to write a checkpoint whose trainable weights hold NaN or inf (an update that diverged)."""
-        names, sums = [], []
-        for name, parameter in self.model.named_parameters():
-            if not parameter.requires_grad or not parameter.is_floating_point():
-                continue
-            data = parameter.detach()
-            data = data.to_local() if hasattr(data, "to_local") else data  # the local shard of an FSDP2 DTensor
-            if data.numel():  # DeepSpeed ZeRO-3 leaves partitioned parameters empty
-                names.append(name)
-                sums.append(data.sum(dtype=torch.float32))  # NaN or inf anywhere makes the sum non-finite
-        bad = [name for name, total in zip(names, sums) if not torch.isfinite(total).item()]
-        if bad:
-            step = self.state.global_step
-            raise FloatingPointError(
-                f"{len(bad)} trainable parameter(s) hold NaN or inf after global step {step} (for example "
-                f"{bad[:3]}): {PREFIX_CHECKPOINT_DIR}-{step} is not written, so that no checkpoint holds broken "
-                "weights. The update diverged: lower learning_rate, keep max_grad_norm > 0, or train in bf16 rather "
-                "than fp16. " + _resume_advice(self.args.output_dir)
-            )
+            write_alignment_state(folder, state)  # written last: a checkpoint with this file is complete
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        checkpoint = resume_from_checkpoint
-        if isinstance(checkpoint, str) and checkpoint.strip().lower() in ("true", "false", "none", ""):
-            checkpoint = checkpoint.strip().lower() == "true"  # as a command line or a YAML file may pass it
-        if checkpoint is True:
-            found = _checkpoint_folders(self.args.output_dir)
-            if not found:
-                raise FileNotFoundError(
-                    f"resume_from_checkpoint=True, but output_dir {self.args.output_dir} holds no "
-                    f"{PREFIX_CHECKPOINT_DIR}-* folder to resume from. Start the run without resume_from_checkpoint, "
-                    "or pass the path of a checkpoint."
-                )
-            checkpoint = found[-1]
-        if isinstance(checkpoint, str):
-            self._restore_alignment_state(checkpoint)
-        else:
-            checkpoint = None
-            self._warn_about_earlier_checkpoints()
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            self._align_micro_step = restore_alignment_state(
+                checkpoint, self.args.output_dir, self.align_layer, self.args.align_schedule
+            )
+        elif self.is_world_process_zero():
+            warn_about_earlier_checkpoints(self.args.output_dir, self.args.save_total_limit)
         return super().train(checkpoint, *args, **kwargs)
-
-    def _restore_alignment_state(self, checkpoint: str) -> None:
-        """Check that `checkpoint` is intact and trained as this run is set up, and restore the schedule's phase."""
-        problem = _checkpoint_problem(checkpoint)
-        if problem is not None:
-            error, explanation = problem
-            folder = os.path.dirname(os.path.normpath(checkpoint)) or "."
-            advice = _resume_advice(folder)
-            if os.path.abspath(folder) != os.path.abspath(self.args.output_dir):
-                advice += " " + _resume_advice(self.args.output_dir)
-            raise error(f"Cannot resume from {checkpoint}: {explanation}. {advice}")
-        state = _read_alignment_state(checkpoint)
-        if state["align_layer"] != self.align_layer:
-            raise ValueError(
-                f"{checkpoint} was trained with align_layer={state['align_layer']}, but this run aligns layer "
-                f"{self.align_layer}; set align_layer={state['align_layer']} to resume it."
-            )
-        schedule = state.get("align_schedule")
-        if schedule is None:
-            logger.warning(
-                f"{os.path.join(checkpoint, STATE_FILE)} does not record align_schedule (it was written by an older "
-                f"trl-midalign): resuming with align_schedule={self.args.align_schedule!r}, which must be the one it "
-                "was trained with."
-            )
-        elif schedule != self.args.align_schedule:
-            raise ValueError(
-                f"{checkpoint} was trained with align_schedule={schedule!r}, but this run uses "
-                f"align_schedule={self.args.align_schedule!r}; set align_schedule={schedule!r} to resume it (or "
-                "start a new run, in a new output_dir, to change the schedule)."
-            )
-        self._align_micro_step = state["align_micro_step"]
-
-    def _warn_about_earlier_checkpoints(self) -> None:
-        """Warn before a fresh run writes into an output_dir that already holds another run's checkpoints."""
-        found = _checkpoint_folders(self.args.output_dir)
-        if not found or not self.is_world_process_zero():
-            return
-        names = ", ".join(os.path.basename(path) for path in found[:3]) + (", ..." if len(found) > 3 else "")
-        limit = self.args.save_total_limit
-        rotation = (
-            f" With save_total_limit={limit}, transformers' checkpoint rotation deletes the oldest checkpoints of the "
-            "folder, which are these."
-            if limit
-            else ""
-        )
-        logger.warning(
-            f"output_dir {self.args.output_dir} already holds {len(found)} checkpoint folder(s) of an earlier run "
-            f"({names}), and resume_from_checkpoint is not set: this run starts from step 0 and writes its own "
-            f"checkpoints next to them, replacing any with the same step number.{rotation} Its model card "
-            "(README.md) is overwritten too. To keep them, pass a new output_dir; to continue that run, pass "
-            "resume_from_checkpoint=True (or the path of one of its checkpoints)."
-        )
 
     def create_model_card(
         self,
