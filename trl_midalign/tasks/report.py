@@ -509,6 +509,7 @@ def evaluate_examples(
     zero3: bool = False,
     compare_with: str | None = None,
     extra: dict | None = None,
+    labels: Sequence[str] | None = None,
 ) -> dict | None:
     """
     Generate an answer for every example (split over the processes), score each language, and write the results,
@@ -542,6 +543,10 @@ def evaluate_examples(
             Another run's results, drawn next to this run in the plot.
         extra (`dict`, *optional*):
             More fields for the results JSON.
+        labels (`Sequence[str]`, *optional*):
+            A label set (classification): instead of generating, each example's prediction is the label of least
+            completion NLL ([`label_log_likelihoods`]) and its `reference_loss` is that of its reference label; the
+            label NLLs go into the predictions file.
 
     Returns:
         `dict | None`: the results on the main process, `None` on the others.
@@ -552,28 +557,51 @@ def evaluate_examples(
     state = PartialState()
     indexed = [dict(example, index=i) for i, example in enumerate(examples)]
     with state.split_between_processes(indexed, apply_padding=True) as shard:
-        predictions = generate_completions(
-            model,
-            tokenizer,
-            [example["prompt"] for example in shard],
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            synced_gpus=zero3 and state.num_processes > 1,
-            desc=f"Evaluating {task} (process {state.process_index})",
-            disable_progress=not state.is_local_main_process,
-        )
-        losses = reference_losses(
-            model,
-            tokenizer,
-            [example["prompt"] for example in shard],
-            [example["reference"] for example in shard],
-            batch_size=batch_size,
-            disable_progress=not state.is_local_main_process,
-        )
-        records = [
-            dict(example, prediction=p, reference_nll=nll, reference_tokens=n)
-            for example, p, (nll, n) in zip(shard, predictions, losses)
-        ]
+        prompts = [example["prompt"] for example in shard]
+        if labels is not None:  # classification: the label of least NLL, no generation
+            unknown = sorted({e["reference"] for e in shard} - set(labels))
+            if unknown:
+                raise ValueError(f"References {unknown[:5]} are not in the label set {list(labels)}.")
+            scored = label_log_likelihoods(
+                model,
+                tokenizer,
+                prompts,
+                labels,
+                batch_size=batch_size,
+                disable_progress=not state.is_local_main_process,
+            )
+            records = []
+            for example, row in zip(shard, scored):
+                nlls = [nll for nll, _ in row]
+                gold = labels.index(example["reference"])
+                best = min(range(len(labels)), key=nlls.__getitem__)
+                records.append(
+                    dict(example, prediction=labels[best], reference_nll=row[gold][0], reference_tokens=row[gold][1],
+                         label_nlls=nlls)
+                )  # fmt: skip
+        else:
+            predictions = generate_completions(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                synced_gpus=zero3 and state.num_processes > 1,
+                desc=f"Evaluating {task} (process {state.process_index})",
+                disable_progress=not state.is_local_main_process,
+            )
+            losses = reference_losses(
+                model,
+                tokenizer,
+                prompts,
+                [example["reference"] for example in shard],
+                batch_size=batch_size,
+                disable_progress=not state.is_local_main_process,
+            )
+            records = [
+                dict(example, prediction=p, reference_nll=nll, reference_tokens=n)
+                for example, p, (nll, n) in zip(shard, predictions, losses)
+            ]
     if state.num_processes > 1:
         records = gather_object(records)
     if not state.is_main_process:
