@@ -249,7 +249,7 @@ def test_reports_table_json_and_plot(tmp_path):
 def test_every_task_module_has_what_a_recipe_uses():
     from trl_midalign.tasks import TASKS
 
-    assert list(TASKS) == ["slot_filling", "translation", "structured_generation"]
+    assert list(TASKS) == ["slot_filling", "translation", "structured_generation", "classification"]
     for name, module in TASKS.items():
         assert module.NAME == name and isinstance(module.MAIN_METRIC, str)
         for function in ("score", "examples", "train_dataset"):
@@ -258,6 +258,10 @@ def test_every_task_module_has_what_a_recipe_uses():
     assert "slot_f1" in TASKS["slot_filling"].score(["time: six"], ["time: six"], "en-US")
     assert "chrf" in TASKS["translation"].score(["Hallo"], ["Hallo"], "en-de")
     assert "entity_f1" in TASKS["structured_generation"].score(['{"person": []}'], ['{"person": []}'], "en")
+    scores = TASKS["classification"].score(["a", "a", "b"], ["a", "b", "b"], "en", labels=["a", "b", "c", "d"])
+    assert scores == pytest.approx(
+        {"accuracy": 2 / 3, "majority_baseline": 2 / 3, "chance": 0.25, "majority_prediction_share": 2 / 3}
+    )
 
 
 def test_single_massive_file_gives_the_rows_of_each_partition(tmp_path):
