@@ -684,3 +684,19 @@ def test_classification_recipe_scores_labels_and_keeps_the_best_dev_checkpoint(w
     saved = adapter_fingerprint(output_dir)
     assert saved == adapter_fingerprint(os.path.join(output_dir, f"checkpoint-{best}"))
     assert saved != adapter_fingerprint(os.path.join(output_dir, "checkpoint-6"))
+
+
+@pytest.mark.parametrize("name", ["slot_filling", "structured_generation"])
+def test_dev_split_is_evaluated_with_the_alignment_trainer(work, tmp_path, name):
+    output_dir = str(tmp_path / name)
+    argv = [
+        *fast_run(work, name, output_dir), "--dataset_dev_split", "test", "--max_dev_samples", "2",
+        "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "2",
+    ]  # fmt: skip
+    results = run_main(name, argv)
+    assert results["run"] == "aligned"
+    with open(os.path.join(output_dir, "checkpoint-2", "trainer_state.json")) as f:
+        history = json.load(f)["log_history"]
+    # the task loss of the English dev rows, at every step
+    assert [e["step"] for e in history if "eval_loss" in e] == [1, 2]
+    assert all(0 < e["eval_loss"] < 50 for e in history if "eval_loss" in e)
