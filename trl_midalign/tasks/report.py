@@ -254,8 +254,7 @@ def _logits_at(model, inputs: dict, keep: torch.Tensor) -> tuple[torch.Tensor, A
 
 
 def _cache_argument(model) -> str:
-    """The name under which `model`'s forward takes a KV cache: `cache` (transformers >= 5.25), else
-    `past_key_values`."""
+    """The name of the KV-cache argument of `model`'s forward: `cache` (transformers 5.25), else `past_key_values`."""
     forward = getattr(model, "get_base_model", lambda: model)().forward
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
