@@ -686,7 +686,7 @@ def test_classification_recipe_scores_labels_and_keeps_the_best_dev_checkpoint(w
     assert saved != adapter_fingerprint(os.path.join(output_dir, "checkpoint-6"))
 
 
-@pytest.mark.parametrize("name", ["slot_filling", "structured_generation"])
+@pytest.mark.parametrize("name", RECIPE_NAMES)
 def test_dev_split_is_evaluated_with_the_alignment_trainer(work, tmp_path, name):
     output_dir = str(tmp_path / name)
     argv = [
