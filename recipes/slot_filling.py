@@ -76,11 +76,15 @@ def main(script_args: task.SlotFillingArguments, training_args: AlignmentConfig,
         loading.cap_per_language(test, column, script_args.max_eval_samples), column, conversational
     )
     eval_languages = list(dict.fromkeys(example["language"] for example in examples))
-    train_dataset = pair_dataset = None
+    train_dataset = dev_dataset = pair_dataset = None
     if not script_args.eval_only:
         train = rows(script_args.dataset_name, script_args.dataset_train_split, script_args.train_languages)
         train = loading.cap_per_language(train, column, script_args.max_train_samples)
         train_dataset = task.train_dataset(train, column, conversational)
+        if script_args.dataset_dev_split:  # dev rows of the training languages, for the best checkpoint
+            dev = rows(script_args.dataset_name, script_args.dataset_dev_split, script_args.train_languages)
+            dev = loading.cap_per_language(dev, column, script_args.max_dev_samples)
+            dev_dataset = task.train_dataset(dev, column, conversational)
     if alignment_languages and script_args.alignment_dataset_name:
         pair_dataset = loading.load_pair_dataset(script_args, alignment_languages, seed=training_args.seed)
     elif alignment_languages:
@@ -97,6 +101,7 @@ def main(script_args: task.SlotFillingArguments, training_args: AlignmentConfig,
             model=model_args.model_name_or_path,
             args=training_args,
             train_dataset=train_dataset,
+            eval_dataset=dev_dataset,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
             **({"alignment_dataset": pair_dataset} if script_args.alignment else {}),

@@ -81,11 +81,15 @@ def main(script_args: task.TranslationArguments, training_args: AlignmentConfig,
     test_split, limit = script_args.dataset_test_split, script_args.max_eval_samples
     test = rows(eval_name, script_args.eval_dataset_config or default_config, test_split, eval_directions, limit)
     examples = task.examples(test, conversational)
-    train_dataset = pair_dataset = None
+    train_dataset = dev_dataset = pair_dataset = None
     if not script_args.eval_only:
         train_split, limit = script_args.dataset_train_split, script_args.max_train_samples
         train = rows(script_args.dataset_name, script_args.dataset_config, train_split, train_directions, limit)
         train_dataset = task.train_dataset(train, conversational)
+        if script_args.dataset_dev_split:  # dev rows of the training directions, for the best checkpoint
+            dev_split, limit = script_args.dataset_dev_split, script_args.max_dev_samples
+            dev = rows(script_args.dataset_name, script_args.dataset_config, dev_split, train_directions, limit)
+            dev_dataset = task.train_dataset(dev, conversational)
     if alignment_languages and script_args.alignment_dataset_name:
         pair_dataset = loading.load_pair_dataset(script_args, alignment_languages, seed=training_args.seed)
     elif alignment_languages:
@@ -101,6 +105,7 @@ def main(script_args: task.TranslationArguments, training_args: AlignmentConfig,
             model=model_args.model_name_or_path,
             args=training_args,
             train_dataset=train_dataset,
+            eval_dataset=dev_dataset,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
             **({"alignment_dataset": pair_dataset} if script_args.alignment else {}),

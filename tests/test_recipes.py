@@ -160,7 +160,7 @@ def adapter_fingerprint(adapter_dir: str) -> dict:
 # Configs and parsing
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(RECIPES, "configs", "*.yaml"))))
 def test_shipped_configs_parse_with_current_trl(path):
-    name = next(n for n in RECIPE_NAMES if os.path.basename(path).startswith(n))
+    name = next(n for n in (*RECIPE_NAMES, "classification") if os.path.basename(path).startswith(n))
     script_args, training_args, model_args = (
         recipe(name).make_parser().parse_args_and_config(["--config", path, "--use_cpu"])
     )
@@ -627,3 +627,76 @@ def test_zero3_launches_refuse_a_model_zero3_would_not_partition(work, tmp_path)
     assert done.returncode != 0
     assert "ZeRO-3 would partition no parameter" in done.stderr and "stage3_param_persistence_threshold" in done.stderr
     assert not (output_dir / "adapter_model.safetensors").exists()  # it stopped before training
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classification by label likelihood, and a dev split that keeps the best checkpoint
+APPS = {"swriter": "Format the paragraph text", "scalc": "Sum the cells of the sheet", "smath": "Write the formula"}
+
+
+def classification_data(root) -> str:
+    """A folder with train/dev/test files of text/label/language rows, as the LibreOffice builder writes them."""
+    folder = root / "classification"
+    shifted = dict(zip(APPS, list(APPS)[1:] + list(APPS)[:1]))
+    for split in ("train", "dev", "test"):
+        rows = [  # the dev rows carry another label than training teaches, so that their loss rises at some point
+            {"text": f"{text} {i}", "label": shifted[label] if split == "dev" else label, "language": lang}
+            for i in range(2)
+            for label, text in APPS.items()
+            for lang in (["en"] if split != "test" else ["en", "de"])
+        ]
+        write_jsonl(str(folder / f"{split}.jsonl"), rows)
+    return str(folder)
+
+
+def test_classification_recipe_scores_labels_and_keeps_the_best_dev_checkpoint(work, tmp_path):
+    data = classification_data(tmp_path)
+    output_dir = str(tmp_path / "cls")
+    argv = [
+        "--model_name_or_path", work["model"], "--dataset_name", data, "--output_dir", output_dir,
+        "--text_column", "text", "--label_column", "label", "--language_column", "language",
+        "--train_languages", "en", "--alignment", "false", "--dataset_dev_split", "dev",
+        "--max_steps", "6", "--per_device_train_batch_size", "2", "--learning_rate", "0.05", "--report_to", "none",
+        "--use_cpu", "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+        "--load_best_model_at_end", "--metric_for_best_model", "eval_loss", "--logging_steps", "1",
+        # the tiny model's dev loss falls at every step, so the least loss would be the last checkpoint's: asking for
+        # the greatest makes the kept checkpoint an earlier one, which shows that it is the one loaded and saved
+        "--greater_is_better", "true",
+    ]  # fmt: skip
+    results = run_main("classification", argv)
+    assert results["task"] == "classification" and list(results["languages"]) == ["en", "de"]
+    english = results["languages"]["en"]
+    assert english["chance"] == pytest.approx(1 / 3) and english["majority_baseline"] == pytest.approx(1 / 3)
+    assert 0 <= english["accuracy"] <= 1 and english["reference_loss"] > 0
+    with open(os.path.join(output_dir, "eval_predictions.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    labels = sorted(APPS)
+    for record in records:  # the prediction is the label of least NLL, the reference loss that of the gold label
+        assert record["prediction"] == labels[min(range(3), key=record["label_nlls"].__getitem__)]
+        assert record["reference_nll"] == record["label_nlls"][labels.index(record["reference"])]
+    # the dev split was evaluated at every step, and the adapter saved is the checkpoint of least eval_loss
+    state = json.load(open(os.path.join(output_dir, "checkpoint-6", "trainer_state.json")))
+    losses = {e["step"]: e["eval_loss"] for e in state["log_history"] if "eval_loss" in e}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    best = max(losses, key=losses.get)
+    assert best < 6  # the last checkpoint is not the best: loading the best one is seen in the saved adapter
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best}")
+    saved = adapter_fingerprint(output_dir)
+    assert saved == adapter_fingerprint(os.path.join(output_dir, f"checkpoint-{best}"))
+    assert saved != adapter_fingerprint(os.path.join(output_dir, "checkpoint-6"))
+
+
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_dev_split_is_evaluated_with_the_alignment_trainer(work, tmp_path, name):
+    output_dir = str(tmp_path / name)
+    argv = [
+        *fast_run(work, name, output_dir), "--dataset_dev_split", "test", "--max_dev_samples", "2",
+        "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "2",
+    ]  # fmt: skip
+    results = run_main(name, argv)
+    assert results["run"] == "aligned"
+    with open(os.path.join(output_dir, "checkpoint-2", "trainer_state.json")) as f:
+        history = json.load(f)["log_history"]
+    # the task loss of the English dev rows, at every step
+    assert [e["step"] for e in history if "eval_loss" in e] == [1, 2]
+    assert all(0 < e["eval_loss"] < 50 for e in history if "eval_loss" in e)

@@ -249,7 +249,7 @@ def test_reports_table_json_and_plot(tmp_path):
 def test_every_task_module_has_what_a_recipe_uses():
     from trl_midalign.tasks import TASKS
 
-    assert list(TASKS) == ["slot_filling", "translation", "structured_generation"]
+    assert list(TASKS) == ["slot_filling", "translation", "structured_generation", "classification"]
     for name, module in TASKS.items():
         assert module.NAME == name and isinstance(module.MAIN_METRIC, str)
         for function in ("score", "examples", "train_dataset"):
@@ -258,6 +258,10 @@ def test_every_task_module_has_what_a_recipe_uses():
     assert "slot_f1" in TASKS["slot_filling"].score(["time: six"], ["time: six"], "en-US")
     assert "chrf" in TASKS["translation"].score(["Hallo"], ["Hallo"], "en-de")
     assert "entity_f1" in TASKS["structured_generation"].score(['{"person": []}'], ['{"person": []}'], "en")
+    scores = TASKS["classification"].score(["a", "a", "b"], ["a", "b", "b"], "en", labels=["a", "b", "c", "d"])
+    assert scores == pytest.approx(
+        {"accuracy": 2 / 3, "majority_baseline": 2 / 3, "chance": 0.25, "majority_prediction_share": 2 / 3}
+    )
 
 
 def test_single_massive_file_gives_the_rows_of_each_partition(tmp_path):
@@ -325,3 +329,64 @@ def test_card_section_without_a_trainer_card_is_the_card(tmp_path):
     assert card.data.language == ["de", "en", "sw"] and card.data.library_name == "peft"
     assert "| de-DE | transfer | 0.6000 | 0.3000 | 10 |" in card.text and "| `lora_r` | `8` |" in card.text
     assert 'base = AutoModelForCausalLM.from_pretrained("org/base")' in card.text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Label likelihood and SFTTrainer's tokenization
+LABEL_PROMPTS = [
+    "Wake me up at seven\n",
+    [{"role": "user", "content": "Play some jazz"}],
+    "Turn off the light and who sang this song\n",  # longer than the tiny Gemma's sliding window (8)
+    "Set\n",
+]
+LABELS = ["time", "None", "music genre", "weather date"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "qwen2"])
+def test_label_log_likelihoods_match_a_plain_torch_computation(tokenizer, kind):
+    from trl_midalign.tasks.report import label_log_likelihoods, tokenize_completion
+
+    model = build_model(kind, len(tokenizer), seed=1).eval()
+    # a small logits budget splits the labels into groups: the grouping must not change a number
+    for max_logits in (2**26, 3 * 400 * 3):
+        scores = label_log_likelihoods(
+            model, tokenizer, LABEL_PROMPTS, LABELS, batch_size=3, max_logits=max_logits, disable_progress=True
+        )
+        for prompt, row in zip(LABEL_PROMPTS, scores):
+            for label, (nll, count) in zip(LABELS, row):
+                ids, start = tokenize_completion(tokenizer, prompt, label)
+                with torch.no_grad():  # one unpadded row, all logits, no cache
+                    log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+                expected = -sum(log_probs[t - 1, ids[t]].item() for t in range(start, len(ids)))
+                assert count == len(ids) - start
+                assert nll == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    with pytest.raises(ValueError, match="without duplicates"):
+        label_log_likelihoods(model, tokenizer, LABEL_PROMPTS, ["a", "a"])
+
+
+def test_prompt_and_completion_tokenization_equal_what_sft_trainer_trains_on(tokenizer, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_midalign.tasks.report import tokenize_completion, tokenize_prompt
+
+    rows = [
+        {"prompt": "Wake me up at seven\n", "completion": "time"},
+        {"prompt": "Play\n", "completion": "music genre"},
+        {
+            "prompt": [{"role": "user", "content": "Play some jazz"}],
+            "completion": [{"role": "assistant", "content": "None"}],
+        },
+    ]
+    for row in rows:  # SFTTrainer refuses a dataset that mixes plain and chat rows: one trainer per row
+        trainer = SFTTrainer(
+            model=build_model("llama", len(tokenizer)),
+            args=SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False),
+            train_dataset=Dataset.from_list([row]),
+            processing_class=tokenizer,
+        )
+        trained = trainer.train_dataset[0]
+        ids, start = tokenize_completion(tokenizer, row["prompt"], row["completion"])
+        assert ids == trained["input_ids"]
+        assert [-100] * start + ids[start:] == trained["labels"]  # the loss covers exactly the completion
+        assert tokenize_prompt(tokenizer, row["prompt"]) == trained["input_ids"][:start]

@@ -327,6 +327,7 @@ def evaluate_run(
     language_groups: dict[str, list[str]],
     trainer=None,
     score=None,
+    labels: Sequence[str] | None = None,
 ) -> dict | None:
     """
     [`~trl_midalign.tasks.report.evaluate_examples`] with a recipe's settings: generation split over the processes
@@ -351,6 +352,8 @@ def evaluate_run(
             The trainer of the run (`None` with `--eval_only`).
         score (`Callable`, *optional*):
             Replaces `task.score` (e.g. translation's scorer that knows the source sentences).
+        labels (`Sequence[str]`, *optional*):
+            The label set of a classification task, scored by label likelihood instead of generation.
 
     Returns:
         `dict | None`: the results on the main process, `None` on the others.
@@ -375,6 +378,7 @@ def evaluate_run(
             "train_languages": list(script_args.train_languages),
             "alignment_languages": list(alignment_languages),
         },
+        labels=labels,
     )
 
 

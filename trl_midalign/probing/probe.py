@@ -344,6 +344,21 @@ def _model_name(model: nn.Module) -> str | None:
     return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
 
 
+def pad_token_id(tokenizer) -> int:
+    """
+    The id that pads a batch of `tokenizer`'s sequences: its pad token, else its EOS token (which many causal LMs pad
+    with). The padded positions are masked, so the choice changes no result; probing and evaluation share it.
+
+    Raises:
+        ValueError: If the tokenizer has neither a pad nor an EOS token.
+    """
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
+    return tokenizer.eos_token_id
+
+
 @torch.no_grad()
 def _encode(
     model: nn.Module,
@@ -361,7 +376,7 @@ def _encode(
     decoder = get_decoder(model)
     device = next(decoder.parameters(), torch.empty(0)).device
     encoded = tokenizer(sentences, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_token_id(tokenizer)
     # Longest first: similar lengths share a batch (little padding), and an out-of-memory error shows up at once.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]

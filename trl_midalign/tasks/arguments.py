@@ -38,6 +38,13 @@ class RecipeArguments:
             Split with the task training rows.
         dataset_test_split (`str`, *optional*, defaults to `"test"`):
             Split evaluated after training.
+        dataset_dev_split (`str`, *optional*):
+            Split of development rows (MASSIVE: `"validation"`; a local folder: its `dev` file), in the training
+            languages, tokenized as the training rows and passed to the trainer as `eval_dataset`: with
+            `--eval_strategy steps --load_best_model_at_end --metric_for_best_model eval_loss` the checkpoint of least
+            task dev loss is kept. Unset: no dev evaluation during training.
+        max_dev_samples (`int`, *optional*):
+            Keep at most this many dev rows per training language.
         eval_dataset_name (`str`, *optional*):
             A different dataset for evaluation (same forms as `dataset_name`); defaults to `dataset_name`.
         eval_dataset_config (`str`, *optional*):
@@ -90,6 +97,17 @@ class RecipeArguments:
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split with the task training rows."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split evaluated after training."})
+    dataset_dev_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dev split (e.g. 'validation' for MASSIVE, 'dev' for a local folder) in the training languages, "
+            "passed as eval_dataset: with --eval_strategy steps --load_best_model_at_end --metric_for_best_model "
+            "eval_loss the checkpoint of least task dev loss is kept."
+        },
+    )
+    max_dev_samples: int | None = field(
+        default=None, metadata={"help": "Keep at most this many dev rows per training language."}
+    )
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "Another dataset for evaluation; defaults to dataset_name."}
     )
@@ -148,7 +166,7 @@ class RecipeArguments:
             setattr(self, name, _split_list(getattr(self, name)))
         if not self.dataset_name:
             raise ValueError("dataset_name is required: a Hub dataset id or a local file/folder.")
-        for name in ("max_alignment_pairs", "max_train_samples", "max_eval_samples"):
+        for name in ("max_alignment_pairs", "max_train_samples", "max_eval_samples", "max_dev_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset for all rows), got {value}.")

@@ -11,6 +11,9 @@ The model card itself is written by the trainer (`trainer.create_model_card`, wh
 PEFT usage, settings and results to it.
 """
 
+import contextlib
+import copy
+import inspect
 import json
 import math
 import os
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 from trl.trainer.utils import pad
 
 from .._logging import get_logger
+from ..probing.probe import pad_token_id
 
 
 logger = get_logger(__name__)
@@ -66,10 +70,14 @@ def public_name(name_or_path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Generation
+# Tokenization as in training
 def tokenize_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
     """
     Token ids of a prompt exactly as TRL's `SFTTrainer` tokenizes the prompt of a prompt-completion row.
+
+    `SFTTrainer` does it inside its dataset preparation (`trl.data_utils._tokenize`, private): the tokenizer's call for a
+    plain prompt, the chat template with the generation prompt for a conversational one. This is the same, tested
+    against the prompt part of the rows `SFTTrainer` tokenizes (`tests/test_tasks.py`).
 
     Args:
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
@@ -87,12 +95,42 @@ def tokenize_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
     return list(output["input_ids"])
 
 
-def _pad_id(tokenizer) -> int:
-    """The tokenizer's pad token id, or its EOS id when it has no pad token."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
-    return pad_id
+def tokenize_completion(
+    tokenizer, prompt: str | list[dict[str, str]], completion: str | list[dict[str, str]]
+) -> tuple[list[int], int]:
+    """
+    Token ids of a prompt-completion row as TRL's `SFTTrainer` tokenizes it for training, and where its completion
+    (the tokens of the training loss) starts.
+
+    As `SFTTrainer`: a plain row gets the EOS token appended to its completion and is tokenized as one text; a
+    conversational row is rendered with the chat template, prompt and completion together; the completion starts
+    where the tokens of the prompt alone ([`tokenize_prompt`]) and of the whole row diverge
+    (`trl.data_utils.common_prefix_length`).
+
+    Args:
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            The model's tokenizer.
+        prompt (`str` or `list[dict[str, str]]`):
+            Plain prompt or chat messages.
+        completion (`str` or `list[dict[str, str]]`):
+            The answer: a string (a conversational prompt makes it an assistant message) or chat messages.
+
+    Returns:
+        `tuple[list[int], int]`: the row's token ids and the index of its first completion token.
+    """
+    from trl.data_utils import common_prefix_length
+
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
+    if isinstance(prompt, str):
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has no EOS token, which SFTTrainer appends to every completion.")
+        text = completion if completion.endswith(tokenizer.eos_token) else completion + tokenizer.eos_token
+        ids = list(tokenizer(prompt + text)["input_ids"])
+    else:
+        messages = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        ids = tokenizer.apply_chat_template(list(prompt) + list(messages), tokenize=True, return_dict=True)
+        ids = list(ids["input_ids"])
+    return ids, common_prefix_length(prompt_ids, ids)
 
 
 def _left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +140,19 @@ def _left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor,
     return input_ids, attention_mask
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode (no dropout) for the block, then back in its former mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation
 @torch.no_grad()
 def generate_completions(
     model,
@@ -114,7 +165,7 @@ def generate_completions(
     disable_progress: bool = False,
 ) -> list[str]:
     """
-    Greedy completions of prompts, generated in batches with left padding.
+    Greedy completions of prompts, generated in batches with left padding and the KV cache.
 
     Prompts are tokenized as in training (see [`tokenize_prompt`]), sorted by length so that each batch wastes little
     padding, and returned in the input order. Generation stops at the tokenizer's EOS or the model's generation EOS.
@@ -142,7 +193,7 @@ def generate_completions(
     Returns:
         `list[str]`: the decoded completions (special tokens removed, whitespace stripped), one per prompt.
     """
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     eos_ids = set()
     for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         eos_ids.update([value] if isinstance(value, int) else (value or []))
@@ -150,9 +201,7 @@ def generate_completions(
     encoded = [torch.tensor(tokenize_prompt(tokenizer, p), dtype=torch.long) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=disable_progress):
             indices = order[start : start + batch_size]
             # Left padding: the prompts end where generation starts
@@ -174,9 +223,103 @@ def generate_completions(
             width = input_ids.shape[1]
             for row, i in enumerate(indices):
                 outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
-    finally:
-        model.train(was_training)
     return outputs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Teacher-forced scores: the LM head only where a scored token is predicted
+def _logits_at(model, inputs: dict, keep: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """
+    Logits of the positions where `keep` (bool, `(batch, seq)`) is true, as a `(num_kept, vocab)` tensor, and the
+    model's cache. The mask goes to the forward as `logits_to_keep`, so the LM head (with a large vocabulary the costly
+    part) only runs on those positions; a forward that takes no `logits_to_keep`, or no mask for it, gives all logits,
+    of which the kept ones are taken.
+    """
+    try:
+        outputs = model(**inputs, logits_to_keep=keep)
+    except (TypeError, IndexError):  # no `logits_to_keep`, or one that only takes a count (older transformers)
+        outputs = model(**inputs)
+    logits = outputs.logits
+    cache = getattr(outputs, "cache", None)
+    if cache is None:
+        cache = getattr(outputs, "past_key_values", None)
+    if logits.dim() == 3 and logits.shape[:2] == keep.shape:
+        logits = logits[keep]
+    if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+        raise RuntimeError(
+            f"{type(model).__name__} returned logits of shape {tuple(outputs.logits.shape)} for {int(keep.sum())} "
+            "kept positions; its forward's `logits_to_keep` is not the transformers one."
+        )
+    return logits, cache
+
+
+def _cache_argument(model) -> str:
+    """The name of the KV-cache argument of `model`'s forward: `cache` (transformers 5.25), else `past_key_values`."""
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`log p(target)` of each row of `logits` (`(n, vocab)`), computed in float32: a `(n,)` tensor."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def completion_nlls(
+    model,
+    sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    pad_id: int,
+    batch_size: int = 8,
+    desc: str = "Scoring",
+    disable_progress: bool = False,
+) -> list[float]:
+    """
+    Summed negative log-likelihood (nats) of the tokens `sequence[start:]` of each sequence given the tokens before:
+    the training loss of a completion, summed instead of averaged.
+
+    Sequences are sorted by length and batched with left padding (positions counted from each sequence's first real
+    token), and the LM head runs only on the positions that predict a scored token (`logits_to_keep` as a boolean mask,
+    see [`_logits_at`]).
+
+    Args:
+        model ([`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The model, in eval mode.
+        sequences (`Sequence[Sequence[int]]`):
+            Token ids.
+        starts (`Sequence[int]`):
+            Index of the first scored token of each sequence, at least 1.
+        pad_id (`int`):
+            The padding id (see [`~trl_midalign.probing.probe.pad_token_id`]).
+        batch_size (`int`, *optional*, defaults to `8`):
+            Sequences per forward pass.
+        desc (`str`), disable_progress (`bool`):
+            The progress bar.
+
+    Returns:
+        `list[float]`: one summed NLL per sequence.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    nlls = [0.0] * len(sequences)
+    for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=disable_progress):
+        indices = order[begin : begin + batch_size]
+        input_ids, attention_mask = _left_pad([torch.tensor(sequences[i], dtype=torch.long) for i in indices], pad_id)
+        width = input_ids.shape[1]
+        keep = torch.zeros_like(input_ids, dtype=torch.bool)  # position p predicts the token at p + 1
+        for row, i in enumerate(indices):
+            keep[row, width - len(sequences[i]) + starts[i] - 1 : width - 1] = True
+        targets = input_ids[:, 1:][keep[:, :-1]]
+        inputs = {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0).to(device),
+        }
+        logits, _ = _logits_at(model, inputs, keep.to(device))
+        token_nll = -_token_log_probs(logits, targets.to(device)).double().cpu()
+        sums = torch.zeros(len(indices), dtype=torch.float64).index_add_(0, keep.nonzero()[:, 0], token_nll)
+        for row, i in enumerate(indices):
+            nlls[i] = sums[row].item()
+    return nlls
 
 
 @torch.no_grad()
@@ -195,7 +338,7 @@ def reference_losses(
     A generated answer is either right or wrong; this loss also shows a model that is getting closer, so it separates
     two runs with fewer examples than a generation metric. Each sequence is the prompt as generation sees it (see
     [`tokenize_prompt`]) followed by the reference tokenized on its own and the tokenizer's EOS; only the reference
-    and EOS tokens are scored.
+    and EOS tokens are scored, with the LM head on their positions only (see [`completion_nlls`]).
 
     Args:
         model ([`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
@@ -221,48 +364,130 @@ def reference_losses(
         raise ValueError(
             f"Got {len(prompts)} prompts but {len(references)} references; give one reference per prompt."
         )
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    sequences, answer_lengths = [], []
+    sequences, starts = [], []
     for i, (prompt, reference) in enumerate(zip(prompts, references)):
         prompt_ids = tokenize_prompt(tokenizer, prompt)
         if not prompt_ids:
             raise ValueError(f"Prompt {i} ({prompt!r}) has no tokens: the answer's first token would follow nothing.")
         answer = list(tokenizer(reference, add_special_tokens=False)["input_ids"]) + eos
-        sequences.append(torch.tensor(prompt_ids + answer, dtype=torch.long))
-        answer_lengths.append(len(answer))
+        sequences.append(prompt_ids + answer)
+        starts.append(len(prompt_ids))
+    with _eval_mode(model):
+        nlls = completion_nlls(model, sequences, starts, pad_id, batch_size, desc, disable_progress)
+    return [(nll, len(ids) - start) for nll, ids, start in zip(nlls, sequences, starts)]
+
+
+@torch.no_grad()
+def label_log_likelihoods(
+    model,
+    tokenizer,
+    prompts: Sequence[str | list[dict[str, str]]],
+    labels: Sequence[str],
+    batch_size: int = 8,
+    max_logits: int = 2**26,
+    desc: str = "Scoring labels",
+    disable_progress: bool = False,
+) -> list[list[tuple[float, int]]]:
+    """
+    The summed negative log-likelihood of every label as the completion of every prompt: exact classification by
+    label likelihood (predict the label of least NLL), no generation.
+
+    Each (prompt, label) row is tokenized as `SFTTrainer` tokenizes it for training ([`tokenize_completion`]: the
+    label and EOS, or the chat template's assistant turn), and its NLL is the summed training loss of its completion
+    tokens. The prompt runs once: the tokens every label's row shares go through the model in batches of prompts
+    (left padding) with the KV cache, which is then repeated for the labels, whose tokens run in one more forward
+    (right padding after the cache). The LM head runs only on the positions that predict a completion token.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The model, unwrapped from DDP/DeepSpeed (under ZeRO-3 every process must call this with as many prompts).
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            The tokenizer; a missing pad token falls back to EOS.
+        prompts (`Sequence[str | list[dict[str, str]]]`):
+            Plain or conversational prompts.
+        labels (`Sequence[str]`):
+            The label set, the same for every prompt.
+        batch_size (`int`, *optional*, defaults to `8`):
+            Prompts per forward pass.
+        max_logits (`int`, *optional*, defaults to `2**26`):
+            At most this many logits (positions x vocabulary) in one forward: the labels of a batch are split into
+            groups to stay below it (256 MB of float32).
+        desc (`str`), disable_progress (`bool`):
+            The progress bar.
+
+    Returns:
+        `list[list[tuple[float, int]]]`: per prompt, per label (in `labels` order), the summed NLL (nats) of the
+        label's completion tokens and their number.
+    """
+    if not labels or len(set(labels)) != len(labels):
+        raise ValueError(f"The labels must be a non-empty list without duplicates, got {list(labels)!r}.")
+    pad_id = pad_token_id(tokenizer)
+    rows = []  # per prompt: (shared prefix, [(continuation, first scored index in it) per label])
+    for i, prompt in enumerate(prompts):
+        encoded = [tokenize_completion(tokenizer, prompt, label) for label in labels]
+        shared = min(start for _, start in encoded)
+        for ids, _ in encoded[1:]:
+            shared = min(shared, next((j for j, (a, b) in enumerate(zip(ids, encoded[0][0])) if a != b), len(ids)))
+        if shared < 1:
+            raise ValueError(f"Prompt {i} ({prompt!r}) has no tokens: a label's first token would follow nothing.")
+        rows.append((encoded[0][0][:shared], [(ids[shared:], start - shared) for ids, start in encoded]))
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: (-answer_lengths[i], -len(sequences[i])))
-    losses: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=disable_progress):
-            indices = order[start : start + batch_size]
-            # Left padding: every answer ends at the last position, so the LM head (with a large vocabulary the costly
-            # part) only runs on the last `keep` positions, enough to predict the longest answer of the batch
-            input_ids, attention_mask = _left_pad([sequences[i] for i in indices], pad_id)
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            keep = max(answer_lengths[i] for i in indices) + 1
+    vocab = model.get_output_embeddings().weight.shape[0]
+    # Labels per forward: the most that keep batch x labels x label tokens x vocabulary logits under max_logits
+    longest = max(len(tokenizer(f"{label}{tokenizer.eos_token or ''}")["input_ids"]) for label in labels) + 2
+    group = max(1, min(len(labels), max_logits // max(1, batch_size * longest * vocab)))
+    cache_argument = _cache_argument(model)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    results: list[list[tuple[float, int]]] = [[] for _ in rows]
+    with _eval_mode(model):
+        for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=disable_progress):
+            indices = order[begin : begin + batch_size]
+            prefix_ids, prefix_mask = _left_pad([torch.tensor(rows[i][0], dtype=torch.long) for i in indices], pad_id)
+            lengths = prefix_mask.sum(-1)
+            last = torch.zeros_like(prefix_ids, dtype=torch.bool)
+            last[:, -1] = True
             inputs = {
-                "input_ids": input_ids.to(device),
-                "attention_mask": attention_mask.to(device),
-                "position_ids": position_ids.to(device),
+                "input_ids": prefix_ids.to(device),
+                "attention_mask": prefix_mask.to(device),
+                "position_ids": (prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                "use_cache": True,
             }
-            try:
-                logits = model(**inputs, logits_to_keep=keep).logits
-            except TypeError:  # a model whose forward has no `logits_to_keep`: all positions, then the last ones
-                logits = model(**inputs).logits
-            logits = logits[:, -keep:]
-            # logits[:, j] predicts the token at position width - keep + j + 1
-            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            targets = input_ids[:, input_ids.shape[1] - keep + 1 :].to(device)
-            token_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            logits, cache = _logits_at(model, inputs, last.to(device))
+            first = torch.log_softmax(logits.float(), dim=-1)  # (batch, vocab): predicts each continuation's 1st token
+            nll = torch.zeros(len(indices), len(labels), dtype=torch.float64)
+            for low in range(0, len(labels), group):
+                ks = range(low, min(low + group, len(labels)))
+                conts = [rows[i][1][k] for i in indices for k in ks]  # row r: prompt r // len(ks), label ks[r % ...]
+                cont_ids = pad([torch.tensor(c, dtype=torch.long) for c, _ in conts], padding_value=pad_id)
+                cont_mask = pad([torch.ones(len(c), dtype=torch.long) for c, _ in conts], padding_value=0)
+                keep = torch.zeros_like(cont_ids, dtype=torch.bool)  # position j predicts the token at j + 1
+                for r, (c, scored) in enumerate(conts):
+                    keep[r, max(scored, 1) - 1 : len(c) - 1] = True
+                    if scored == 0:
+                        nll[r // len(ks), ks[r % len(ks)]] -= first[r // len(ks), c[0]].item()
+                targets = cont_ids[:, 1:][keep[:, :-1]]
+                repeated = copy.deepcopy(cache)
+                repeated.batch_repeat_interleave(len(ks))
+                positions = lengths.repeat_interleave(len(ks))[:, None] + torch.arange(cont_ids.shape[1])
+                inputs = {
+                    "input_ids": cont_ids.to(device),
+                    "attention_mask": torch.cat([prefix_mask.repeat_interleave(len(ks), 0), cont_mask], -1).to(device),
+                    "position_ids": positions.to(device),
+                    cache_argument: repeated,
+                    "use_cache": True,
+                }
+                logits, _ = _logits_at(model, inputs, keep.to(device))
+                token_nll = -_token_log_probs(logits, targets.to(device)).double().cpu()
+                sums = torch.zeros(len(conts), dtype=torch.float64).index_add_(0, keep.nonzero()[:, 0], token_nll)
+                for r in range(len(conts)):
+                    nll[r // len(ks), ks[r % len(ks)]] += sums[r]
+                del repeated
             for row, i in enumerate(indices):
-                losses[i] = (-token_log_probs[row, -answer_lengths[i] :].sum().item(), answer_lengths[i])
-    finally:
-        model.train(was_training)
-    return losses
+                counts = [len(c) - scored for c, scored in rows[i][1]]
+                results[i] = [(nll[row, k].item(), counts[k]) for k in range(len(labels))]
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -283,6 +508,7 @@ def evaluate_examples(
     zero3: bool = False,
     compare_with: str | None = None,
     extra: dict | None = None,
+    labels: Sequence[str] | None = None,
 ) -> dict | None:
     """
     Generate an answer for every example (split over the processes), score each language, and write the results,
@@ -316,6 +542,10 @@ def evaluate_examples(
             Another run's results, drawn next to this run in the plot.
         extra (`dict`, *optional*):
             More fields for the results JSON.
+        labels (`Sequence[str]`, *optional*):
+            A label set (classification): instead of generating, each example's prediction is the label of least
+            completion NLL ([`label_log_likelihoods`]) and its `reference_loss` is that of its reference label; the
+            label NLLs go into the predictions file.
 
     Returns:
         `dict | None`: the results on the main process, `None` on the others.
@@ -326,28 +556,51 @@ def evaluate_examples(
     state = PartialState()
     indexed = [dict(example, index=i) for i, example in enumerate(examples)]
     with state.split_between_processes(indexed, apply_padding=True) as shard:
-        predictions = generate_completions(
-            model,
-            tokenizer,
-            [example["prompt"] for example in shard],
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            synced_gpus=zero3 and state.num_processes > 1,
-            desc=f"Evaluating {task} (process {state.process_index})",
-            disable_progress=not state.is_local_main_process,
-        )
-        losses = reference_losses(
-            model,
-            tokenizer,
-            [example["prompt"] for example in shard],
-            [example["reference"] for example in shard],
-            batch_size=batch_size,
-            disable_progress=not state.is_local_main_process,
-        )
-        records = [
-            dict(example, prediction=p, reference_nll=nll, reference_tokens=n)
-            for example, p, (nll, n) in zip(shard, predictions, losses)
-        ]
+        prompts = [example["prompt"] for example in shard]
+        if labels is not None:  # classification: the label of least NLL, no generation
+            unknown = sorted({e["reference"] for e in shard} - set(labels))
+            if unknown:
+                raise ValueError(f"References {unknown[:5]} are not in the label set {list(labels)}.")
+            scored = label_log_likelihoods(
+                model,
+                tokenizer,
+                prompts,
+                labels,
+                batch_size=batch_size,
+                disable_progress=not state.is_local_main_process,
+            )
+            records = []
+            for example, row in zip(shard, scored):
+                nlls = [nll for nll, _ in row]
+                gold = labels.index(example["reference"])
+                best = min(range(len(labels)), key=nlls.__getitem__)
+                records.append(
+                    dict(example, prediction=labels[best], reference_nll=row[gold][0], reference_tokens=row[gold][1],
+                         label_nlls=nlls)
+                )  # fmt: skip
+        else:
+            predictions = generate_completions(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                synced_gpus=zero3 and state.num_processes > 1,
+                desc=f"Evaluating {task} (process {state.process_index})",
+                disable_progress=not state.is_local_main_process,
+            )
+            losses = reference_losses(
+                model,
+                tokenizer,
+                prompts,
+                [example["reference"] for example in shard],
+                batch_size=batch_size,
+                disable_progress=not state.is_local_main_process,
+            )
+            records = [
+                dict(example, prediction=p, reference_nll=nll, reference_tokens=n)
+                for example, p, (nll, n) in zip(shard, predictions, losses)
+            ]
     if state.num_processes > 1:
         records = gather_object(records)
     if not state.is_main_process:

@@ -189,7 +189,12 @@ def train_dataset(rows: Dataset, language_column: str, conversational: bool) -> 
 
 
 def massive_pairs(
-    rows: Dataset, languages: Sequence[str], pivot: str, language_column: str, max_pairs: int | None = None
+    rows: Dataset,
+    languages: Sequence[str],
+    pivot: str,
+    language_column: str,
+    max_pairs: int | None = None,
+    text_column: str = "utt",
 ) -> Dataset:
     """
     Alignment pairs from MASSIVE itself: each utterance of an alignment locale with the utterance of the same `id` in
@@ -206,22 +211,25 @@ def massive_pairs(
             Column with each row's locale.
         max_pairs (`int`, *optional*):
             Keep at most this many pairs per locale.
+        text_column (`str`, *optional*, defaults to `"utt"`):
+            Column with the utterance.
 
     Returns:
         [`~datasets.Dataset`]: columns `parallel_source`, `parallel_target` and `language`.
     """
     require_columns(
         rows,
-        ["id", "utt"],
+        ["id", text_column],
         "The MASSIVE data",
         "MASSIVE rows are parallel across locales through their 'id'; without it, give --alignment_dataset_name.",
     )
-    english = {i: u for i, u, lang in zip(rows["id"], rows["utt"], rows[language_column]) if lang == pivot}
+    texts = rows[text_column]
+    english = {i: u for i, u, lang in zip(rows["id"], texts, rows[language_column]) if lang == pivot}
     parts = []
     for language in languages:
         pairs = [
             (utt, english[i])
-            for i, utt, lang in zip(rows["id"], rows["utt"], rows[language_column])
+            for i, utt, lang in zip(rows["id"], texts, rows[language_column])
             if lang == language and i in english
         ]
         if not pairs:
