@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from huggingface_hub import ModelCard
 from peft import LoraConfig
 from safetensors.torch import load_file
 from testing_utils import PAIRS, alignment_config, block_of, build_model, plain_info_nce, plain_pool, task_rows
@@ -339,6 +340,11 @@ def test_model_card_has_paper_tags_and_settings(tmp_path, tokenizer):
     assert "2502.14830" in card and "liu2025middle" in card
     assert "trl-midalign" in card
     assert "| `align_temperature` | `0.05` |" in card and "layer 2 of 4" in card
+    metadata = ModelCard.load(os.path.join(trainer.args.output_dir, "README.md")).data.trl_midalign
+    assert metadata["align_temperature"] == 0.05 and metadata["aligned_layer"] == 2
+    trainer.create_model_card(model_name="tiny")  # again: one alignment section, not two
+    again = open(os.path.join(trainer.args.output_dir, "README.md")).read()
+    assert again.count("## Cross-lingual alignment") == 1
 
 
 # --------------------------------------------------------------------------------------------------------------------

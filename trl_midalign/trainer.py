@@ -46,6 +46,7 @@ from .data import (
 )
 from .layers import layer_hidden_states, num_decoder_layers, resolve_layer
 from .losses import contrastive_alignment_loss, gradient_cached_loss, pool
+from .model_card import alignment_section, update_card
 from .modeling import check_decoder_only_lm, load_model_for_training, prepare_gguf_model
 from .probing import LayerProbeCallback, ProbeResult, probe_layers
 from .schedules import is_alignment_step, is_task_step
@@ -750,18 +751,13 @@ class AlignmentTrainer(SFTTrainer):
         dataset_name: str | None = None,
         tags: str | list[str] | None = None,
     ):
-        """Write the model card of [`~trl.SFTTrainer`] (with the paper and tags) plus the alignment settings."""
+        """
+        Write the model card of [`~trl.SFTTrainer`] (with the paper and tags) plus the alignment section and metadata
+        (see [`~trl_midalign.model_card.alignment_section`]).
+        """
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if not self.is_world_process_zero():
             return
         settings = {name: getattr(self.args, name) for name in sorted(vars(self.args)) if name.startswith("align_")}
-        rows = "\n".join(f"| `{name}` | `{value!r}` |" for name, value in settings.items())
-        section = (
-            "\n## Cross-lingual alignment\n\n"
-            f"Trained with trl-midalign's `AlignmentTrainer`: a contrastive loss aligns the representations of "
-            f"parallel sentences at layer {self.align_layer} of {self.num_layers} (Liu & Niehues, 2025, "
-            "https://huggingface.co/papers/2502.14830).\n\n"
-            f"| setting | value |\n|---|---|\n{rows}\n"
-        )
-        with open(os.path.join(self.args.output_dir, "README.md"), "a") as f:
-            f.write(section)
+        section, metadata = alignment_section(settings, self.align_layer, self.num_layers)
+        update_card(self.args.output_dir, "alignment", section, metadata)

@@ -1,12 +1,12 @@
 """`trl-midalign merge`: an optional weight search, then [`merge_adapters`]; prints the search table."""
 
-import os
 from collections.abc import Sequence
 
 from ..local_files import load_rows
 from ..merging.arguments import MergeArguments
 from ..merging.merge import merge_adapters, prepare_merge
 from ..merging.search import format_search_table, search_merge_weights
+from ..model_card import update_card
 
 
 USAGE = (
@@ -103,6 +103,5 @@ def run_merge(args: MergeArguments) -> None:
         overwrite=args.overwrite,
     )
     if section is not None:
-        with open(os.path.join(args.output_dir, "README.md"), "a", encoding="utf-8") as handle:
-            handle.write("\n" + section + "\n")
+        update_card(args.output_dir, "weight search", section)
     print(f"Saved the merged {'model' if args.merge_into_base else 'adapter'} to {args.output_dir}")

@@ -320,6 +320,6 @@ def _run(args: DemoArguments) -> dict:
     logger.info(
         "This measures retrieval at the aligned layer, not a task. Whether a task trained in English transfers better "
         "to other languages is measured by experiments/transfer/transfer.py (both arms through the recipes, several seeds; "
-        "hours on a CPU): see docs/transfer.md."
+        "hours on a CPU): see experiments/transfer/README.md."
     )
     return summary

@@ -37,11 +37,13 @@ from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCardData
 from peft import PeftConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .._logging import get_logger
+from ..model_card import PAPER, write_card
 
 
 logger = get_logger(__name__)
@@ -680,16 +682,7 @@ def _write_model_card(
             f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
             f'model = PeftModel.from_pretrained(base, "{output_dir}")\n```'
         )
-    card = f"""---
-base_model: {base}
-library_name: {"transformers" if merge_into_base else "peft"}
-tags:
-- trl-midalign
-- lora
-- merge
----
-
-# Merged {kind}
+    text = f"""# Merged {kind}
 
 Made by `trl_midalign.merge_adapters` from {len(configs)} LoRA adapter(s) of `{base}`.
 
@@ -708,13 +701,14 @@ Made by `trl_midalign.merge_adapters` from {len(configs)} LoRA adapter(s) of `{b
 
 ## Method
 
-Middle-layer representation alignment for cross-lingual transfer: Liu & Niehues, "Middle-Layer Representation
-Alignment for Cross-Lingual Transfer in Fine-Tuned LLMs", ACL 2025 (https://huggingface.co/papers/2502.14830).
+Middle-layer representation alignment for cross-lingual transfer: {PAPER}.
 """
-    path = os.path.join(output_dir, "README.md")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(card)
-    return path
+    data = ModelCardData(
+        base_model=base_name,
+        library_name="transformers" if merge_into_base else "peft",
+        tags=["trl-midalign", "lora", "merge"],
+    )
+    return write_card(output_dir, data, text)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from trl.trainer.utils import pad
 
 from .._logging import get_logger
+from ..model_card import section_marker, update_card
 from ..probing.probe import pad_token_id
 
 
@@ -36,7 +37,8 @@ TABLE_FILE = "eval_results.md"
 PLOT_FILE = "eval_results.png"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
 PROBE_PLOTS = ("probe_curve.png", "probe_heatmap.png")
-CARD_SECTION_MARKER = "<!-- trl-midalign: run and evaluation -->"
+CARD_SECTION_NAME = "run and evaluation"
+CARD_SECTION_MARKER = section_marker(CARD_SECTION_NAME)
 # Metrics reported on a 0-100 scale (sacrebleu, COMET x 100); all others are fractions in [0, 1]
 _PERCENT_METRICS = ("bleu", "chrf", "comet")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -943,8 +945,6 @@ def write_card_section(
     Returns:
         `str`: the path of the card.
     """
-    from huggingface_hub import ModelCard
-
     plots = [PLOT_FILE] if os.path.isfile(os.path.join(output_dir, PLOT_FILE)) else []
     section = card_section(
         base_model,
@@ -957,13 +957,8 @@ def write_card_section(
         plots=plots + find_probe_plots(output_dir),
         repo_id=repo_id,
     )
-    path = os.path.join(output_dir, "README.md")
-    card = ModelCard.load(path) if os.path.isfile(path) else ModelCard("---\nlibrary_name: peft\n---\n")
-    card.text = card.text.split(CARD_SECTION_MARKER)[0].rstrip() + "\n\n" + section.rstrip() + "\n"
     languages = [*train_languages, *alignment_languages, *results.get("languages", {})]
     codes = {part for code in languages for part in code.split("_")[0].split("-") if part.isalpha()}
     codes = sorted(code for code in codes if code.islower() and len(code) in (2, 3))
-    if codes:
-        card.data.language = codes
-    card.save(path)
-    return path
+    section = section.replace(CARD_SECTION_MARKER, "", 1)  # update_card marks it
+    return update_card(output_dir, CARD_SECTION_NAME, section, {"language": codes} if codes else None)
