@@ -17,12 +17,9 @@ belongs to that case alone; memory is reported as the increase over the process 
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 
 CASES = ("task", "align", "joint", "align_full")
@@ -49,6 +46,7 @@ def parse_args(argv=None):
 
 def run_case(args) -> dict:
     import torch
+    from _common import measure_step
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -120,30 +118,12 @@ def run_case(args) -> dict:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()  # warm-up, and the memory peak of one step
-    if cuda:
-        torch.cuda.synchronize()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    median_s, peak_mb = measure_step(step, args.repeats, args.device)
     pair_tokens = int(batch["align_attention_mask"].sum())
     task_tokens = int(batch["attention_mask"].sum())
     return {
         "case": args.case,
-        "median_s": statistics.median(times),
+        "median_s": median_s,
         "peak_mem_mb": peak_mb,
         "task_tokens": task_tokens,
         "pair_tokens": pair_tokens,

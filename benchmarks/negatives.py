@@ -19,12 +19,9 @@ memory but slows allocation (times are then pessimistic). `--malloc_mmap_thresho
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 
 CASES = ("small", "large", "large_cached")
@@ -53,6 +50,7 @@ def parse_args(argv=None):
 
 def run_case(args) -> dict:
     import torch
+    from _common import measure_step
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -110,31 +108,13 @@ def run_case(args) -> dict:
         loss.backward()
         model.zero_grad(set_to_none=False)  # keep the gradient buffers: they are not activation memory
 
-    cuda = args.device.startswith("cuda")
     for p in model.parameters():  # allocate gradient buffers before the baseline
         p.grad = torch.zeros_like(p)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()  # warm-up, and the memory peak of one step
-    if cuda:
-        torch.cuda.synchronize()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    median_s, peak_mb = measure_step(step, args.repeats, args.device)
     return {
         "case": args.case,
         "pairs": pairs,
-        "median_s": statistics.median(times),
+        "median_s": median_s,
         "peak_mem_mb": peak_mb,
         "pair_tokens": int(batch["align_attention_mask"].sum()),
     }
