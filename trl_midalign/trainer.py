@@ -3,7 +3,8 @@
 The model is set up and the aligned layer resolved before `SFTTrainer` takes over; the data's checks and attachment
 live in `data.py`. `compute_loss` runs the task loss and/or the alignment loss as the schedule says, the alignment
 forward inside one forward of the outermost wrapper. Checkpoints record the schedule's phase in
-`alignment_state.json`, checked on resume.
+`alignment_state.json`, checked on resume (their integrity lives in `checkpoints.py`, the model card in
+`model_card.py`).
 """
 
 import contextlib
