@@ -83,6 +83,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {MIN_SEEDS}; --quick: 2)")
     parser.add_argument("--report_only", action="store_true", help="rebuild the report from runs.jsonl")
+    parser.add_argument(
+        "--data_only", action="store_true",
+        help="build the data (and the plan) into output_dir/data and stop: to carry it to a machine without the help "
+        "packages (a later call with the same data settings reuses it)",
+    )  # fmt: skip
     parser.add_argument("--model", default=None, help="model path (default: Gemma 3 270M, trl_midalign.demo)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the recipes train")
     parser.add_argument("--bf16", action="store_true", help="train in bf16 (on cuda); default fp32")
@@ -313,9 +318,44 @@ def available_languages(languages: list[str]) -> tuple[list[str], dict[str, str]
     return kept, failed
 
 
+# The settings that decide the data and the plan: data.json records them, and a call with the same ones reuses the
+# data already built in its output_dir (a resumed call, or data built here with --data_only and carried to a machine
+# without the help packages, e.g. the GPU plan's).
+DATA_SETTINGS = (
+    "task", "train_languages", "alignment_languages", "eval_languages", "data_seed", "max_chars", "train_rows",
+    "dev_rows", "dev_fraction", "max_eval", "probe_pairs", "min_paragraphs", "directions", "max_alignment_pairs",
+    "align_batch_size", "batch_size", "gradient_accumulation_steps", "epochs", "eval_steps", "align_schedule",
+)  # fmt: skip
+DATA_PATHS = ("dataset", "pairs", "probe_pairs")
+
+
+def built_data(args) -> dict | None:
+    """The data.json of `<output_dir>/data` when it was built with this call's `DATA_SETTINGS`, its paths moved to
+    this output_dir (the folder may have been built elsewhere and copied); else None."""
+    path = os.path.join(args.output_dir, "data", "data.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        info = json.load(f)
+    if info.get("data_settings") != {key: getattr(args, key) for key in DATA_SETTINGS}:
+        return None
+    for key in DATA_PATHS:
+        if info.get(key):
+            info[key] = os.path.join(os.path.abspath(args.output_dir), info["relative_paths"][key])
+            if not os.path.exists(info[key]):
+                return None
+    return info
+
+
 def build_data(args) -> dict:
-    """Build the task data into `<output_dir>/data` and plan the training (`training_plan`); `data.json`."""
+    """Build the task data into `<output_dir>/data` and plan the training (`training_plan`); `data.json`. Data built
+    with the same settings (`built_data`) is reused."""
     from libreoffice_tasks import libreoffice_task_paragraphs, write_task_data
+
+    info = built_data(args)
+    if info is not None:
+        print(f"[transfer] reusing the data in {args.output_dir}/data (built with these settings)", flush=True)
+        return info
 
     wanted = list(dict.fromkeys([*args.alignment_languages, *args.eval_languages]))
     wanted = [lang for lang in wanted if lang not in ("en", "en-us")]
@@ -346,6 +386,9 @@ def build_data(args) -> dict:
     data = write_task_data(args.task, paragraphs, os.path.join(args.output_dir, "data"), args.directions)
     info = {**data.__dict__, "failed_languages": failed, "max_alignment_pairs": pairs_per_language}
     info["plan"] = training_plan(args, len(paragraphs.train[train[0]]), len(data.train_languages))
+    info["data_settings"] = {key: getattr(args, key) for key in DATA_SETTINGS}
+    out = os.path.abspath(args.output_dir)
+    info["relative_paths"] = {key: os.path.relpath(info[key], out) for key in DATA_PATHS if info.get(key)}
     with open(os.path.join(args.output_dir, "data", "data.json"), "w") as f:
         json.dump(info, f, indent=2, ensure_ascii=False)
     print("[transfer] usable paragraphs per language and split (train / dev / alignment / eval pages):", flush=True)
@@ -495,7 +538,9 @@ def append_run(output_dir: str, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def probe(model_path: str, adapter: str | None, pairs_path: str, pairs_per_language: int, layer: int) -> dict:
+def probe(
+    model_path: str, adapter: str | None, pairs_path: str, pairs_per_language: int, layer: int, device: str = "cpu"
+) -> dict:
     """Retrieval accuracy at every layer (mean pooling, as the loss) on the held-out pairs, per language."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -509,7 +554,7 @@ def probe(model_path: str, adapter: str | None, pairs_path: str, pairs_per_langu
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
+    model.to(device).eval()
     pairs = load_rows(pairs_path)
     result = probe_layers(
         model, tokenizer, pairs, max_pairs_per_language=pairs_per_language, max_length=64, show_progress=False
@@ -1156,6 +1201,9 @@ def main(argv=None) -> dict:
     }  # fmt: skip
     check_resume(args.output_dir, settings)  # before build_data rewrites the data files of the recorded runs
     data = build_data(args)
+    if args.data_only:
+        print(f"[transfer] data built in {args.output_dir}/data; plan {data['plan']}", flush=True)
+        return data
     settings["alignment_languages"] = [lang for lang in args.alignment_languages if lang in data["languages"]]
     check_resume(args.output_dir, settings)  # the alignment languages are known (installed) only now
     with open(os.path.join(args.output_dir, "settings.json"), "w") as f:
@@ -1166,7 +1214,7 @@ def main(argv=None) -> dict:
     done = recorded_runs(args.output_dir)
     layer = int(args.align_layer)
     if ("probe", "base", None) not in done:
-        result = probe(args.model, None, data["probe_pairs"], args.probe_pairs, layer)
+        result = probe(args.model, None, data["probe_pairs"], args.probe_pairs, layer, args.device)
         append_run(args.output_dir, {"kind": "probe", "arm": "base", "seed": None, **result})
     lock = threading.Lock()
 
@@ -1179,7 +1227,7 @@ def main(argv=None) -> dict:
             print(f"[transfer] {arm} seed {seed}: {record['scores']} ({record['wall_s']:.0f} s)", flush=True)
         if ("probe", arm, seed) not in done:
             adapter = adapter or os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
-            result = probe(args.model, adapter, data["probe_pairs"], args.probe_pairs, layer)
+            result = probe(args.model, adapter, data["probe_pairs"], args.probe_pairs, layer, args.device)
             with lock:
                 append_run(args.output_dir, {"kind": "probe", "arm": arm, "seed": seed, **result})
 
