@@ -535,6 +535,9 @@ def test_training_plan_cuts_rows_to_whole_steps_and_evaluations():
     # 16 rows x 4 micro-batches = 64 rows per step: 15 steps per epoch, 30 in 2 epochs, a dev evaluation every 3
     assert plan == {"rows": 960, "rows_per_example": 1, "baseline_steps": 30, "aligned_steps": 60, "eval_steps": 3,
                     "aligned_eval_steps": 6, "pairs_per_task_row": 2}  # fmt: skip
+    args = driver.parse_args(["--task", "classification", "--output_dir", "o"])  # 1024 rows: 32 steps, 8 evaluations
+    assert driver.training_plan(args, 5000) == {**plan, "rows": 1024, "baseline_steps": 32, "aligned_steps": 64,
+                                                "eval_steps": 4, "aligned_eval_steps": 8}  # fmt: skip
     args = driver.parse_args(["--task", "classification", "--output_dir", "o", "--train_rows", "1000",
                               "--eval_steps", "4"])  # fmt: skip
     plan = driver.training_plan(args, available_rows=5000)

@@ -420,7 +420,10 @@ def training_plan(args, available_rows: int, rows_per_example: int = 1) -> dict:
             f"{unit} rows (--batch_size {args.batch_size} x --gradient_accumulation_steps "
             f"{args.gradient_accumulation_steps}); raise --train_rows or lower the batch."
         )
-    eval_steps = args.eval_steps or max(1, units * steps_per_unit * args.epochs // 10)
+    total = units * steps_per_unit * args.epochs
+    # default: about 10 dev evaluations (5 to 10), at a step count that divides the training when one does
+    divisors = [d for d in range(1, total + 1) if total % d == 0 and d * 10 >= total and total // d >= 5]
+    eval_steps = args.eval_steps or (divisors[0] if divisors else max(1, total // 10))
     while units > 1 and (units * steps_per_unit * args.epochs) % eval_steps:
         units -= 1
     total = units * steps_per_unit * args.epochs
