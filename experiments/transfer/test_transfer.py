@@ -534,7 +534,8 @@ def test_training_plan_cuts_rows_to_whole_steps_and_evaluations():
     plan = driver.training_plan(args, available_rows=5000)
     # 16 rows x 4 micro-batches = 64 rows per step: 15 steps per epoch, 30 in 2 epochs, a dev evaluation every 3
     assert plan == {"rows": 960, "rows_per_example": 1, "baseline_steps": 30, "aligned_steps": 60, "eval_steps": 3,
-                    "aligned_eval_steps": 6, "pairs_per_task_row": 2}  # fmt: skip
+                    "aligned_eval_steps": 6, "warmup_steps": 1, "aligned_warmup_steps": 2,
+                    "pairs_per_task_row": 2}  # fmt: skip
     args = driver.parse_args(["--task", "classification", "--output_dir", "o"])  # 1024 rows: 32 steps, 8 evaluations
     assert driver.training_plan(args, 5000) == {**plan, "rows": 1024, "baseline_steps": 32, "aligned_steps": 64,
                                                 "eval_steps": 4, "aligned_eval_steps": 8}  # fmt: skip
@@ -580,7 +581,7 @@ def test_regime_and_aligned_arm_variants_reach_the_recipe_command():
     driver = _benchmark("transfer")
     data = {"dataset": "d", "pairs": "p.jsonl", "train_languages": ["en"], "eval_languages": ["en", "ja"],
             "alignment_languages": ["ja"], "max_alignment_pairs": 100,
-            "plan": {"eval_steps": 3, "aligned_eval_steps": 6}}  # fmt: skip
+            "plan": {"eval_steps": 3, "aligned_eval_steps": 6, "warmup_steps": 1, "aligned_warmup_steps": 2}}  # fmt: skip
 
     def flag(command, name):
         return command[command.index(name) + 1]
@@ -590,7 +591,9 @@ def test_regime_and_aligned_arm_variants_reach_the_recipe_command():
     aligned = driver.recipe_command(args, data, "aligned", 0, "run", "arm-dir")
     for command in (baseline, aligned):  # the paper's regime in both arms
         assert flag(command, "--gradient_accumulation_steps") == "4" and flag(command, "--learning_rate") == "0.0005"
-        assert flag(command, "--lr_scheduler_type") == "inverse_sqrt" and flag(command, "--warmup_steps") == "0.03"
+        assert flag(command, "--lr_scheduler_type") == "inverse_sqrt" and flag(command, "--warmup_steps") == (
+            "2" if command is aligned else "1"
+        )
         assert flag(command, "--weight_decay") == "0.0" and flag(command, "--lora_r") == "8"
         assert flag(command, "--lora_alpha") == "16" and flag(command, "--lora_dropout") == "0.1"
         assert flag(command, "--train_sampling_strategy") == "sequential" and flag(command, "--use_cpu") == "true"

@@ -107,7 +107,10 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--lr_scheduler_type", default="inverse_sqrt", help="transformers' scheduler name")
     parser.add_argument(
-        "--warmup_ratio", type=float, default=0.03, help="share of the steps warmed up (transformers' --warmup_steps)"
+        "--warmup_ratio",
+        type=float,
+        default=0.03,
+        help="share of the baseline's steps warmed up (rounded; the aligned arm twice as many steps)",
     )
     parser.add_argument("--weight_decay", type=float, default=0.0)
     parser.add_argument("--lora_r", type=int, default=8)
@@ -432,6 +435,10 @@ def training_plan(args, available_rows: int, rows_per_example: int = 1) -> dict:
             f"--eval_steps {eval_steps} does not divide the baseline's {total} optimizer steps; pass a divisor."
         )
     factor = 2 if args.align_schedule == "alternate" else 1  # alternate: every task micro-batch has its alignment one
+    # Whole warmup steps, the aligned arm's `factor` times the baseline's: with inverse_sqrt (timescale = warmup) both
+    # arms then have the same learning rate at the same task progress (a ratio would be rounded up separately)
+    warmup = round(args.warmup_ratio * total) if args.warmup_ratio < 1 else 0
+    warmup = max(1, warmup) if args.warmup_ratio > 0 else 0
     return {
         "rows": units * unit,
         "rows_per_example": rows_per_example,
@@ -439,6 +446,8 @@ def training_plan(args, available_rows: int, rows_per_example: int = 1) -> dict:
         "aligned_steps": factor * total,
         "eval_steps": eval_steps,
         "aligned_eval_steps": factor * eval_steps,
+        "warmup_steps": warmup,
+        "aligned_warmup_steps": factor * warmup,
         "pairs_per_task_row": args.align_batch_size // args.batch_size,
     }
 
@@ -583,7 +592,7 @@ def recipe_command(args, data: dict, arm: str, seed: int, run_dir: str, dataset:
         "--per_device_train_batch_size", str(args.batch_size),
         "--gradient_accumulation_steps", str(args.gradient_accumulation_steps),
         "--per_device_eval_batch_size", "16", "--learning_rate", str(args.learning_rate),
-        "--lr_scheduler_type", args.lr_scheduler_type, "--warmup_steps", str(args.warmup_ratio),
+        "--lr_scheduler_type", args.lr_scheduler_type, "--warmup_steps", str(plan["aligned_warmup_steps" if aligned else "warmup_steps"]),
         "--weight_decay", str(args.weight_decay), "--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha),
         "--lora_dropout", str(args.lora_dropout), "--gradient_checkpointing", "false",
         "--max_length", str(args.max_length), "--logging_steps", "1", "--report_to", "none",
