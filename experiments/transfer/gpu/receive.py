@@ -23,11 +23,13 @@ def receive(folder: str, root: str, output: str = "out") -> str | None:
     """Keep `folder`'s part (and data) under `root`; the assembled GGUF's path once complete, else None."""
     with open(os.path.join(folder, "manifest.json")) as f:
         manifest = json.load(f)
+    gguf = os.path.join(root, "gemma-3-270m.gguf")
     parts_dir = os.path.join(root, "parts")
     os.makedirs(parts_dir, exist_ok=True)
+    name = os.path.basename(os.path.normpath(folder))
     for part in manifest["parts"]:
         source = os.path.join(os.path.dirname(folder), part["file"])
-        if os.path.isfile(source):
+        if f"call{part['call']}" == name and not os.path.isfile(gguf):
             if sha256(source) != part["sha256"]:
                 raise SystemExit(f"{source}: sha256 differs from the manifest; run prepare again here and resend.")
             shutil.copyfile(source, os.path.join(parts_dir, os.path.basename(part["file"])))
@@ -35,9 +37,11 @@ def receive(folder: str, root: str, output: str = "out") -> str | None:
         target = os.path.join(root, output, "data")
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(os.path.join(folder, "data"), target)
+    if os.path.isfile(gguf):
+        print(f"[receive] {gguf} is already assembled")
+        return gguf
     have = [os.path.join(parts_dir, os.path.basename(p["file"])) for p in manifest["parts"]]
     missing = [p["call"] for p, path in zip(manifest["parts"], have) if not os.path.isfile(path)]
-    gguf = os.path.join(root, "gemma-3-270m.gguf")
     if missing:
         print(f"[receive] kept {folder}; calls still to send: {missing}")
         return None
