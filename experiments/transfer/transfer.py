@@ -553,7 +553,19 @@ def append_run(output_dir: str, record: dict) -> None:
 def probe(
     model_path: str, adapter: str | None, pairs_path: str, pairs_per_language: int, layer: int, device: str = "cpu"
 ) -> dict:
-    """Retrieval accuracy at every layer (mean pooling, as the loss) on the held-out pairs, per language."""
+    """Retrieval accuracy at every layer (mean pooling, as the loss) on the held-out pairs, per language.
+
+    One probe at a time (`_PROBE_LOCK`): with `--jobs` > 1 the runs' threads probe in this process, and two
+    `from_pretrained` calls at once can leave one model's parameters on the meta device (transformers builds the model
+    under a process-wide meta-device context)."""
+    with _PROBE_LOCK:
+        return _probe(model_path, adapter, pairs_path, pairs_per_language, layer, device)
+
+
+_PROBE_LOCK = threading.Lock()
+
+
+def _probe(model_path: str, adapter: str | None, pairs_path: str, pairs_per_language: int, layer: int, device: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
