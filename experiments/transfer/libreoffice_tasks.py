@@ -2,15 +2,18 @@
 
 The translated help pages keep the English pages' inline markup (`<span class="emph">`, `"menuitem"`, `"literal"`,
 ...), so each paragraph gives, in every language, a plain text and its labelled spans. From these, this module writes
-the three tasks of the paper in the exact input formats of the recipes, so that `recipes/*.py` run unchanged on them:
+the tasks in the exact input formats of the recipes, so that `recipes/*.py` run unchanged on them:
 
+- **classification**: the application a paragraph's help page belongs to (its path: `text/swriter/...` is Writer,
+  see [`APPLICATION_LABELS`]), the same label in every language, as rows `id`, `text`, `label`, `language`;
 - **slot filling**: MASSIVE rows (`id`, `locale`, `partition`, `utt`, `annot_utt` with `[class : span]` brackets);
 - **translation**: rows with a `translation` dict `{language: paragraph, "en": English paragraph}`;
 - **structured generation**: Universal NER rows (`language`, `tokens`, BIO `ner_tags`), see [`STRUCTURED_TAGS`].
 
 Paragraphs are split *by help page* (the page path before `#`) into disjoint `train`, `alignment` and `eval` pages
 with a fixed seed (the same split for every language), so no evaluated paragraph was seen, in any language, during
-training. The task training data is English (translation: the directions of `train_languages`); the alignment pairs
+training; with `dev_fraction`, a share of the train pages becomes `dev` pages (English development rows, for the best
+checkpoint). The task training data is English (translation: the directions of `train_languages`); the alignment pairs
 (non-English, English) come from the alignment pages; evaluation uses the eval pages.
 """
 
@@ -39,9 +42,26 @@ from trl_midalign.demo.libreoffice import (
 
 logger = get_logger(__name__)
 
-Task = Literal["slot_filling", "translation", "structured_generation"]
-TASKS: tuple[str, ...] = ("slot_filling", "translation", "structured_generation")
-SPLITS: tuple[str, ...] = ("train", "alignment", "eval")
+Task = Literal["classification", "slot_filling", "translation", "structured_generation"]
+TASKS: tuple[str, ...] = ("classification", "slot_filling", "translation", "structured_generation")
+# Page splits, in the order in which an English text seen earlier drops a later paragraph with the same text
+SPLITS: tuple[str, ...] = ("train", "dev", "alignment", "eval")
+# Classification: the label of a paragraph is the application of its help page (`text/<application>/...`). Draw's
+# pages (48, about 900 English paragraphs) are merged with Impress's: the two applications share their drawing
+# functions and much of their help. Dropped: the pages of `text/shared` (832 pages, about 16,700 paragraphs), which
+# describe what all applications have in common, so their text does not name one application; and Base's
+# (`text/sdatabase`, 85 pages), whose eval-page paragraphs are translated (with the filters' agreement) in few
+# languages: 1 row in ja, km, ko, pt and zh-cn, none in hi (seed 0, 120 characters), so a language's score would
+# depend on whether it has the class. Pages outside `text/` have no label either.
+APPLICATION_LABELS = {
+    "swriter": "Writer",
+    "scalc": "Calc",
+    "simpress": "Impress and Draw",
+    "sdraw": "Impress and Draw",
+    "sbasic": "Basic",
+    "smath": "Math",
+    "schart": "Chart",
+}
 ENGLISH = "en"
 # The structured-generation recipe answers with Universal NER's three keys (person, organization, location); its
 # rows carry these tags for the three most frequent span classes (other spans are tagged O). The JSON keys are
@@ -58,10 +78,34 @@ def page_of(paragraph_id: str) -> str:
     return paragraph_id.partition("#")[0]
 
 
-def page_split(page: str, seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> str:
+def application_of(paragraph_id: str) -> str | None:
     """
-    The split (`"train"`, `"alignment"` or `"eval"`) of a help page: a hash of `seed` and the page path compared with
-    the cumulative `fractions`, so the split of a page never depends on the languages or on the other pages.
+    The classification label of a paragraph: the application of its help page ([`APPLICATION_LABELS`]), `None` for a
+    page of no single application (`text/shared`, pages outside `text/`).
+
+    Example:
+
+    ```python
+    >>> application_of("text/scalc/01/04060106.html#par_id1"), application_of("text/shared/01/about.html#x")
+    ('Calc', None)
+    ```
+    """
+    parts = page_of(paragraph_id).split("/")
+    return APPLICATION_LABELS.get(parts[1]) if len(parts) > 2 and parts[0] == "text" else None
+
+
+def _hash_fraction(seed: int, page: str, salt: str = "") -> float:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{salt}{page}".encode()).digest()[:8], "little") / 2**64
+
+
+def page_split(
+    page: str, seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2), dev_fraction: float = 0.0
+) -> str:
+    """
+    The split (`"train"`, `"dev"`, `"alignment"` or `"eval"`) of a help page: a hash of `seed` and the page path
+    compared with the cumulative `fractions` (train, alignment, eval), so the split of a page never depends on the
+    languages or on the other pages. A second hash moves `dev_fraction` of the train pages to `"dev"`, so the other
+    splits stay the same whatever `dev_fraction` is.
 
     Example:
 
@@ -70,13 +114,16 @@ def page_split(page: str, seed: int = 0, fractions: Sequence[float] = (0.6, 0.2,
     True
     ```
     """
-    value = int.from_bytes(hashlib.sha256(f"{seed}:{page}".encode()).digest()[:8], "little") / 2**64
-    total = 0.0
-    for name, fraction in zip(SPLITS, fractions):
+    value = _hash_fraction(seed, page)
+    split, total = "eval", 0.0
+    for name, fraction in zip(("train", "alignment", "eval"), fractions):
         total += fraction
         if value < total:
-            return name
-    return SPLITS[-1]
+            split = name
+            break
+    if split == "train" and _hash_fraction(seed, page, "dev:") < dev_fraction:
+        return "dev"
+    return split
 
 
 def _language_seed(seed: int, name: str) -> int:
@@ -133,6 +180,8 @@ class TaskParagraphs:
     Args:
         train (`dict[str, list[dict]]`):
             Task training paragraphs of the train pages per language (`"en"`, and any translation train language).
+        dev (`dict[str, list[dict]]`):
+            Development paragraphs of the dev pages per train language (empty without `dev_fraction`).
         alignment (`dict[str, list[dict]]`):
             Paragraphs of the alignment pages per alignment language (their English side is the pair's target).
         eval (`dict[str, list[dict]]`):
@@ -145,14 +194,20 @@ class TaskParagraphs:
     """
 
     train: dict[str, list[dict]] = field(default_factory=dict)
+    dev: dict[str, list[dict]] = field(default_factory=dict)
     alignment: dict[str, list[dict]] = field(default_factory=dict)
     eval: dict[str, list[dict]] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     seed: int = 0
 
 
-def _cap(paragraphs: list[dict], limit: int | None, no_span_fraction: float, seed: int, name: str) -> list[dict]:
-    """Shuffle (stable for `seed` and `name`), keep at most `no_span_fraction` of paragraphs without spans, cap."""
+def _cap(
+    paragraphs: list[dict], limit: int | None, no_span_fraction: float, seed: int, name: str, balance: bool = False
+) -> list[dict]:
+    """Shuffle (stable for `seed` and `name`), keep at most `no_span_fraction` of paragraphs without spans, cap.
+
+    With `balance`, the shuffled paragraphs are dealt out label by label (round robin over the sorted labels), so a
+    cap keeps the labels as even as the paragraphs allow."""
     paragraphs = sorted(paragraphs, key=lambda p: p["id"])
     random.Random(_language_seed(seed, name)).shuffle(paragraphs)
     with_spans = [p for p in paragraphs if p["spans"]]
@@ -164,6 +219,12 @@ def _cap(paragraphs: list[dict], limit: int | None, no_span_fraction: float, see
     # mostly them
     paragraphs = [*with_spans, *without]
     random.Random(_language_seed(seed, name + ":kept")).shuffle(paragraphs)
+    if balance:
+        by_label: dict[str, list[dict]] = {}
+        for paragraph in paragraphs:
+            by_label.setdefault(paragraph["label"], []).append(paragraph)
+        queues = [by_label[label] for label in sorted(by_label)]
+        paragraphs = [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
     return paragraphs[:limit]
 
 
@@ -181,6 +242,9 @@ def libreoffice_task_paragraphs(
     max_train: int | None = None,
     max_alignment: int | None = None,
     max_eval: int | None = None,
+    dev_fraction: float = 0.0,
+    max_dev: int | None = None,
+    by_application: bool = False,
     min_paragraphs: int = 10,
     drop_short_languages: bool = False,
     cache_dir: str | os.PathLike | None = None,
@@ -216,6 +280,14 @@ def libreoffice_task_paragraphs(
             them all.
         max_train, max_alignment, max_eval (`int`, *optional*):
             Caps on the paragraphs per language of each split (after a seeded shuffle).
+        dev_fraction (`float`, *optional*, defaults to `0.0`):
+            Share of the train pages held out as dev pages: development paragraphs of the train languages
+            (`TaskParagraphs.dev`), for choosing the checkpoint. `0.0`: no dev split.
+        max_dev (`int`, *optional*):
+            Cap on the dev paragraphs per train language.
+        by_application (`bool`, *optional*, defaults to `False`):
+            Classification: keep only paragraphs of application pages, each with its `"label"`
+            ([`application_of`]), and cap every split label by label (as even as the paragraphs allow).
         min_paragraphs (`int`, *optional*, defaults to `10`):
             Fewest usable paragraphs a language needs in each split it is used in.
         drop_short_languages (`bool`, *optional*, defaults to `False`):
@@ -239,6 +311,8 @@ def libreoffice_task_paragraphs(
         raise ValueError(f"`no_span_fraction` must be in [0, 1], got {no_span_fraction}.")
     if min_paragraphs < 1:
         raise ValueError(f"`min_paragraphs` must be at least 1, got {min_paragraphs}.")
+    if not 0.0 <= dev_fraction < 1.0:
+        raise ValueError(f"`dev_fraction` must be in [0, 1), got {dev_fraction}.")
 
     def code(language: str) -> str:
         return ENGLISH if str(language).strip().lower() in (ENGLISH, "en-us") else _normalize_language(language)
@@ -258,7 +332,9 @@ def libreoffice_task_paragraphs(
     for split in SPLITS:
         for paragraph_id in sorted(english):
             record = english[paragraph_id]
-            if page_split(page_of(paragraph_id), seed, split_fractions) != split:
+            if page_split(page_of(paragraph_id), seed, split_fractions, dev_fraction) != split:
+                continue
+            if by_application and application_of(paragraph_id) is None:
                 continue
             key = record["text"].casefold()
             if key in seen or not _usable_english(record, min_chars, max_chars):
@@ -273,6 +349,8 @@ def libreoffice_task_paragraphs(
         if language == ENGLISH:
             for paragraph_id, split in english_split.items():
                 per_split[split].append({"id": paragraph_id, **english[paragraph_id]})
+                if by_application:
+                    per_split[split][-1]["label"] = application_of(paragraph_id)
         else:
             translated, seen_sources = help_markup(language, cache_dir), set()
             for paragraph_id in sorted(translated):
@@ -291,6 +369,8 @@ def libreoffice_task_paragraphs(
                     continue
                 seen_sources.add(source)
                 per_split[split].append({"id": paragraph_id, **record, "english": original})
+                if by_application:
+                    per_split[split][-1]["label"] = application_of(paragraph_id)
         result.counts[language] = {split: len(rows) for split, rows in per_split.items()}
         result.counts[language].update(
             {f"{split}_with_spans": sum(1 for p in rows if p["spans"]) for split, rows in per_split.items()}
@@ -299,6 +379,7 @@ def libreoffice_task_paragraphs(
             (split, target, limit)
             for split, target, limit, used in (
                 ("train", result.train, max_train, language in train_codes),
+                ("dev", result.dev, max_dev, language in train_codes and dev_fraction > 0),
                 ("alignment", result.alignment, max_alignment, language in alignment_codes),
                 ("eval", result.eval, max_eval, language in eval_codes),
             )
@@ -306,7 +387,8 @@ def libreoffice_task_paragraphs(
         ]
         for split, target, limit in uses:
             fraction = 1.0 if split == "alignment" else no_span_fraction  # pairs need no spans
-            rows = _cap(per_split[split], limit, fraction, seed, f"{language}:{split}")
+            balance = by_application and split != "alignment"
+            rows = _cap(per_split[split], limit, fraction, seed, f"{language}:{split}", balance)
             if len(rows) < min_paragraphs and fraction < 1.0 and result.counts[language][f"{split}_with_spans"] == 0:
                 message = (
                     f"Language {language!r} has no gold spans in the {split} pages: none of its paragraphs there with "
@@ -322,7 +404,7 @@ def libreoffice_task_paragraphs(
                     "(--min_paragraphs), raise `max_chars` (--max_chars), or drop the language."
                 )
             if len(rows) < min_paragraphs:
-                if drop_short_languages and split != "train":
+                if drop_short_languages and split not in ("train", "dev"):
                     logger.warning(message + " Dropping it.")
                     continue
                 raise ValueError(message)
@@ -434,12 +516,16 @@ def write_task_data(
     Write the paragraphs in the input format of a recipe, so the recipe runs unchanged with
     `--dataset_name <dataset>` (and `--alignment_dataset_name <pairs>`):
 
-    - `slot_filling`: `massive.jsonl`, MASSIVE rows with `partition` `train` (English, train pages) and `test`
-      (every evaluated language, eval pages); `id` is the paragraph id, shared across languages; the slot types are
+    - `classification`: a folder with `train.jsonl` (English, train pages), `dev.jsonl` (English, dev pages) and
+      `test.jsonl` (every evaluated language, eval pages), rows `id`, `text`, `label` (the application, see
+      [`application_of`]), `language`; the recipe reads them with `--text_column text --label_column label
+      --language_column language`.
+    - `slot_filling`: `massive.jsonl`, MASSIVE rows with `partition` `train` (English, train pages), `dev` (English,
+      dev pages) and `test` (every evaluated language, eval pages); `id` is the paragraph id, shared across languages; the slot types are
       the span classes, and a paragraph without spans has `annot_utt == utt` (answer `None`).
-    - `translation`: a folder with `train.jsonl` and `test.jsonl`, rows `{"translation": {lang: ..., "en": ...}}`;
+    - `translation`: a folder with `train.jsonl`, `dev.jsonl` and `test.jsonl`, rows `{"translation": {lang: ..., "en": ...}}`;
       the train languages' paragraphs of the train pages and every evaluated language's of the eval pages.
-    - `structured_generation`: a folder with `train.jsonl` (English) and `test.jsonl`, rows `language`, `tokens`,
+    - `structured_generation`: a folder with `train.jsonl` (English), `dev.jsonl` and `test.jsonl`, rows `language`, `tokens`,
       `ner_tags` (see [`bio_tokens`]).
 
     Every task also gets `pairs.jsonl` (alignment pairs from the alignment pages, with the recipe's language column)
@@ -478,7 +564,7 @@ def write_task_data(
             "Translation needs task data in a non-English language (e.g. train_languages=['de'] for de-en and en-de)."
         )
     for language, rows in paragraphs.eval.items():
-        if task != "translation" and language != ENGLISH:
+        if task in ("slot_filling", "structured_generation") and language != ENGLISH:
             wanted = set(SPAN_CLASSES) if task == "slot_filling" else set(STRUCTURED_TAGS)
             gold = sum(1 for row in rows for _, _, name in row["spans"] if name in wanted)
             if gold == 0:
@@ -495,9 +581,26 @@ def write_task_data(
         written.setdefault(codes[language], {}).setdefault(split, 0)
         written[codes[language]][split] += n
 
-    if task == "slot_filling":
+    if task == "classification":
+        missing = [lang for lang, items in paragraphs.eval.items() for p in items[:1] if "label" not in p]
+        if missing:
+            raise ValueError(
+                f"The paragraphs of {missing} have no application label: build them with "
+                "libreoffice_task_paragraphs(..., by_application=True)."
+            )
+        for split, groups in (("train", paragraphs.train), ("dev", paragraphs.dev), ("test", paragraphs.eval)):
+            rows = [
+                {"id": p["id"], "text": p["text"], "label": p["label"], "language": codes[language]}
+                for language, items in groups.items()
+                for p in items
+            ]
+            for language, items in groups.items():
+                count(language, split, len(items))
+            _write_jsonl(folder / f"{split}.jsonl", rows)
+        dataset = folder
+    elif task == "slot_filling":
         rows = []
-        for partition, groups in (("train", paragraphs.train), ("test", paragraphs.eval)):
+        for partition, groups in (("train", paragraphs.train), ("dev", paragraphs.dev), ("test", paragraphs.eval)):
             for language, items in groups.items():
                 for p in items:
                     rows.append(
@@ -513,10 +616,13 @@ def write_task_data(
         dataset = folder / "massive.jsonl"
         _write_jsonl(dataset, rows)
     elif task == "translation":
-        train = []
-        for language, items in paragraphs.train.items():
-            train += [{"translation": {codes[language]: p["text"], ENGLISH: p["english"]["text"]}} for p in items]
-            count(language, "train", len(items))
+        for split, groups in (("train", paragraphs.train), ("dev", paragraphs.dev)):
+            rows = []
+            for language, items in groups.items():
+                rows += [{"translation": {codes[language]: p["text"], ENGLISH: p["english"]["text"]}} for p in items]
+                count(language, split, len(items))
+            if rows or split == "train":
+                _write_jsonl(folder / f"{split}.jsonl", rows)
         test = []
         for language, items in paragraphs.eval.items():
             if language == ENGLISH:
@@ -524,11 +630,10 @@ def write_task_data(
             test += [{"translation": {codes[language]: p["text"], ENGLISH: p["english"]["text"]}} for p in items]
             count(language, "test", len(items))
         dataset = folder
-        _write_jsonl(folder / "train.jsonl", train)
         _write_jsonl(folder / "test.jsonl", test)
     else:
-        splits = {"train": [], "test": []}
-        for split, groups in (("train", paragraphs.train), ("test", paragraphs.eval)):
+        splits = {"train": [], "dev": [], "test": []}
+        for split, groups in (("train", paragraphs.train), ("dev", paragraphs.dev), ("test", paragraphs.eval)):
             for language, items in groups.items():
                 for p in items:
                     tokens, tags = bio_tokens(p["text"], p["spans"], codes[language])
@@ -538,7 +643,8 @@ def write_task_data(
                 count(language, split, len(items))
         dataset = folder
         for split, rows in splits.items():
-            _write_jsonl(folder / f"{split}.jsonl", rows)
+            if rows or split != "dev":
+                _write_jsonl(folder / f"{split}.jsonl", rows)
 
     pairs = None
     if paragraphs.alignment:

@@ -5,7 +5,9 @@ import io
 import json
 import math
 import os
+import random
 import re
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -123,6 +125,9 @@ JAPANESE = [
 ]
 
 
+APPLICATIONS = ["swriter", "scalc", "simpress", "shared", "sdraw"]
+
+
 def _help_pages(language: str) -> dict[str, list[tuple[str, str]]]:
     pages = {}
     for p in range(30):
@@ -144,7 +149,7 @@ def _help_pages(language: str) -> dict[str, list[tuple[str, str]]]:
             else:
                 html = f'<span class="menuitem">挿入 → {JAPANESE[n % 12]} {n}</span> を選択すると追加されます。'
             paragraphs.append((f"par_id{n}", html))
-        pages[f"text/swriter/01/page{p:02d}.html"] = paragraphs
+        pages[f"text/{APPLICATIONS[p % len(APPLICATIONS)]}/01/page{p:02d}.html"] = paragraphs
     return pages
 
 
@@ -237,6 +242,53 @@ def test_written_files_load_in_each_recipe(help_cache, tmp_path):
     assert train[0]["source"].startswith("Choose ") and train[0]["target"].startswith("Wählen Sie ")
 
 
+def test_classification_by_application_with_page_disjoint_dev_and_test(help_cache, tmp_path):
+    """The label is the page's application (Draw merged with Impress, shared pages dropped), the same in every
+    language; train, dev, alignment and test pages are disjoint; the written files load as the recipe reads them."""
+    assert lt.application_of("text/sdraw/01/x.html#p") == lt.application_of("text/simpress/01/y.html#p")
+    assert lt.application_of("text/shared/01/x.html#p") is None and lt.application_of("other/x.html#p") is None
+    data = lt.libreoffice_task_paragraphs(["en", "de", "ja"], ["ja"], seed=1, min_paragraphs=1, max_chars=200,
+                                          dev_fraction=0.3, by_application=True, no_span_fraction=1.0)  # fmt: skip
+    labels = {"Writer", "Calc", "Impress and Draw"}
+    every = [p for split in (data.train, data.dev, data.alignment, data.eval) for rows in split.values() for p in rows]
+    assert {p["label"] for p in every} == labels and all("/shared/" not in p["id"] for p in every)
+    assert all(p["label"] == lt.application_of(p["id"]) for p in every)
+    pages = {
+        name: {lt.page_of(p["id"]) for rows in split.values() for p in rows}
+        for name, split in (
+            ("train", data.train),
+            ("dev", data.dev),
+            ("alignment", data.alignment),
+            ("eval", data.eval),
+        )
+    }
+    assert all(pages.values()) and list(data.dev) == ["en"]
+    for a in pages:
+        for b in pages:
+            assert a == b or not pages[a] & pages[b], (a, b)
+    # dev pages come out of the train pages only: the other splits are those of dev_fraction=0
+    plain = lt.libreoffice_task_paragraphs(["en"], seed=1, min_paragraphs=1, max_chars=200, by_application=True,
+                                           no_span_fraction=1.0)  # fmt: skip
+    assert {p["id"] for p in plain.eval["en"]} == {p["id"] for p in data.eval["en"]}
+    assert {p["id"] for p in plain.train["en"]} == {p["id"] for p in data.train["en"] + data.dev["en"]}
+    # A cap keeps the labels even
+    capped = lt.libreoffice_task_paragraphs(["en"], seed=1, min_paragraphs=1, max_chars=200, by_application=True,
+                                            no_span_fraction=1.0, max_train=9)  # fmt: skip
+    assert sorted(p["label"] for p in capped.train["en"]) == sorted([*labels] * 3)
+    written = lt.write_task_data("classification", data, tmp_path / "data")
+    assert written.eval_languages == ["en", "de", "ja"] and written.alignment_languages == ["ja"]
+    for split, languages, n in (("train", ["en"], len(data.train["en"])), ("dev", ["en"], len(data.dev["en"])),
+                                ("test", None, sum(map(len, data.eval.values())))):  # fmt: skip
+        rows = loading.load_language_rows(written.dataset, None, split, languages, "language")
+        assert len(rows) == n and set(rows.column_names) >= {"id", "text", "label", "language"}
+    test = loading.load_language_rows(written.dataset, None, "test", None, "language")
+    by_id = {}
+    for row in test:
+        by_id.setdefault(row["id"], set()).add(row["label"])
+    assert all(len(found) == 1 for found in by_id.values())  # the same label in every language
+    assert written.rows["ja"]["test"] == len(data.eval["ja"]) and written.rows["en"]["dev"] == len(data.dev["en"])
+
+
 def test_bad_input_messages(help_cache, tmp_path):
     with pytest.raises(ValueError, match=r"Unknown LibreOffice help language 'xx'.*Available languages: ca, "):
         lt.libreoffice_task_paragraphs(["xx"])
@@ -282,62 +334,60 @@ def test_paragraph_without_gold_spans_is_refused_with_the_language(help_cache, m
 @pytest.mark.slow
 @pytest.mark.downloads
 def test_transfer_quick_end_to_end(tmp_path):
+    """`--quick` (a tiny Gemma 3, 2 seeds) end to end on the classification task: data, arm files, both arms with the
+    dev-loss checkpoint, probes, the report with its gate, intervals and flags; then --report_only and a resumed call
+    with another regime setting (refused). About 5 minutes on 2 cores."""
     output_dir = tmp_path / "transfer"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, os.path.join(HERE, "transfer.py"), "--task", "slot_filling"]
-    command += ["--output_dir", str(output_dir), "--quick"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    base = [sys.executable, os.path.join(HERE, "transfer.py"), "--task", "classification"]
+    command = [*base, "--output_dir", str(output_dir), "--quick"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(output_dir / "transfer.json") as f:
         transfer = json.load(f)
-    keys = ["task", "model", "metric", "train_languages", "alignment_languages", "eval_languages", "seeds"]
-    assert set(keys + ["baseline", "aligned"]) <= set(transfer)
-    assert transfer["task"] == "slot_filling" and transfer["metric"] == "slot_f1"
-    assert len(transfer["eval_languages"]) >= 10
-    for arm in ("baseline", "aligned"):
-        assert set(transfer[arm]) == set(transfer["eval_languages"])
-        for language, scores in transfer[arm].items():
-            assert len(scores) == len(transfer["seeds"]) == 1, (arm, language)
-            assert all(isinstance(s, float) and math.isfinite(s) for s in scores), (arm, language, scores)
-    curve = transfer["retrieval_accuracy"]
-    assert len(curve["layers"]) == 19 and set(curve["base"]) >= {"ja", "ru"} and "aligned" in curve
-    assert (output_dir / "transfer.md").read_text().count("|") > 20 and (output_dir / "transfer.png").is_file()
-    # Both recipe runs trained: their trainer states logged task losses, the aligned one twice as many steps
+    assert transfer["task"] == "classification" and transfer["metric"] == "accuracy"
+    assert transfer["seeds"] == [0, 1] and len(transfer["eval_languages"]) >= 10
+    for lang in transfer["eval_languages"]:
+        entry = transfer["scores"]["languages"][lang]
+        assert entry["paired_seeds"] == [0, 1] and entry["interval"]["n"] == 2
+        assert all(isinstance(s, float) and math.isfinite(s) for s in entry["baseline"] + entry["aligned"])
+    # The flags: 2 seeds (< 5), 4 test rows per language (< 256)
+    assert transfer["flags"]["too_few_seeds"] and set(transfer["flags"]["short_languages"]) == set(
+        transfer["eval_languages"]
+    )
+    markdown = (output_dir / "transfer.md").read_text()
+    assert ("No claim: the task was not learned" in markdown) == (not transfer["gate"]["passed"])
+    assert "fewer than the 256 asked" in markdown and (output_dir / "transfer.png").is_file()
     runs = [json.loads(line) for line in (output_dir / "runs.jsonl").read_text().splitlines()]
-    tasks = {r["arm"]: r for r in runs if r["kind"] == "task"}
-    assert tasks["baseline"]["losses"] and all(math.isfinite(x) for x in tasks["baseline"]["losses"])
-    assert tasks["aligned"]["global_step"] == 2 * tasks["baseline"]["global_step"]
-    assert tasks["aligned"]["alignment_losses"]
-    for arm in ("baseline", "aligned"):  # the saved LoRA adapters moved away from their zero initialisation
-        weights = load_file(output_dir / tasks[arm]["run_dir"] / "adapter_model.safetensors")
-        assert any("lora_B" in name and tensor.abs().max() > 0 for name, tensor in weights.items()), arm
+    tasks = {(r["arm"], r["seed"]): r for r in runs if r["kind"] == "task"}
+    plan = transfer["plan"]
+    for seed in (0, 1):
+        baseline, aligned = tasks["baseline", seed], tasks["aligned", seed]
+        assert (
+            baseline["global_step"] == plan["baseline_steps"] and aligned["global_step"] == 2 * plan["baseline_steps"]
+        )
+        assert aligned["alignment_losses"] and all(math.isfinite(x) for x in baseline["losses"])
+        # Both arms evaluated the dev loss at the same task steps, and kept the best checkpoint
+        assert [s for s, _ in baseline["dev_losses"]] == [s for s, _ in aligned["dev_losses"]]
+        assert len(baseline["dev_losses"]) == plan["baseline_steps"] // plan["eval_steps"]
+        for run in (baseline, aligned):
+            best = min(loss for _, loss in run["dev_losses"])
+            assert run["best_dev_loss"] == pytest.approx(best)
+            weights = load_file(output_dir / run["run_dir"] / "adapter_model.safetensors")
+            assert any("lora_B" in name and tensor.abs().max() > 0 for name, tensor in weights.items())
     # --report_only rebuilds the same report from runs.jsonl
     os.remove(output_dir / "transfer.json")
-    command = [sys.executable, os.path.join(HERE, "transfer.py"), "--task", "slot_filling"]
-    command += ["--output_dir", str(output_dir), "--report_only"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*base, "--output_dir", str(output_dir), "--report_only"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     with open(output_dir / "transfer.json") as f:
-        assert json.load(f)["baseline"] == transfer["baseline"]
-    # --evaluate_from scores the same adapters on more rows, training nothing
-    evaluated_dir = tmp_path / "evaluated"
-    command = [sys.executable, os.path.join(HERE, "transfer.py"), "--task", "slot_filling"]
-    command += ["--output_dir", str(evaluated_dir), "--evaluate_from", str(output_dir), "--max_eval", "5"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    again = [json.loads(line) for line in (evaluated_dir / "runs.jsonl").read_text().splitlines()]
-    for arm in ("baseline", "aligned"):
-        record = next(r for r in again if r["kind"] == "task" and r["arm"] == arm)
-        assert os.path.normpath(record["evaluated_from"]) == str(output_dir / tasks[arm]["run_dir"])
-        assert record["global_step"] == tasks[arm]["global_step"] and record["losses"] == tasks[arm]["losses"]
-        assert set(record["num_examples"].values()) == {5} and set(tasks[arm]["num_examples"].values()) == {3}
-        assert not (evaluated_dir / record["run_dir"] / "adapter_model.safetensors").exists()  # nothing trained
-        # the same adapter probed on the same pairs gives the same curve
-        before = next(r for r in runs if r["kind"] == "probe" and r["arm"] == arm)["retrieval"]
-        after = next(r for r in again if r["kind"] == "probe" and r["arm"] == arm)["retrieval"]
-        assert before.keys() == after.keys()
-        for language in before:
-            assert after[language] == pytest.approx(before[language], abs=1e-6), (arm, language)
+        assert json.load(f)["scores"] == transfer["scores"]
+    # A resumed call with another regime setting is refused, naming it, before anything is rewritten
+    before = (output_dir / "runs.jsonl").read_text()
+    command = [*base, "--output_dir", str(output_dir), "--quick", "--gradient_accumulation_steps", "2"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "gradient_accumulation_steps=4, this call asks for" in done.stderr
+    assert (output_dir / "runs.jsonl").read_text() == before
 
 
 def _benchmark(name: str):
@@ -357,37 +407,216 @@ def test_capped_split_keeps_the_share_of_paragraphs_with_spans():
     assert all(row["spans"] for row in lt._cap(rows, 100, 0.0, 0, "en:train"))
 
 
-def test_report_pairs_the_arms_by_seed_for_the_metric_and_the_reference_loss(tmp_path):
-    """build_report on hand-written runs: paired differences per language and seed, for both measures, and tables."""
-    driver = _benchmark("transfer")
-    (tmp_path / "data").mkdir()
-    languages = {"en": "en-US", "ja": "ja-JP", "fr": "fr-FR"}
-    data = {
-        "eval_languages": ["en-US", "ja-JP", "fr-FR"], "train_languages": ["en-US"], "alignment_languages": ["ja-JP"],
-        "languages": languages, "counts": {},
-    }  # fmt: skip
+def test_paired_interval_equals_scipy_paired_t_test():
+    """The paired difference's 95% t interval and p-value against scipy's paired t-test on the two arms."""
+    from scipy import stats
+
+    outputs = _benchmark("transfer_outputs")
+    rng = random.Random(0)
+    for n in (2, 3, 5, 8):
+        baseline = [rng.uniform(0.2, 0.6) for _ in range(n)]
+        aligned = [b + rng.gauss(0.015, 0.02) for b in baseline]
+        interval = outputs.paired_interval([a - b for a, b in zip(aligned, baseline)])
+        test = stats.ttest_rel(aligned, baseline)
+        low, high = test.confidence_interval(0.95)
+        assert interval["n"] == n and interval["mean"] == pytest.approx(
+            statistics.fmean(aligned) - statistics.fmean(baseline)
+        )
+        assert (interval["low"], interval["high"]) == (pytest.approx(low), pytest.approx(high))
+        assert interval["p"] == pytest.approx(test.pvalue)
+    one = outputs.paired_interval([0.1])
+    assert one["mean"] == 0.1 and math.isnan(one["low"]) and math.isnan(one["p"])
+    with pytest.raises(ValueError, match="not a finite number"):
+        outputs.paired_interval([0.1, float("nan")])
+
+
+def _write_report_inputs(tmp_path, runs: list[dict], seeds: int = 3, max_eval: int = 4, min_eval_rows: int = 4):
+    (tmp_path / "data").mkdir(exist_ok=True)
+    languages = {"en": "en", "ja": "ja", "fr": "fr", "de": "de"}
+    data = {"eval_languages": ["en", "ja", "fr", "de"], "train_languages": ["en"], "alignment_languages": ["ja"],
+            "languages": languages, "counts": {}, "plan": {"baseline_steps": 10}}  # fmt: skip
     (tmp_path / "data" / "data.json").write_text(json.dumps(data))
-    settings = {"task": "slot_filling", "model_name": "m", "align_layer": "2", "alignment_languages": ["ja"]}
-    (tmp_path / "settings.json").write_text(json.dumps({**settings, "train_languages": ["en"]}))
-    scores = {("baseline", 0): [0.5, 0.1, 0.2], ("aligned", 0): [0.6, 0.3, 0.1],
-              ("baseline", 1): [0.4, 0.2, 0.2], ("aligned", 1): [0.4, 0.5, 0.2]}  # fmt: skip
-    losses = {key: [2.0 - s for s in values] for key, values in scores.items()}
-    with open(tmp_path / "runs.jsonl", "w") as f:
-        for (arm, seed), values in scores.items():
-            record = {"kind": "task", "arm": arm, "seed": seed, "metric": "slot_f1", "global_step": 4, "losses": [1.0],
-                      "scores": dict(zip(data["eval_languages"], values)),
-                      "reference_loss": dict(zip(data["eval_languages"], losses[arm, seed])), "wall_s": 1.0}  # fmt: skip
-            f.write(json.dumps(record) + "\n")
+    settings = {"task": "classification", "model_name": "m", "align_layer": "2", "alignment_languages": ["ja"],
+                "train_languages": ["en"], "seeds": seeds, "max_eval": max_eval, "min_eval_rows": min_eval_rows,
+                "plateau_tolerance": 0.02, "plateau_window": 0.2}  # fmt: skip
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+
+
+def _task_run(arm, seed, scores, dev_losses=((2, 1.0), (4, 0.8), (6, 0.7), (8, 0.695), (10, 0.69)), rows=4):
+    languages = ["en", "ja", "fr", "de"]
+    return {"kind": "task", "arm": arm, "seed": seed, "metric": "accuracy", "global_step": 10, "losses": [1.0],
+            "scores": dict(zip(languages, scores)), "reference_loss": {lang: 2.0 - s for lang, s in zip(languages, scores)},
+            "trivial": dict.fromkeys(languages, 0.25), "num_examples": dict.fromkeys(languages, rows),
+            "dev_losses": [list(x) for x in dev_losses], "best_step": 10, "wall_s": 1.0}  # fmt: skip
+
+
+def test_report_pairs_the_arms_by_seed_with_intervals_and_the_primary_metric(tmp_path):
+    """build_report on hand-written runs: per-language paired differences and intervals, the pre-registered primary
+    metric (the unseen languages fr, de; not the alignment language ja, not English) paired by seed."""
+    driver, outputs = _benchmark("transfer"), _benchmark("transfer_outputs")
+    scores = {("baseline", 0): [0.5, 0.3, 0.4, 0.3], ("aligned", 0): [0.6, 0.4, 0.45, 0.35],
+              ("baseline", 1): [0.6, 0.2, 0.3, 0.3], ("aligned", 1): [0.6, 0.3, 0.35, 0.3],
+              ("baseline", 2): [0.55, 0.3, 0.3, 0.4], ("aligned", 2): [0.5, 0.2, 0.36, 0.39]}  # fmt: skip
+    _write_report_inputs(tmp_path, [_task_run(arm, seed, v) for (arm, seed), v in scores.items()])
     transfer = driver.build_report(str(tmp_path))
-    for i, lang in enumerate(data["eval_languages"]):
-        expected = [scores["aligned", s][i] - scores["baseline", s][i] for s in (0, 1)]
-        assert transfer["paired_difference"][lang] == pytest.approx(expected)
-        assert transfer["reference_loss"]["paired_difference"][lang] == pytest.approx([-x for x in expected])
-        assert transfer["reference_loss"]["baseline"][lang] == [losses["baseline", s][i] for s in (0, 1)]
-    assert transfer["groups"]["alignment languages"] == ["ja-JP"] and transfer["groups"]["unseen"] == ["fr-FR"]
-    table = (tmp_path / "transfer.md").read_text()
-    assert "| ja-JP | 0.150 ± 0.071 | 0.400 ± 0.141 | 0.250 ± 0.071 |" in table  # slot F1
-    assert "| ja-JP | 1.850 ± 0.071 | 1.600 ± 0.141 | -0.250 ± 0.071 |" in table  # its reference loss
+    assert transfer["gate"]["passed"], transfer["gate"]
+    assert transfer["groups"]["unseen (primary)"] == ["fr", "de"]
+    assert transfer["groups"]["alignment languages"] == ["ja"] and transfer["groups"]["task languages"] == ["en"]
+    for i, lang in enumerate(["en", "ja", "fr", "de"]):
+        expected = [scores["aligned", s][i] - scores["baseline", s][i] for s in range(3)]
+        entry = transfer["scores"]["languages"][lang]
+        assert entry["differences"] == pytest.approx(expected)
+        assert entry["interval"] == pytest.approx(outputs.paired_interval(expected), nan_ok=True)
+        assert transfer["reference_loss"]["languages"][lang]["differences"] == pytest.approx([-x for x in expected])
+    primary = [
+        statistics.fmean(scores["aligned", s][i] for i in (2, 3))
+        - statistics.fmean(scores["baseline", s][i] for i in (2, 3))
+        for s in range(3)
+    ]
+    assert transfer["primary"]["differences"] == pytest.approx(primary)
+    assert transfer["primary"]["interval"]["mean"] == pytest.approx(statistics.fmean(primary))
+    markdown = (tmp_path / "transfer.md").read_text()
+    assert markdown.startswith("# Task transfer") and "Primary metric (mean over the 2 unseen languages" in markdown
+    assert "only 3 paired seeds (pre-registered: at least 5)" in markdown  # flagged next to the number
+    assert (tmp_path / "transfer.png").is_file()
+
+
+def test_english_gate_refuses_a_claim_when_the_task_was_not_learned(tmp_path):
+    driver = _benchmark("transfer")
+    falling = ((2, 1.0), (4, 0.9), (6, 0.8), (8, 0.7), (10, 0.6))  # still 14% down over the last fifth
+    flat = ((2, 1.0), (4, 0.8), (6, 0.7), (8, 0.70), (10, 0.69))  # 1.4% down: plateaued
+    runs = [_task_run("baseline", 0, [0.5] * 4, flat), _task_run("baseline", 1, [0.5] * 4, falling)]
+    gate = driver.english_gate(runs, ["en"])
+    assert not gate["passed"] and [e["plateaued"] for e in gate["per_seed"]] == [True, False]
+    assert gate["per_seed"][1]["fall"] == pytest.approx((0.7 - 0.6) / 0.7)
+    assert "baseline seed 1: dev loss still fell by 14.3%" in gate["reasons"][0]
+    # At the majority baseline in English: not learned, even when the dev loss is flat
+    gate = driver.english_gate([_task_run("baseline", 0, [0.25] * 4, flat)], ["en"])
+    assert not gate["passed"] and "is not above the best constant answer's (0.250)" in gate["reasons"][0]
+    assert driver.english_gate([_task_run("baseline", 0, [0.3] * 4, flat)], ["en"])["passed"]
+    # No dev evaluation before the last fifth: cannot be checked, so no claim
+    gate = driver.english_gate([_task_run("baseline", 0, [0.5] * 4, ((10, 0.6),))], ["en"])
+    assert not gate["passed"] and "cannot be checked" in gate["reasons"][0]
+    # The report leads with it
+    runs = [_task_run(arm, seed, [0.5] * 4, falling) for seed in range(2) for arm in ("baseline", "aligned")]
+    _write_report_inputs(tmp_path, runs, seeds=2)
+    driver.build_report(str(tmp_path))
+    assert (
+        "**No claim: the task was not learned.** baseline seed 0: dev loss still fell"
+        in (tmp_path / "transfer.md").read_text()
+    )
+
+
+def test_report_names_a_missing_seed_and_a_short_language_next_to_the_number(tmp_path):
+    driver = _benchmark("transfer")
+    runs = [_task_run(arm, seed, [0.5, 0.3, 0.4, 0.3]) for seed in range(3) for arm in ("baseline", "aligned")]
+    runs = [r for r in runs if (r["arm"], r["seed"]) != ("aligned", 2)]  # seed 2's aligned run is missing
+    runs[0]["num_examples"]["de"] = 3  # de has fewer test rows than asked in one run
+    del runs[2]["scores"]["fr"]  # and fr has no score in seed 1's baseline
+    _write_report_inputs(tmp_path, runs, seeds=3, max_eval=4, min_eval_rows=4)
+    transfer = driver.build_report(str(tmp_path))
+    assert transfer["flags"]["missing_runs"] == ["seed 2: no aligned run"]
+    assert transfer["flags"]["short_languages"]["de"] == "3 test rows (fewer than the 4 asked)"
+    assert transfer["scores"]["languages"]["fr"]["paired_seeds"] == [0]
+    # The primary mean never averages a seed with a language missing: seeds 1 (fr) and 2 (aligned) are left out
+    assert transfer["primary"]["seeds"] == [0] and transfer["primary"]["incomplete_seeds"] == [1, 2]
+    markdown = (tmp_path / "transfer.md").read_text()
+    headline = markdown.splitlines()[2]
+    assert "missing: seed 2: no aligned run" in headline and "seeds [1, 2] left out of the mean" in headline
+    assert "de (3 test rows (fewer than the 4 asked))" in headline
+    assert "| 3 test rows (fewer than the 4 asked) |" in markdown  # in the table, next to the number
+
+
+def test_training_plan_cuts_rows_to_whole_steps_and_evaluations():
+    driver = _benchmark("transfer")
+    args = driver.parse_args(["--task", "classification", "--output_dir", "o", "--train_rows", "1000"])
+    plan = driver.training_plan(args, available_rows=5000)
+    # 16 rows x 4 micro-batches = 64 rows per step: 15 steps per epoch, 30 in 2 epochs, a dev evaluation every 3
+    assert plan == {"rows": 960, "rows_per_example": 1, "baseline_steps": 30, "aligned_steps": 60, "eval_steps": 3,
+                    "aligned_eval_steps": 6, "warmup_steps": 1, "aligned_warmup_steps": 2,
+                    "pairs_per_task_row": 2}  # fmt: skip
+    args = driver.parse_args(["--task", "classification", "--output_dir", "o"])  # 1024 rows: 32 steps, 8 evaluations
+    assert driver.training_plan(args, 5000) == {**plan, "rows": 1024, "baseline_steps": 32, "aligned_steps": 64,
+                                                "eval_steps": 4, "aligned_eval_steps": 8}  # fmt: skip
+    args = driver.parse_args(["--task", "classification", "--output_dir", "o", "--train_rows", "1000",
+                              "--eval_steps", "4"])  # fmt: skip
+    plan = driver.training_plan(args, available_rows=5000)
+    assert plan["baseline_steps"] == 28 and plan["rows"] == 14 * 64  # cut so that evaluation 7 is the last step
+    args = driver.parse_args(["--task", "translation", "--output_dir", "o", "--train_rows", "100"])
+    plan = driver.training_plan(args, available_rows=5000, rows_per_example=2)  # de-en and en-de per file row
+    assert plan["rows"] == 96 and plan["baseline_steps"] == 2 * 96 * 2 // 64
+    with pytest.raises(ValueError, match="less than one optimizer step of 64 rows"):
+        driver.training_plan(args, available_rows=40)
+
+
+def test_arm_files_pair_the_arms_on_the_data(tmp_path):
+    """The aligned arm's file holds every micro-batch of the baseline's twice in a row: under the alternate schedule
+    (task micro-batch, then alignment micro-batch) its task micro-batches are the baseline's, in the same order; the
+    order is the seed's, the same for both arms, and another seed's differs."""
+    driver = _benchmark("transfer")
+    folder = tmp_path / "data" / "classification"
+    folder.mkdir(parents=True)
+    rows = [{"id": f"p{i}", "text": f"t{i}", "label": "Calc", "language": "en"} for i in range(150)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "dev.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    args = driver.parse_args(["--task", "classification", "--output_dir", str(tmp_path), "--train_rows", "150"])
+    data = {"dataset": str(folder), "plan": driver.training_plan(args, len(rows))}
+    read = {}
+    for seed in (0, 1):
+        for arm in ("baseline", "aligned"):
+            path = driver.write_arm_data(args, data, seed, arm)
+            read[arm, seed] = [json.loads(x)["id"] for x in open(os.path.join(path, "train.jsonl"))]
+    size = args.batch_size
+    baseline, aligned = read["baseline", 0], read["aligned", 0]
+    assert len(baseline) == data["plan"]["rows"] == 128 and len(aligned) == 2 * len(baseline)
+    batches = [aligned[i : i + size] for i in range(0, len(aligned), size)]
+    assert [x for b in batches[0::2] for x in b] == baseline  # task micro-batches: the baseline's, in order
+    assert batches[1::2] == batches[0::2]  # each followed by the same rows (only their pairs are used)
+    assert read["baseline", 1] != baseline and sorted(read["baseline", 1]) != sorted(baseline[:0])
+    assert len(set(baseline)) == 128
+
+
+def test_regime_and_aligned_arm_variants_reach_the_recipe_command():
+    driver = _benchmark("transfer")
+    data = {"dataset": "d", "pairs": "p.jsonl", "train_languages": ["en"], "eval_languages": ["en", "ja"],
+            "alignment_languages": ["ja"], "max_alignment_pairs": 100,
+            "plan": {"eval_steps": 3, "aligned_eval_steps": 6, "warmup_steps": 1, "aligned_warmup_steps": 2}}  # fmt: skip
+
+    def flag(command, name):
+        return command[command.index(name) + 1]
+
+    args = driver.parse_args(["--task", "classification", "--output_dir", "o", "--model", "m"])
+    baseline = driver.recipe_command(args, data, "baseline", 0, "run", "arm-dir")
+    aligned = driver.recipe_command(args, data, "aligned", 0, "run", "arm-dir")
+    for command in (baseline, aligned):  # the paper's regime in both arms
+        assert flag(command, "--gradient_accumulation_steps") == "4" and flag(command, "--learning_rate") == "0.0005"
+        assert flag(command, "--lr_scheduler_type") == "inverse_sqrt" and flag(command, "--warmup_steps") == (
+            "2" if command is aligned else "1"
+        )
+        assert flag(command, "--weight_decay") == "0.0" and flag(command, "--lora_r") == "8"
+        assert flag(command, "--lora_alpha") == "16" and flag(command, "--lora_dropout") == "0.1"
+        assert flag(command, "--train_sampling_strategy") == "sequential" and flag(command, "--use_cpu") == "true"
+        assert (
+            flag(command, "--load_best_model_at_end") == "true"
+            and flag(command, "--metric_for_best_model") == "eval_loss"
+        )
+        assert flag(command, "--dataset_dev_split") == "dev" and flag(command, "--dataset_name") == "arm-dir"
+        assert flag(command, "--eval_dataset_name") == "d" and flag(command, "--bf16") == "false"
+    assert flag(baseline, "--eval_steps") == flag(baseline, "--save_steps") == "3"
+    assert flag(aligned, "--eval_steps") == flag(aligned, "--save_steps") == "6"  # the same task progress
+    assert flag(aligned, "--align_batch_size") == "32" and flag(aligned, "--align_layer") == "12"
+    assert not any(f.startswith("--align_") for f in baseline)
+    args = driver.parse_args(["--task", "classification", "--output_dir", "o", "--model", "m", "--device", "cuda",
+                              "--bf16", "--align_weight", "0.1", "--align_schedule", "joint", "--align_stop_gradient",
+                              "target", "--align_layer", "9", "--gradient_accumulation_steps", "1",
+                              "--best_checkpoint", "last"])  # fmt: skip
+    aligned = driver.recipe_command(args, data, "aligned", 0, "run")
+    assert "--use_cpu" not in aligned and flag(aligned, "--bf16") == "true" and "--eval_strategy" not in aligned
+    assert flag(aligned, "--align_weight") == "0.1" and flag(aligned, "--align_schedule") == "joint"
+    assert flag(aligned, "--align_stop_gradient") == "target" and flag(aligned, "--align_layer") == "9"
+    assert flag(aligned, "--gradient_accumulation_steps") == "1"
+    assert driver.training_plan(args, 5000)["aligned_steps"] == driver.training_plan(args, 5000)["baseline_steps"]
 
 
 def test_answer_statistics_of_slot_filling_outputs():
@@ -465,25 +694,6 @@ def test_translation_outputs_copied_and_target_script(tmp_path):
         outputs.main([str(tmp_path)])
 
 
-def test_aligned_arm_variants_reach_the_recipe_command():
-    driver = _benchmark("transfer")
-    data = {"dataset": "d.jsonl", "pairs": "p.jsonl", "train_languages": ["en-US"], "eval_languages": ["ja-JP"],
-            "alignment_languages": ["ja-JP"]}  # fmt: skip
-    args = driver.parse_args(["--task", "slot_filling", "--output_dir", "o", "--max_steps", "10", "--model", "m",
-                              "--align_weight", "0.1", "--align_schedule", "joint", "--align_stop_gradient", "target"])  # fmt: skip
-    assert args.aligned_steps_factor == 1.0  # joint: one step per task micro-batch, as the baseline
-    aligned = driver.recipe_command(args, data, "aligned", 0, "run")
-    assert aligned[aligned.index("--align_weight") + 1] == "0.1"
-    assert aligned[aligned.index("--align_schedule") + 1] == "joint"
-    assert aligned[aligned.index("--align_stop_gradient") + 1] == "target"
-    assert aligned[aligned.index("--max_steps") + 1] == "10"
-    baseline = driver.recipe_command(args, data, "baseline", 0, "run")
-    assert not any(flag.startswith("--align_") for flag in baseline)
-    args = driver.parse_args(["--task", "slot_filling", "--output_dir", "o", "--max_steps", "10", "--model", "m"])
-    aligned = driver.recipe_command(args, data, "aligned", 0, "run")
-    assert aligned[aligned.index("--max_steps") + 1] == "20" and "--align_stop_gradient" not in aligned
-
-
 def test_baseline_from_copies_the_baseline_runs_only_when_data_and_settings_match(tmp_path):
     driver = _benchmark("transfer")
     settings = {key: 1 for key in driver.BASELINE_SETTINGS}
@@ -524,7 +734,13 @@ def test_baseline_from_copies_the_baseline_runs_only_when_data_and_settings_matc
         (["--align_batch_size", "1"], "--align_batch_size must be at least 2, got 1"),
         (["--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
         (["--learning_rate", "nan"], "--learning_rate must be positive, got nan"),
-        (["--aligned_steps_factor", "-1"], "--aligned_steps_factor must be positive, got -1.0"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+        (["--train_rows", "0"], "--train_rows must be at least 1, got 0"),
+        (["--eval_steps", "0"], "--eval_steps must be at least 1, got 0"),
+        (["--warmup_ratio", "1.5"], "--warmup_ratio must be below 1"),
+        (["--weight_decay", "-1"], "--weight_decay must be 0 or more, got -1.0"),
+        (["--batch_size", "16", "--align_batch_size", "24"], "--align_batch_size 24 must be a multiple of"),
+        (["--dev_fraction", "0"], "--best_checkpoint dev_loss needs dev rows"),
         (["--align_weight", "-0.5"], "--align_weight must be 0 or more, got -0.5"),
         (["--align_layer", "auto"], "--align_layer must be a layer number .* got 'auto'"),
     ],
@@ -535,7 +751,7 @@ def test_bad_numbers_are_refused_when_parsing(flags, message, capsys):
         driver.parse_args(["--task", "slot_filling", "--output_dir", "unused", *flags])
     assert re.search(message, capsys.readouterr().err)
     args = driver.parse_args(["--task", "slot_filling", "--output_dir", "unused", "--align_weight", "0"])
-    assert args.align_weight == 0 and args.seeds == 3
+    assert args.align_weight == 0 and args.seeds == 5 and args.align_batch_size == 32
 
 
 def test_resuming_with_other_settings_is_refused_before_the_data_is_rebuilt(tmp_path):
@@ -548,8 +764,9 @@ def test_resuming_with_other_settings_is_refused_before_the_data_is_rebuilt(tmp_
                 "alignment_languages": ["ja", "ru"],
                 **{key: getattr(args, key) for key in driver.TRAINING_SETTINGS if key not in ("train_languages",
                    "alignment_languages")},
-                "max_eval": args.max_eval, "max_new_tokens": args.max_new_tokens, "baseline_from": None,
-                "evaluate_from": None}  # fmt: skip
+                **{key: getattr(args, key) for key in ("max_eval", "min_eval_rows", "max_new_tokens",
+                   "plateau_tolerance", "plateau_window", "eval_languages")},
+                "baseline_from": None, "evaluate_from": None}  # fmt: skip
     (out / "settings.json").write_text(json.dumps(recorded))
     (out / "data" / "slot_filling" / "massive.jsonl").write_text('{"a": 1}\n')
     # Nothing recorded yet: any settings may be used (the directory is simply reused)
@@ -558,6 +775,13 @@ def test_resuming_with_other_settings_is_refused_before_the_data_is_rebuilt(tmp_
     with pytest.raises(ValueError, match=r"holds runs made with learning_rate=0\.001, this call asks for "
                        r"learning_rate=0\.0003"):  # fmt: skip
         driver.main([*common, "--learning_rate", "3e-4"])
+    # the regime's settings are in the fingerprint too
+    for flags, message in ((["--gradient_accumulation_steps", "1"], "gradient_accumulation_steps=4, this call asks "
+                            "for gradient_accumulation_steps=1"), (["--lr_scheduler_type", "constant"],
+                            "lr_scheduler_type='inverse_sqrt'"), (["--best_checkpoint", "last"], "best_checkpoint"),
+                           (["--device", "cuda", "--bf16"], "device='cpu'"), (["--align_layer", "9"], "align_layer")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            driver.main([*common, "--learning_rate", "1e-3", *flags])
     # refused before anything in the directory was rewritten
     assert json.loads((out / "settings.json").read_text()) == recorded
     assert (out / "data" / "slot_filling" / "massive.jsonl").read_text() == '{"a": 1}\n'
@@ -573,12 +797,14 @@ def test_evaluate_from_takes_the_training_settings_of_the_earlier_run(tmp_path):
     driver = _benchmark("transfer")
     old = tmp_path / "old"
     old.mkdir()
+    defaults = driver.parse_args(["--task", "slot_filling", "--output_dir", "unused"])
     trained = {"task": "slot_filling", "model_name": "gemma-3-270m", "train_languages": ["en"],
-               "alignment_languages": ["ja", "ru"], "quick": False, "seeds": 3, "max_steps": 32,
-               "aligned_steps_factor": 1.0, "batch_size": 4, "learning_rate": 0.001, "align_layer": "12",
-               "align_weight": 10.0, "align_schedule": "joint", "align_stop_gradient": "none", "align_batch_size": 16,
-               "max_chars": 70, "max_length": 96, "max_eval": 32, "max_new_tokens": 24, "max_alignment_pairs": 512,
-               "probe_pairs": 32, "directions": "both", "data_seed": 0}  # fmt: skip
+               "alignment_languages": ["ja", "ru"],
+               **{key: getattr(defaults, key) for key in driver.TRAINING_SETTINGS},
+               "train_rows": 512, "batch_size": 4, "learning_rate": 0.001, "align_weight": 10.0,
+               "align_schedule": "joint", "align_batch_size": 16, "max_alignment_pairs": 512, "max_eval": 32,
+               "max_new_tokens": 24}  # fmt: skip
+    trained["train_languages"], trained["alignment_languages"] = ["en"], ["ja", "ru"]
     (old / "settings.json").write_text(json.dumps(trained))
     base = ["--task", "slot_filling", "--output_dir", str(tmp_path / "new"), "--evaluate_from", str(old)]
     args = driver.parse_args([*base, "--max_eval", "256", "--max_new_tokens", "1"])
@@ -587,8 +813,8 @@ def test_evaluate_from_takes_the_training_settings_of_the_earlier_run(tmp_path):
     assert (args.max_eval, args.max_new_tokens) == (256, 1)
     args = driver.parse_args([*base, "--batch_size", "4"])  # the earlier run's value may be repeated
     assert (args.max_eval, args.max_new_tokens, args.batch_size) == (32, 24, 4)
-    with pytest.raises(ValueError, match="max_steps=32, this call passes max_steps=64"):
-        driver.parse_args([*base, "--max_steps", "64"])
+    with pytest.raises(ValueError, match="train_rows=512, this call passes train_rows=64"):
+        driver.parse_args([*base, "--train_rows", "64"])
     with pytest.raises(ValueError, match="task 'slot_filling', not 'translation'"):
         driver.parse_args(["--task", "translation", *base[2:]])
     with pytest.raises(ValueError, match="no settings.json there"):

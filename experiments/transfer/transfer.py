@@ -1,38 +1,45 @@
 """Task transfer with and without middle-layer alignment: the paper's protocol on the LibreOffice help, Gemma 3 270M.
 
-For one task (slot filling, translation or structured generation), this driver
+For one task (classification, the primary one; slot filling, translation or structured generation), this driver
 
-1. builds the task data from the inline markup of the LibreOffice help (`experiments/transfer/libreoffice_tasks.py`):
-   task training data in English (translation: the directions de-en and en-de), alignment pairs (non-English,
-   English) of `--alignment_languages` from the alignment pages, evaluation rows of `--eval_languages` (plus English)
-   from the eval pages; pages are split once with a fixed seed, so no evaluated paragraph was trained on;
-2. probes the base model's retrieval accuracy at every layer on held-out eval-page pairs (`probe_layers`);
-3. runs BOTH arms through the unchanged recipe script (`recipes/<task>.py`) as subprocesses, for every seed: the
-   baseline (`--alignment false`, plain `trl.SFTTrainer`) and the aligned run (`AlignmentTrainer`, alternate
-   schedule by default; `--align_weight`, `--align_schedule joint`, `--align_stop_gradient target` for variants) with
-   otherwise identical settings. The alternate schedule spends every second micro-batch on alignment,
-   so the aligned arm gets `--aligned_steps_factor` (default 2; 1 with `joint`) times the baseline's optimizer steps:
-   both arms see the same number of task micro-batches (the paper doubles the epochs, 10 vs 5, for the same reason);
-4. probes each trained adapter again (the whole layer curve, to see whether layers other than the aligned one move);
-5. writes `transfer.json`, `transfer.md` and `transfer.png` into `--output_dir`.
+1. builds the task data from the LibreOffice help (`experiments/transfer/libreoffice_tasks.py`): English task rows
+   of the train pages, English dev rows of the dev pages (a share of the train pages), alignment pairs (non-English,
+   English) of `--alignment_languages` from the alignment pages, test rows of English and `--eval_languages` from the
+   eval pages; pages are split once with a fixed seed, so no page is in two splits, in any language;
+2. writes, per seed, the training rows of both arms in one seeded order, cut to a whole number of optimizer steps:
+   the baseline's file, and the aligned arm's with every micro-batch of rows written twice. With the sequential
+   sampler (`--train_sampling_strategy sequential`) and the alternate schedule the aligned arm's task micro-batches
+   are then exactly the baseline's, in the same order, each followed by an alignment micro-batch: twice the
+   micro-batches on the same task rows (the paper doubles the epochs for the same reason);
+3. probes the base model's retrieval accuracy at every layer on held-out eval-page pairs (`probe_layers`);
+4. runs BOTH arms through the recipe (`recipes/<task>.py`) as subprocesses, for every seed, in the paper's regime
+   (gradient accumulation 4, learning rate 5e-4 inverse_sqrt with 3% warmup, weight decay 0, LoRA r 8 / alpha 16 /
+   dropout 0.1 on every projection; a flag changes each): the baseline (`--alignment false`, plain
+   `trl.SFTTrainer`) and the aligned run (`AlignmentTrainer`, alternate schedule). Both evaluate the English dev
+   loss every `--eval_steps` task steps (the aligned arm every 2x that many optimizer steps: the same task progress)
+   and keep the checkpoint of least dev loss (`--load_best_model_at_end`);
+5. probes each trained adapter again (the whole layer curve);
+6. writes `transfer.json`, `transfer.md` and `transfer.png` into `--output_dir`: the English gate, then paired
+   differences (aligned minus baseline, per seed) with 95% t intervals per language and for the pre-registered
+   primary metric, the mean over the languages in neither the task nor the alignment data.
 
 Every finished run is appended as one JSON line to `<output_dir>/runs.jsonl`; a second call skips the runs already
 there, so an interrupted run resumes (or `--seeds` grows; any other setting must stay as it was, else the call is
 refused), and `--report_only` rebuilds the report from that file alone.
 
-    python experiments/transfer/transfer.py --task slot_filling --output_dir outputs/transfer_slot --quick
-    python experiments/transfer/transfer.py --task slot_filling --output_dir outputs/transfer_slot --seeds 3
-    python experiments/transfer/transfer.py --task slot_filling --output_dir outputs/transfer_slot --report_only
+    python experiments/transfer/transfer.py --task classification --output_dir outputs/transfer_cls --quick
+    python experiments/transfer/transfer.py --task classification --output_dir outputs/transfer_cls --seeds 1
+    python experiments/transfer/transfer.py --task classification --output_dir outputs/transfer_cls --seeds 5
+    python experiments/transfer/transfer.py --task classification --output_dir outputs/transfer_cls --report_only
 
-A variant of the aligned arm can reuse the baselines of an earlier run (`--baseline_from`; refused unless the task
-data, the probe pairs and every setting the baseline depends on are the same):
+The middle layer instead of the probe's peak reuses the baselines (`--baseline_from`; refused unless the task data,
+the probe pairs and every setting the baseline depends on are the same):
 
-    python experiments/transfer/transfer.py --task slot_filling --output_dir outputs/transfer_slot_w01 --seeds 3 \
-        --align_weight 0.1 --baseline_from outputs/transfer_slot
+    python experiments/transfer/transfer.py --task classification --output_dir outputs/transfer_cls_l9 --seeds 5 \
+        --align_layer 9 --baseline_from outputs/transfer_cls
 
 The adapters of an earlier run can be scored again on more evaluation rows without training (`--evaluate_from`; the
-data and training settings come from its settings.json, the eval pages are the same). With `--max_new_tokens 1` only
-the teacher-forced reference loss is meaningful, which is cheap enough for hundreds of rows per language:
+data and training settings come from its settings.json, the eval pages are the same):
 
     python experiments/transfer/transfer.py --task slot_filling --output_dir outputs/transfer_slot_256 \
         --evaluate_from outputs/transfer_slot --max_eval 256 --max_new_tokens 1
@@ -42,6 +49,7 @@ import argparse
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -50,39 +58,79 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # the data builder and the statistics live beside this script
+    sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 RECIPES = os.path.join(ROOT, "recipes")
-TASKS = ("slot_filling", "translation", "structured_generation")
+TASKS = ("classification", "slot_filling", "translation", "structured_generation")
 CACHED = ["de", "fr", "hi", "ja", "km", "ko", "pt", "ru"]
 DOWNLOADED = ["es", "it", "zh-cn", "nl"]
 LOW_RESOURCE = ["hi", "km"]
-MAX_NEW_TOKENS = {"slot_filling": 48, "translation": 96, "structured_generation": 64}
+MAX_NEW_TOKENS = {"classification": 1, "slot_filling": 48, "translation": 96, "structured_generation": 64}
 RUNS_FILE, JSON_FILE, MD_FILE, PLOT_FILE = "runs.jsonl", "transfer.json", "transfer.md", "transfer.png"
+MIN_SEEDS = 5  # pre-registered: the primary metric is not claimed with fewer seeds
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--output_dir", required=True, help="data, runs, runs.jsonl and the report")
-    parser.add_argument("--quick", action="store_true", help="a few steps, 1 seed, few examples: < 10 min on 2 cores")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; --quick: 1)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny random Gemma 3 (4 layers, the real tokenizer), 32 rows, 2 seeds: checks the pipeline in minutes",
+    )
+    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {MIN_SEEDS}; --quick: 2)")
     parser.add_argument("--report_only", action="store_true", help="rebuild the report from runs.jsonl")
+    parser.add_argument(
+        "--data_only", action="store_true",
+        help="build the data (and the plan) into output_dir/data and stop: to carry it to a machine without the help "
+        "packages (a later call with the same data settings reuses it)",
+    )  # fmt: skip
     parser.add_argument("--model", default=None, help="model path (default: Gemma 3 270M, trl_midalign.demo)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the recipes train")
+    parser.add_argument("--bf16", action="store_true", help="train in bf16 (on cuda); default fp32")
     parser.add_argument("--train_languages", nargs="+", default=None, help="task data (default en; translation de)")
     parser.add_argument("--alignment_languages", nargs="+", default=["ja", "hi", "ru"])
     parser.add_argument(
         "--eval_languages", nargs="+", default=CACHED + DOWNLOADED, help="evaluated besides English; help codes"
     )
-    parser.add_argument("--max_steps", type=int, default=None, help="baseline optimizer steps (default 150; quick 4)")
+    # The training regime (the paper's by default)
     parser.add_argument(
-        "--aligned_steps_factor",
-        type=float,
-        default=None,
-        help="aligned steps / baseline steps (default 2 with the alternate schedule, 1 with joint)",
-    )
-    parser.add_argument("--batch_size", type=int, default=8)
+        "--train_rows", type=int, default=None, help="English task rows per epoch (default 1024; quick 32), cut to a "
+        "whole number of optimizer steps"
+    )  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=None, help="epochs over the task rows (default 2)")
+    parser.add_argument("--batch_size", type=int, default=None, help="task rows per micro-batch (default 16; quick 2)")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=4, help="micro-batches per optimizer step")
     parser.add_argument("--learning_rate", type=float, default=5e-4)
-    parser.add_argument("--align_layer", default="12", help="layer of the alignment loss (Gemma 3 270M has 18)")
+    parser.add_argument("--lr_scheduler_type", default="inverse_sqrt", help="transformers' scheduler name")
+    parser.add_argument(
+        "--warmup_ratio",
+        type=float,
+        default=0.03,
+        help="share of the baseline's steps warmed up (rounded; the aligned arm twice as many steps)",
+    )
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--lora_alpha", type=int, default=16)
+    parser.add_argument("--lora_dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--best_checkpoint", choices=["dev_loss", "last"], default="dev_loss",
+        help="'dev_loss': keep the checkpoint of least English dev task loss (both arms); 'last': the last one",
+    )  # fmt: skip
+    parser.add_argument(
+        "--eval_steps", type=int, default=None,
+        help="task steps (baseline optimizer steps) between dev evaluations; the aligned arm (alternate) evaluates "
+        "every 2x as many optimizer steps, at the same task progress (default: a tenth of training)",
+    )  # fmt: skip
+    parser.add_argument("--dev_rows", type=int, default=None, help="English dev rows (default 128; quick 8)")
+    parser.add_argument(
+        "--align_layer", default=None,
+        help="layer of the alignment loss: 12 (default; the base model's retrieval peak on Gemma 3 270M) or 9 (the "
+        "middle of its 18); quick: 2 of 4",
+    )  # fmt: skip
     parser.add_argument("--align_weight", type=float, default=1.0, help="weight of the alignment loss (aligned arm)")
     parser.add_argument(
         "--align_schedule", default="alternate", choices=["alternate", "joint"], help="schedule of the aligned arm"
@@ -94,26 +142,34 @@ def parse_args(argv=None):
         help="'target' detaches the English side of the pairs (aligned arm)",
     )
     parser.add_argument(
+        "--align_batch_size", type=int, default=None,
+        help="pairs per alignment micro-batch (default: the smallest multiple of --batch_size that is at least 32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max_alignment_pairs", type=int, default=None,
+        help="pairs per alignment language (default: enough that no pair repeats within an epoch)",
+    )  # fmt: skip
+    # The data and the evaluation
+    parser.add_argument(
         "--max_chars", type=int, default=None, help="longest English paragraph (default 120; quick 70)"
     )
-    parser.add_argument("--max_length", type=int, default=96, help="tokens per task row")
-    parser.add_argument("--max_eval", type=int, default=None, help="eval rows per language (default 50; quick 3)")
-    parser.add_argument("--max_new_tokens", type=int, default=None, help="default per task (quick 24)")
-    parser.add_argument("--max_alignment_pairs", type=int, default=None, help="per language (default 512; quick 64)")
-    parser.add_argument(
-        "--probe_pairs", type=int, default=None, help="probe pairs per language (default 64; quick 16)"
-    )
+    parser.add_argument("--max_length", type=int, default=128, help="tokens per task row")
+    parser.add_argument("--max_eval", type=int, default=None, help="test rows per language (default 256; quick 4)")
+    parser.add_argument("--min_eval_rows", type=int, default=256, help="fewer test rows in a language are flagged")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="default per task (quick 16)")
+    parser.add_argument("--probe_pairs", type=int, default=None, help="probe pairs per language (default 64; quick 8)")
     parser.add_argument("--min_paragraphs", type=int, default=None, help="fewest usable paragraphs per split")
+    parser.add_argument("--dev_fraction", type=float, default=0.1, help="share of the train pages used as dev pages")
     parser.add_argument(
         "--directions", default=None, choices=["into_english", "out_of_english", "both"], help="translation only"
     )
     parser.add_argument("--data_seed", type=int, default=0, help="seed of the page split")
+    # The English gate
     parser.add_argument(
-        "--align_batch_size",
-        type=int,
-        default=None,
-        help="pairs per alignment step of the aligned arm (default: the task batch)",
-    )
+        "--plateau_tolerance", type=float, default=0.02,
+        help="the gate: the baseline's dev loss may fall by at most this share over the last --plateau_window",
+    )  # fmt: skip
+    parser.add_argument("--plateau_window", type=float, default=0.2, help="the last share of training checked")
     parser.add_argument(
         "--baseline_from",
         default=None,
@@ -136,49 +192,77 @@ def parse_args(argv=None):
         take_training_settings(args, parser)
     quick = args.quick
     defaults = {
-        "seeds": 1 if quick else 3,
-        "max_steps": 4 if quick else 150,
+        "seeds": 2 if quick else MIN_SEEDS,
+        "train_rows": 32 if quick else 1024,
+        "epochs": 2,
+        "batch_size": 2 if quick else 16,
+        "dev_rows": 8 if quick else 128,
+        "align_layer": "2" if quick else "12",
         "max_chars": 70 if quick else 120,
-        "max_eval": 3 if quick else 50,
-        "max_new_tokens": 24 if quick else MAX_NEW_TOKENS[args.task],
-        "max_alignment_pairs": 64 if quick else 512,
-        "probe_pairs": 16 if quick else 64,
+        "max_eval": 4 if quick else 256,
+        "max_new_tokens": 16 if quick else MAX_NEW_TOKENS[args.task],
+        "probe_pairs": 8 if quick else 64,
         "min_paragraphs": 3 if quick else 20,
         "directions": "into_english" if quick else "both",
-        "aligned_steps_factor": 2.0 if args.align_schedule == "alternate" else 1.0,
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.align_batch_size is None:
+        args.align_batch_size = args.batch_size * max(1, math.ceil((4 if quick else 32) / args.batch_size))
     if args.train_languages is None:
         args.train_languages = ["de"] if args.task == "translation" else ["en"]
     for name in (
-        "seeds", "max_steps", "batch_size", "max_chars", "max_length", "max_eval", "max_new_tokens",
-        "max_alignment_pairs", "probe_pairs", "min_paragraphs", "jobs",
+        "seeds", "train_rows", "epochs", "batch_size", "gradient_accumulation_steps", "dev_rows", "max_chars",
+        "max_length", "max_eval", "min_eval_rows", "max_new_tokens", "probe_pairs", "min_paragraphs", "jobs",
+        "lora_r", "lora_alpha",
     ):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    if args.align_batch_size is not None and args.align_batch_size < 2:
+    for name in ("eval_steps", "max_alignment_pairs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.align_batch_size < 2:
         parser.error(
             f"--align_batch_size must be at least 2, got {args.align_batch_size}: each pair of an alignment step is "
             "contrasted with the other pairs of that step."
         )
-    for name in ("learning_rate", "aligned_steps_factor"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.align_batch_size % args.batch_size:
+        parser.error(
+            f"--align_batch_size {args.align_batch_size} must be a multiple of --batch_size {args.batch_size}: each "
+            "task row carries align_batch_size / batch_size pairs."
+        )
+    if not args.learning_rate > 0:
+        parser.error(f"--learning_rate must be positive, got {args.learning_rate}.")
+    for name in ("warmup_ratio", "weight_decay", "lora_dropout", "plateau_tolerance"):
+        if not getattr(args, name) >= 0:
+            parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}.")
+    if args.warmup_ratio >= 1:
+        parser.error(f"--warmup_ratio must be below 1 (a share of the steps), got {args.warmup_ratio}.")
+    if not 0 < args.plateau_window < 1 or not 0 <= args.dev_fraction < 1:
+        parser.error(
+            f"--plateau_window must be in (0, 1) and --dev_fraction in [0, 1), got {args.plateau_window} and "
+            f"{args.dev_fraction}."
+        )
+    if args.best_checkpoint == "dev_loss" and args.dev_fraction == 0:
+        parser.error("--best_checkpoint dev_loss needs dev rows: --dev_fraction must be above 0.")
     if not args.align_weight >= 0:
         parser.error(f"--align_weight must be 0 or more, got {args.align_weight}.")
     if not str(args.align_layer).isdigit():
         parser.error(f"--align_layer must be a layer number (0 = the embeddings), got {args.align_layer!r}.")
+    if args.bf16 and args.device == "cpu":
+        print("[transfer] --bf16 on the CPU: the recipes train in bf16 there too (slow, and not the CPU runs' fp32)")
     return args
 
 
 # What `--evaluate_from` takes from the earlier run's settings.json: everything that decides its data and its training
 # (the evaluation caps `max_eval` and `max_new_tokens` only when not given).
 TRAINING_SETTINGS = (
-    "train_languages", "alignment_languages", "quick", "seeds", "max_steps", "aligned_steps_factor", "batch_size",
-    "learning_rate", "align_layer", "align_weight", "align_schedule", "align_stop_gradient", "align_batch_size",
-    "max_chars", "max_length", "max_alignment_pairs", "probe_pairs", "directions", "data_seed",
+    "train_languages", "alignment_languages", "quick", "seeds", "train_rows", "epochs", "batch_size",
+    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "lora_r",
+    "lora_alpha", "lora_dropout", "best_checkpoint", "eval_steps", "dev_rows", "dev_fraction", "align_layer",
+    "align_weight", "align_schedule", "align_stop_gradient", "align_batch_size", "max_chars", "max_length",
+    "max_alignment_pairs", "probe_pairs", "directions", "data_seed", "device", "bf16",
 )  # fmt: skip
 
 
@@ -237,34 +321,180 @@ def available_languages(languages: list[str]) -> tuple[list[str], dict[str, str]
     return kept, failed
 
 
+# The settings that decide the data and the plan: data.json records them, and a call with the same ones reuses the
+# data already built in its output_dir (a resumed call, or data built here with --data_only and carried to a machine
+# without the help packages, e.g. the GPU plan's).
+DATA_SETTINGS = (
+    "task", "train_languages", "alignment_languages", "eval_languages", "data_seed", "max_chars", "train_rows",
+    "dev_rows", "dev_fraction", "max_eval", "probe_pairs", "min_paragraphs", "directions", "max_alignment_pairs",
+    "align_batch_size", "batch_size", "gradient_accumulation_steps", "epochs", "eval_steps", "align_schedule",
+)  # fmt: skip
+DATA_PATHS = ("dataset", "pairs", "probe_pairs")
+
+
+def built_data(args) -> dict | None:
+    """The data.json of `<output_dir>/data` when it was built with this call's `DATA_SETTINGS`, its paths moved to
+    this output_dir (the folder may have been built elsewhere and copied); else None."""
+    path = os.path.join(args.output_dir, "data", "data.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        info = json.load(f)
+    if info.get("data_settings") != {key: getattr(args, key) for key in DATA_SETTINGS}:
+        return None
+    for key in DATA_PATHS:
+        if info.get(key):
+            info[key] = os.path.join(os.path.abspath(args.output_dir), info["relative_paths"][key])
+            if not os.path.exists(info[key]):
+                return None
+    return info
+
+
 def build_data(args) -> dict:
+    """Build the task data into `<output_dir>/data` and plan the training (`training_plan`); `data.json`. Data built
+    with the same settings (`built_data`) is reused."""
     from libreoffice_tasks import libreoffice_task_paragraphs, write_task_data
+
+    info = built_data(args)
+    if info is not None:
+        print(f"[transfer] reusing the data in {args.output_dir}/data (built with these settings)", flush=True)
+        return info
 
     wanted = list(dict.fromkeys([*args.alignment_languages, *args.eval_languages]))
     wanted = [lang for lang in wanted if lang not in ("en", "en-us")]
     kept, failed = available_languages(wanted)
     train = [lang for lang in args.train_languages if lang in ("en", "en-us") or lang in kept]
+    pairs_per_language = args.max_alignment_pairs
+    alignment = [lang for lang in args.alignment_languages if lang in kept]
+    if pairs_per_language is None:  # every alignment slot of an epoch a pair of its own (see `write_arm_data`)
+        slots = 2 * args.train_rows * args.align_batch_size // args.batch_size
+        pairs_per_language = max(2, math.ceil(slots / max(1, len(alignment))))
+    classification = args.task == "classification"
     paragraphs = libreoffice_task_paragraphs(
         eval_languages=["en", *[lang for lang in kept if lang in args.eval_languages]],
-        alignment_languages=[lang for lang in args.alignment_languages if lang in kept],
+        alignment_languages=alignment,
         train_languages=train,
         seed=args.data_seed,
         max_chars=args.max_chars,
-        max_train=max(64, args.max_steps * args.batch_size * 2),
-        max_alignment=args.max_alignment_pairs,
+        max_train=args.train_rows,
+        max_alignment=pairs_per_language,
         max_eval=max(args.max_eval, args.probe_pairs),
+        dev_fraction=args.dev_fraction,
+        max_dev=args.dev_rows,
+        by_application=classification,
         min_paragraphs=args.min_paragraphs,
-        no_span_fraction=1.0 if args.task == "translation" else 0.25,
+        no_span_fraction=1.0 if args.task in ("translation", "classification") else 0.25,
         drop_short_languages=True,
     )
     data = write_task_data(args.task, paragraphs, os.path.join(args.output_dir, "data"), args.directions)
-    info = {**data.__dict__, "failed_languages": failed}
+    info = {**data.__dict__, "failed_languages": failed, "max_alignment_pairs": pairs_per_language}
+    info["plan"] = training_plan(args, len(paragraphs.train[train[0]]), len(data.train_languages))
+    info["data_settings"] = {key: getattr(args, key) for key in DATA_SETTINGS}
+    out = os.path.abspath(args.output_dir)
+    info["relative_paths"] = {key: os.path.relpath(info[key], out) for key in DATA_PATHS if info.get(key)}
     with open(os.path.join(args.output_dir, "data", "data.json"), "w") as f:
         json.dump(info, f, indent=2, ensure_ascii=False)
-    print("[transfer] usable paragraphs per language and split (train / alignment / eval pages):", flush=True)
+    print("[transfer] usable paragraphs per language and split (train / dev / alignment / eval pages):", flush=True)
     for language, counts in data.counts.items():
         print(f"[transfer]   {language:6s} {counts}", flush=True)
+    print(f"[transfer] rows written per language and split: {data.rows}", flush=True)
+    print(f"[transfer] training plan: {info['plan']}", flush=True)
     return info
+
+
+def training_plan(args, available_rows: int, rows_per_example: int = 1) -> dict:
+    """
+    The steps of both arms: the task rows cut to a whole number of optimizer steps per epoch, and to a number of
+    steps that `eval_steps` divides (so the last step is evaluated and saved).
+
+    `rows_per_example` is the recipe's task rows per file row (translation: one per trained direction). Returns
+    `rows` (file rows per epoch), `baseline_steps`, `aligned_steps`, `eval_steps` (baseline) and
+    `aligned_eval_steps`, and `pairs_per_task_row` (alignment pairs per task row of the aligned arm).
+    """
+    rows = min(args.train_rows, available_rows)
+    step_rows = args.batch_size * args.gradient_accumulation_steps  # task rows per baseline optimizer step
+    unit = step_rows // math.gcd(step_rows, rows_per_example)  # file rows of a whole number of steps...
+    unit = unit * args.batch_size // math.gcd(unit, args.batch_size)  # ...and of whole micro-batches per direction
+    steps_per_unit = unit * rows_per_example // step_rows
+    units = rows // unit
+    if units < 1:
+        raise ValueError(
+            f"--train_rows {args.train_rows} (usable: {available_rows}) is less than one optimizer step of "
+            f"{unit} rows (--batch_size {args.batch_size} x --gradient_accumulation_steps "
+            f"{args.gradient_accumulation_steps}); raise --train_rows or lower the batch."
+        )
+    total = units * steps_per_unit * args.epochs
+    # default: about 10 dev evaluations (5 to 10), at a step count that divides the training when one does
+    divisors = [d for d in range(1, total + 1) if total % d == 0 and d * 10 >= total and total // d >= 5]
+    eval_steps = args.eval_steps or (divisors[0] if divisors else max(1, total // 10))
+    while units > 1 and (units * steps_per_unit * args.epochs) % eval_steps:
+        units -= 1
+    total = units * steps_per_unit * args.epochs
+    if total % eval_steps:
+        raise ValueError(
+            f"--eval_steps {eval_steps} does not divide the baseline's {total} optimizer steps; pass a divisor."
+        )
+    factor = 2 if args.align_schedule == "alternate" else 1  # alternate: every task micro-batch has its alignment one
+    # Whole warmup steps, the aligned arm's `factor` times the baseline's: with inverse_sqrt (timescale = warmup) both
+    # arms then have the same learning rate at the same task progress (a ratio would be rounded up separately)
+    warmup = round(args.warmup_ratio * total) if args.warmup_ratio < 1 else 0
+    warmup = max(1, warmup) if args.warmup_ratio > 0 else 0
+    return {
+        "rows": units * unit,
+        "rows_per_example": rows_per_example,
+        "baseline_steps": total,
+        "aligned_steps": factor * total,
+        "eval_steps": eval_steps,
+        "aligned_eval_steps": factor * eval_steps,
+        "warmup_steps": warmup,
+        "aligned_warmup_steps": factor * warmup,
+        "pairs_per_task_row": args.align_batch_size // args.batch_size,
+    }
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_arm_data(args, data: dict, seed: int, arm: str) -> str:
+    """
+    Write the training and dev rows of one arm and seed; the `--dataset_name` for its recipe.
+
+    The task rows are shuffled with `seed` (the same order for both arms) and cut to `data["plan"]["rows"]`. The
+    aligned arm (alternate schedule) gets every micro-batch of rows twice in a row: with the sequential sampler its
+    task micro-batches are then the baseline's, in the same order, and each is followed by an alignment micro-batch
+    (whose task rows are not trained on). Its pairs, attached to the rows in turn, are distinct within an epoch when
+    there are at least twice the slots (the default `--max_alignment_pairs`).
+    """
+    from pathlib import Path
+
+    from libreoffice_tasks import _write_jsonl
+
+    plan = data["plan"]
+    folder = os.path.join(args.output_dir, "data", "arms", f"{arm}-seed{seed}")
+    if args.task == "slot_filling":
+        everything = _read_jsonl(data["dataset"])
+        train = [r for r in everything if r["partition"] == "train"]
+        dev = [r for r in everything if r["partition"] == "dev"]
+    else:
+        train = _read_jsonl(os.path.join(data["dataset"], "train.jsonl"))
+        dev_path = os.path.join(data["dataset"], "dev.jsonl")
+        dev = _read_jsonl(dev_path) if os.path.isfile(dev_path) else []
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    train = [train[i] for i in order[: plan["rows"]]]
+    if arm == "aligned" and args.align_schedule == "alternate":
+        size = args.batch_size
+        train = [row for start in range(0, len(train), size) for row in train[start : start + size] * 2]
+    if args.task == "slot_filling":
+        path = os.path.join(folder, "massive.jsonl")
+        _write_jsonl(Path(path), train + dev)
+        return path
+    _write_jsonl(Path(folder) / "train.jsonl", train)
+    if dev:
+        _write_jsonl(Path(folder) / "dev.jsonl", dev)
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -320,8 +550,22 @@ def append_run(output_dir: str, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def probe(model_path: str, adapter: str | None, pairs_path: str, pairs_per_language: int, layer: int) -> dict:
-    """Retrieval accuracy at every layer (mean pooling, as the loss) on the held-out pairs, per language."""
+def probe(
+    model_path: str, adapter: str | None, pairs_path: str, pairs_per_language: int, layer: int, device: str = "cpu"
+) -> dict:
+    """Retrieval accuracy at every layer (mean pooling, as the loss) on the held-out pairs, per language.
+
+    One probe at a time (`_PROBE_LOCK`): with `--jobs` > 1 the runs' threads probe in this process, and two
+    `from_pretrained` calls at once can leave one model's parameters on the meta device (transformers builds the model
+    under a process-wide meta-device context)."""
+    with _PROBE_LOCK:
+        return _probe(model_path, adapter, pairs_path, pairs_per_language, layer, device)
+
+
+_PROBE_LOCK = threading.Lock()
+
+
+def _probe(model_path: str, adapter: str | None, pairs_path: str, pairs_per_language: int, layer: int, device: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -334,7 +578,7 @@ def probe(model_path: str, adapter: str | None, pairs_path: str, pairs_per_langu
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
+    model.to(device).eval()
     pairs = load_rows(pairs_path)
     result = probe_layers(
         model, tokenizer, pairs, max_pairs_per_language=pairs_per_language, max_length=64, show_progress=False
@@ -347,38 +591,66 @@ def probe(model_path: str, adapter: str | None, pairs_path: str, pairs_per_langu
     }
 
 
-def recipe_command(args, data: dict, arm: str, seed: int, run_dir: str) -> list[str]:
-    steps = args.max_steps if arm == "baseline" else max(1, round(args.max_steps * args.aligned_steps_factor))
+def recipe_command(args, data: dict, arm: str, seed: int, run_dir: str, dataset: str | None = None) -> list[str]:
+    """The recipe call of one run: the paper's regime from `args`, the arm's rows `dataset` (`write_arm_data`)."""
+    plan = data["plan"]
+    aligned = arm == "aligned"
+    eval_steps = plan["aligned_eval_steps"] if aligned else plan["eval_steps"]
     command = [
         sys.executable, os.path.join(RECIPES, f"{args.task}.py"), "--model_name_or_path", args.model,
-        "--dataset_name", data["dataset"], "--output_dir", run_dir, "--use_cpu", "--bf16", "false",
-        "--seed", str(seed), "--max_steps", str(steps), "--per_device_train_batch_size", str(args.batch_size),
+        "--dataset_name", dataset or data["dataset"], "--eval_dataset_name", data["dataset"],
+        "--output_dir", run_dir, "--bf16", str(args.bf16).lower(), "--seed", str(seed),
+        "--num_train_epochs", str(args.epochs), "--train_sampling_strategy", "sequential",
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--gradient_accumulation_steps", str(args.gradient_accumulation_steps),
         "--per_device_eval_batch_size", "16", "--learning_rate", str(args.learning_rate),
-        "--lr_scheduler_type", "constant", "--gradient_checkpointing", "false", "--max_length", str(args.max_length), "--logging_steps", "1",
-        "--save_strategy", "steps", "--save_steps", str(steps), "--save_only_model", "true", "--report_to", "none",
+        "--lr_scheduler_type", args.lr_scheduler_type, "--warmup_steps", str(plan["aligned_warmup_steps" if aligned else "warmup_steps"]),
+        "--weight_decay", str(args.weight_decay), "--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha),
+        "--lora_dropout", str(args.lora_dropout), "--gradient_checkpointing", "false",
+        "--max_length", str(args.max_length), "--logging_steps", "1", "--report_to", "none",
+        "--save_strategy", "steps", "--save_steps", str(eval_steps), "--save_only_model", "true",
         "--max_eval_samples", str(args.max_eval), "--max_new_tokens", str(args.max_new_tokens),
         "--train_languages", ",".join(data["train_languages"]), "--eval_languages", ",".join(data["eval_languages"]),
     ]  # fmt: skip
-    if arm == "aligned":
+    if args.device == "cpu":
+        command += ["--use_cpu", "true"]
+    if args.best_checkpoint == "dev_loss":
+        command += [
+            "--dataset_dev_split", "dev", "--eval_strategy", "steps", "--eval_steps", str(eval_steps),
+            "--load_best_model_at_end", "true", "--metric_for_best_model", "eval_loss", "--greater_is_better", "false",
+        ]  # fmt: skip
+    if args.task == "classification":
+        command += ["--text_column", "text", "--label_column", "label", "--language_column", "language"]
+        command += ["--alignment_pivot_language", "en"]
+    if aligned:
         command += [
             "--alignment", "true", "--alignment_dataset_name", data["pairs"],
             "--alignment_languages", ",".join(data["alignment_languages"]), "--align_layer", str(args.align_layer),
-            "--max_alignment_pairs", str(args.max_alignment_pairs), "--align_max_length", "64",
+            "--max_alignment_pairs", str(data["max_alignment_pairs"]), "--align_max_length", "64",
             "--align_weight", str(args.align_weight), "--align_schedule", args.align_schedule,
+            "--align_batch_size", str(args.align_batch_size),
         ]  # fmt: skip
         if args.align_stop_gradient != "none":
             command += ["--align_stop_gradient", args.align_stop_gradient]
-        if args.align_batch_size:
-            command += ["--align_batch_size", str(args.align_batch_size)]
     else:
         command += ["--alignment", "false"]
     return command
 
 
+def dev_curve(log_history: list[dict], steps_per_task_step: int) -> list[list[float]]:
+    """`[[task step, eval_loss], ...]` of a run's dev evaluations (the aligned arm's steps divided back)."""
+    return [
+        [entry["step"] / steps_per_task_step, entry["eval_loss"]]
+        for entry in log_history
+        if "eval_loss" in entry and "step" in entry
+    ]
+
+
 def run_recipe(args, data: dict, arm: str, seed: int, adapter: str | None = None) -> dict:
     """Train (or, given `adapter`, only evaluate) one run through the recipe; its record for runs.jsonl."""
     run_dir = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
-    command = recipe_command(args, data, arm, seed, run_dir)
+    dataset = None if adapter else write_arm_data(args, data, seed, arm)
+    command = recipe_command(args, data, arm, seed, run_dir, dataset)
     if adapter is not None:
         command += ["--eval_only", "--adapter_path", adapter]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -403,15 +675,24 @@ def run_recipe(args, data: dict, arm: str, seed: int, adapter: str | None = None
     with open(os.path.join(trained, checkpoints[-1], "trainer_state.json")) as f:
         state = json.load(f)
     log = state["log_history"]
+    per_task_step = 2 if arm == "aligned" and args.align_schedule == "alternate" else 1
+    best = state.get("best_model_checkpoint")
+    languages = results["languages"]
     return {
         "kind": "task",
         "arm": arm,
         "seed": seed,
         "metric": metric,
-        "scores": {lang: scores[metric] for lang, scores in results["languages"].items()},
-        "reference_loss": {lang: scores.get("reference_loss") for lang, scores in results["languages"].items()},
-        "num_examples": {lang: scores["num_examples"] for lang, scores in results["languages"].items()},
+        "scores": {lang: scores[metric] for lang, scores in languages.items()},
+        "reference_loss": {lang: scores.get("reference_loss") for lang, scores in languages.items()},
+        # The best constant answer's score (classification: the majority label), where the task reports one
+        "trivial": {lang: scores.get("majority_baseline") for lang, scores in languages.items()},
+        "num_examples": {lang: scores["num_examples"] for lang, scores in languages.items()},
         "global_step": state["global_step"],
+        "steps_per_task_step": per_task_step,
+        "dev_losses": dev_curve(log, per_task_step),
+        "best_step": int(best.rstrip("/").rsplit("-", 1)[1]) if best else state["global_step"],
+        "best_dev_loss": state.get("best_metric"),
         # The task loss of each logged step (the aligned arm's alignment-only steps log `align_loss` alone)
         "losses": [
             entry.get("task_loss", entry["loss"])
@@ -444,8 +725,10 @@ def adapters_of(source_dir: str) -> dict[tuple[str, int], str]:
 
 # Settings the baseline arm depends on; `--baseline_from` refuses an earlier run that differs in any of them.
 BASELINE_SETTINGS = (
-    "task", "model_name", "train_languages", "max_steps", "batch_size", "learning_rate", "max_chars", "max_length",
-    "max_eval", "max_new_tokens", "probe_pairs", "directions", "data_seed",
+    "task", "model_name", "train_languages", "train_rows", "epochs", "batch_size", "gradient_accumulation_steps",
+    "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "lora_r", "lora_alpha", "lora_dropout",
+    "best_checkpoint", "eval_steps", "dev_rows", "dev_fraction", "max_chars", "max_length", "max_eval",
+    "max_new_tokens", "probe_pairs", "directions", "data_seed", "device", "bf16",
 )  # fmt: skip
 
 
@@ -507,6 +790,147 @@ def help_language(code: str, languages: dict[str, str]) -> str:
     return inverse.get(parts[0], parts[0]) if parts else "en"
 
 
+def english_gate(
+    baselines: list[dict], task_languages: list[str], tolerance: float = 0.02, window: float = 0.2
+) -> dict:
+    """
+    The English gate: may the report claim anything about transfer? Only when the baseline learned the task.
+
+    Per baseline seed, the dev loss has plateaued when the last evaluation's loss is at most `tolerance` (a share)
+    below the loss of the last evaluation before the final `window` of training (the last fifth by default):
+    `(L_before - L_last) / L_before <= tolerance`; a run with no evaluation before that window (or none at all) is
+    not plateaued. And where the task reports the best constant answer's score (`trivial`, classification's majority
+    label), the baseline's mean score in the task languages over the seeds must be above it. The gate passes when
+    every seed has plateaued and the score is above the trivial one.
+
+    Returns:
+        `dict`: `passed`, `reasons` (why not, one sentence each), `per_seed` (`seed`, `before`, `last`, `fall`,
+        `plateaued`), `score` and `trivial` (means over seeds and task languages), `score_std` (over seeds).
+    """
+    per_seed, reasons = [], []
+    for run in sorted(baselines, key=lambda r: r["seed"]):
+        curve = run.get("dev_losses") or []
+        total = run["global_step"]
+        before = [loss for step, loss in curve if step <= (1 - window) * total + 1e-9]
+        last = curve[-1][1] if curve else None
+        fall = (before[-1] - last) / before[-1] if before and last is not None and before[-1] > 0 else None
+        plateaued = fall is not None and fall <= tolerance
+        per_seed.append({"seed": run["seed"], "before": before[-1] if before else None, "last": last, "fall": fall,
+                         "plateaued": plateaued})  # fmt: skip
+        if fall is None:
+            reasons.append(
+                f"baseline seed {run['seed']}: no dev evaluation before the last {window:.0%} of training, so the "
+                "plateau cannot be checked"
+            )
+        elif not plateaued:
+            reasons.append(
+                f"baseline seed {run['seed']}: dev loss still fell by {fall:.1%} over the last {window:.0%} of "
+                f"training ({per_seed[-1]['before']:.4f} -> {last:.4f}; at most {tolerance:.0%} allowed)"
+            )
+    if not baselines:
+        reasons.append("no baseline run")
+
+    def mean_over(key: str) -> list[float]:
+        values = []
+        for run in baselines:
+            found = [run[key].get(lang) for lang in task_languages if run.get(key, {}).get(lang) is not None]
+            if found:
+                values.append(statistics.fmean(found))
+        return values
+
+    scores, trivial = mean_over("scores"), mean_over("trivial")
+    score = statistics.fmean(scores) if scores else None
+    trivial_score = statistics.fmean(trivial) if trivial else None
+    if score is None:
+        reasons.append(f"no baseline score in the task languages {task_languages}")
+    elif trivial_score is not None and not score > trivial_score:
+        reasons.append(
+            f"the baseline's score in {', '.join(task_languages)} ({score:.3f}) is not above the best constant "
+            f"answer's ({trivial_score:.3f})"
+        )
+    return {
+        "passed": not reasons,
+        "reasons": reasons,
+        "per_seed": per_seed,
+        "score": score,
+        "score_std": statistics.stdev(scores) if len(scores) > 1 else None,
+        "trivial": trivial_score,
+        "tolerance": tolerance,
+        "window": window,
+    }
+
+
+def paired_comparison(tasks: list[dict], key: str, languages: list[str], groups: dict[str, list[str]]) -> dict:
+    """
+    Paired differences (aligned minus baseline, by seed) of the runs' `key` (`scores` or `reference_loss`).
+
+    Per language: the per-seed values of both arms, the seeds where both exist, and `paired_interval` of their
+    differences. Per group: the per-seed means over the group's languages, only for seeds where every language of
+    the group has both arms (the others are listed in `incomplete_seeds`, never averaged in), and their interval.
+    """
+    from transfer_outputs import paired_interval
+
+    by_arm = {arm: {r["seed"]: r.get(key) or {} for r in tasks if r["arm"] == arm} for arm in ("baseline", "aligned")}
+    seeds = sorted(set(by_arm["baseline"]) | set(by_arm["aligned"]))
+    per_language = {}
+    for lang in languages:
+        base = {s: by_arm["baseline"].get(s, {}).get(lang) for s in seeds}
+        aligned = {s: by_arm["aligned"].get(s, {}).get(lang) for s in seeds}
+        both = [s for s in seeds if base[s] is not None and aligned[s] is not None]
+        per_language[lang] = {
+            "baseline": [base[s] for s in seeds],
+            "aligned": [aligned[s] for s in seeds],
+            "paired_seeds": both,
+            "differences": [aligned[s] - base[s] for s in both],
+            "interval": paired_interval([aligned[s] - base[s] for s in both]),
+        }
+    per_group = {}
+    for group, members in groups.items():
+        complete = [s for s in seeds if members and all(s in per_language[m]["paired_seeds"] for m in members)]
+        means = {
+            arm: [statistics.fmean(by_arm[arm][s][m] for m in members) for s in complete]
+            for arm in ("baseline", "aligned")
+        }
+        differences = [a - b for a, b in zip(means["aligned"], means["baseline"])]
+        per_group[group] = {
+            "languages": members,
+            "seeds": complete,
+            "incomplete_seeds": [s for s in seeds if s not in complete],
+            "baseline": means["baseline"],
+            "aligned": means["aligned"],
+            "differences": differences,
+            "interval": paired_interval(differences),
+        }
+    return {"seeds": seeds, "languages": per_language, "groups": per_group}
+
+
+def report_flags(settings: dict, tasks: list[dict], languages: list[str], gate: dict) -> dict:
+    """What the report must say next to its numbers: the gate, missing seeds or arms, too few seeds or rows."""
+    asked = list(range(settings["seeds"]))
+    present = {arm: {r["seed"] for r in tasks if r["arm"] == arm} for arm in ("baseline", "aligned")}
+    missing = [f"seed {s}: no {arm} run" for s in asked for arm in ("baseline", "aligned") if s not in present[arm]]
+    paired = sorted(present["baseline"] & present["aligned"])
+    short = {}
+    wanted = min(settings.get("min_eval_rows", settings["max_eval"]), settings["max_eval"])
+    for lang in languages:
+        counts = [r["num_examples"].get(lang) for r in tasks]
+        if any(c is None for c in counts):
+            short[lang] = "missing in " + ", ".join(
+                f"{r['arm']} seed {r['seed']}" for r, c in zip(tasks, counts) if c is None
+            )
+        elif counts and min(counts) < settings.get("min_eval_rows", 0):
+            short[lang] = f"{min(counts)} test rows (fewer than the {settings['min_eval_rows']} asked)"
+        elif counts and min(counts) < wanted:
+            short[lang] = f"{min(counts)} test rows (fewer than --max_eval {settings['max_eval']})"
+    return {
+        "gate": gate["reasons"],
+        "missing_runs": missing,
+        "too_few_seeds": len(paired) < MIN_SEEDS,
+        "paired_seeds": paired,
+        "short_languages": short,
+    }
+
+
 def build_report(output_dir: str) -> dict:
     with open(os.path.join(output_dir, "data", "data.json")) as f:
         data = json.load(f)
@@ -517,26 +941,35 @@ def build_report(output_dir: str) -> dict:
     probes = [r for r in runs if r["kind"] == "probe"]
     seeds = sorted({r["seed"] for r in tasks})
     eval_languages = data["eval_languages"]
-
-    def per_seed(key: str) -> dict[str, dict[str, list]]:
-        """{arm: {language: [the runs' `key` value per seed]}} (None where a run or value is missing)."""
-        arms = {}
-        for arm in ("baseline", "aligned"):
-            by_seed = {r["seed"]: r.get(key) or {} for r in tasks if r["arm"] == arm}
-            arms[arm] = {lang: [by_seed.get(s, {}).get(lang) for s in seeds] for lang in eval_languages}
-        return arms
-
-    def paired(arms: dict) -> dict[str, list[float]]:
-        return {
-            lang: [
-                a - b for a, b in zip(arms["aligned"][lang], arms["baseline"][lang]) if a is not None and b is not None
-            ]
-            for lang in eval_languages
-        }
-
-    arms, losses = per_seed("scores"), per_seed("reference_loss")
     languages = data["languages"]
     layer = int(settings["align_layer"])
+    alignment_help = settings["alignment_languages"]
+    train_help = settings["train_languages"]
+    task_languages = [x for x in eval_languages if x in data["train_languages"] or help_language(x, languages) == "en"]
+    if settings["task"] == "translation":
+        task_languages = [x for x in eval_languages if x in data["train_languages"]]
+    groups = {
+        # pre-registered primary: the languages in neither the task nor the alignment data
+        "unseen (primary)": [
+            x for x in eval_languages if help_language(x, languages) not in [*alignment_help, *train_help, "en"]
+            and x not in task_languages
+        ],
+        "alignment languages": [
+            x for x in eval_languages if help_language(x, languages) in alignment_help and x not in task_languages
+        ],
+        "task languages": task_languages,
+        "low-resource (hi, km)": [x for x in eval_languages if help_language(x, languages) in LOW_RESOURCE],
+    }  # fmt: skip
+    gate = english_gate(
+        [r for r in tasks if r["arm"] == "baseline"],
+        task_languages,
+        settings.get("plateau_tolerance", 0.02),
+        settings.get("plateau_window", 0.2),
+    )
+    scores = paired_comparison(tasks, "scores", eval_languages, groups)
+    losses = paired_comparison(tasks, "reference_loss", eval_languages, groups)
+    flags = report_flags(settings, tasks, eval_languages, gate)
+
     base = next((p for p in probes if p["arm"] == "base"), None)
     retrieval = {}
     if base is not None:
@@ -548,29 +981,17 @@ def build_report(output_dir: str) -> dict:
                     lang: [statistics.fmean(c[lang][i] for c in curves) for i in range(len(base["layers"]))]
                     for lang in curves[0]
                 }
-    gains = paired(arms)
     correlation = None
     if base is not None:
         index = base["layers"].index(layer) if layer in base["layers"] else None
-        by_help: dict[str, list[float]] = {}
-        for lang in eval_languages:
-            if gains[lang]:
-                by_help.setdefault(help_language(lang, languages), []).append(statistics.fmean(gains[lang]))
         xs, ys = [], []
-        for help_code, values in by_help.items():
-            if index is not None and help_code in base["retrieval"]:
+        for lang in eval_languages:
+            difference = scores["languages"][lang]["interval"]["mean"]
+            help_code = help_language(lang, languages)
+            if index is not None and help_code in base["retrieval"] and math.isfinite(difference):
                 xs.append(base["retrieval"][help_code][index])
-                ys.append(statistics.fmean(values))
+                ys.append(difference)
         correlation = {"pearson_r": _pearson(xs, ys), "num_languages": len(xs), "layer": layer}
-    alignment_help = settings["alignment_languages"]
-    train_help = settings["train_languages"]
-    groups = {
-        "alignment languages": [x for x in eval_languages if help_language(x, languages) in alignment_help],
-        "unseen": [
-            x for x in eval_languages if help_language(x, languages) not in [*alignment_help, *train_help, "en"]
-        ],
-        "low-resource (hi, km)": [x for x in eval_languages if help_language(x, languages) in LOW_RESOURCE],
-    }
     transfer = {
         "task": settings["task"],
         "model": settings["model_name"],
@@ -579,17 +1000,21 @@ def build_report(output_dir: str) -> dict:
         "alignment_languages": data["alignment_languages"],
         "eval_languages": eval_languages,
         "seeds": seeds,
-        "baseline": arms["baseline"],
-        "aligned": arms["aligned"],
-        "paired_difference": gains,
+        "gate": gate,
+        "flags": flags,
+        "primary": scores["groups"]["unseen (primary)"],
+        "scores": scores,
         # The teacher-forced loss per reference token (lower is better), same layout
-        "reference_loss": {**losses, "paired_difference": paired(losses)},
+        "reference_loss": losses,
         "groups": groups,
         "retrieval_accuracy": {"layers": base["layers"] if base else None, "align_layer": layer, **retrieval},
         "base_retrieval_vs_gain": correlation,
-        "steps": {r["arm"]: r["global_step"] for r in tasks},
+        "steps": {f"{r['arm']} seed {r['seed']}": r["global_step"] for r in tasks},
+        "best_steps": {f"{r['arm']} seed {r['seed']}": r.get("best_step") for r in tasks},
+        "plan": data.get("plan"),
         "settings": settings,
         "data_counts": data["counts"],
+        "data_rows": data.get("rows"),
         "failed_languages": data.get("failed_languages", {}),
     }
     with open(os.path.join(output_dir, JSON_FILE), "w") as f:
@@ -603,48 +1028,94 @@ def _fmt(mean: float, std: float) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
 
 
-def _score_tables(values: dict, languages: list[str], groups: dict[str, list[str]]) -> list[str]:
-    """Markdown lines: per language mean ± std of `values["baseline"]`, `["aligned"]`, `["paired_difference"]`, then
-    the unweighted means over each group of languages."""
-    lines = ["| language | baseline | aligned | aligned - baseline |", "|---|---|---|---|"]
+def _interval(interval: dict) -> str:
+    if interval["n"] == 0:
+        return "n/a"
+    if interval["n"] < 2:
+        return f"{interval['mean']:+.3f} (1 seed, no interval)"
+    return f"{interval['mean']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}] (n={interval['n']})"
+
+
+def headline(transfer: dict) -> str:
+    """The report's first sentence: no claim when the gate fails, else the primary metric with its flags."""
+    gate, flags, primary = transfer["gate"], transfer["flags"], transfer["primary"]
+    if not gate["passed"]:
+        return "**No claim: the task was not learned.** " + "; ".join(gate["reasons"]) + "."
+    notes = []
+    if flags["too_few_seeds"]:
+        notes.append(f"only {len(flags['paired_seeds'])} paired seeds (pre-registered: at least {MIN_SEEDS})")
+    if flags["missing_runs"]:
+        notes.append("missing: " + ", ".join(flags["missing_runs"]))
+    if primary["incomplete_seeds"]:
+        notes.append(f"seeds {primary['incomplete_seeds']} left out of the mean (a language or arm missing)")
+    short = [lang for lang in primary["languages"] if lang in flags["short_languages"]]
+    if short:
+        notes.append("short languages: " + ", ".join(f"{x} ({flags['short_languages'][x]})" for x in short))
+    text = (
+        f"Primary metric (mean over the {len(primary['languages'])} unseen languages, aligned minus baseline, "
+        f"paired by seed, 95% t interval): **{_interval(primary['interval'])}**"
+    )
+    return text + (" — " + "; ".join(notes) + "." if notes else ".")
+
+
+def _comparison_tables(comparison: dict, languages: list[str], flags: dict) -> list[str]:
+    lines = ["| language | baseline | aligned | aligned - baseline [95% CI] | rows |", "|---|---|---|---|---|"]
     for lang in languages:
-        cells = [_fmt(*_mean_std(values[key][lang])) for key in ("baseline", "aligned", "paired_difference")]
-        lines.append(f"| {lang} | {' | '.join(cells)} |")
-    lines += ["", "| group | languages | baseline | aligned | aligned - baseline |", "|---|---|---|---|---|"]
-    for group, members in groups.items():
-        row = []
-        for key in ("baseline", "aligned", "paired_difference"):
-            per_language = [
-                statistics.fmean(v) for lang in members if (v := [x for x in values[key][lang] if x is not None])
-            ]
-            row.append(f"{statistics.fmean(per_language):.3f}" if per_language else "n/a")
-        lines.append(f"| {group} | {', '.join(members) or '-'} | {' | '.join(row)} |")
+        entry = comparison["languages"][lang]
+        note = flags["short_languages"].get(lang, "")
+        lines.append(
+            f"| {lang} | {_fmt(*_mean_std(entry['baseline']))} | {_fmt(*_mean_std(entry['aligned']))} | "
+            f"{_interval(entry['interval'])} | {note or 'ok'} |"
+        )
+    lines += ["", "| group | languages | baseline | aligned | aligned - baseline [95% CI] | seeds left out |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for group, entry in comparison["groups"].items():
+        lines.append(
+            f"| {group} | {', '.join(entry['languages']) or '-'} | {_fmt(*_mean_std(entry['baseline']))} | "
+            f"{_fmt(*_mean_std(entry['aligned']))} | {_interval(entry['interval'])} | "
+            f"{entry['incomplete_seeds'] or '-'} |"
+        )
     return lines
 
 
 def write_markdown(output_dir: str, transfer: dict, tasks: list[dict]) -> None:
-    metric = transfer["metric"]
+    gate, flags = transfer["gate"], transfer["flags"]
     lines = [
         f"# Task transfer: {transfer['task']} ({transfer['model']})",
         "",
-        f"Metric: `{metric}`, seeds {transfer['seeds']}; task data {transfer['train_languages']}, alignment pairs "
-        f"{transfer['alignment_languages']}. Optimizer steps: "
-        + ", ".join(f"{arm} {steps}" for arm, steps in transfer["steps"].items())
-        + " (the alternate schedule spends every second micro-batch on alignment).",
+        headline(transfer),
         "",
-        *_score_tables(transfer, transfer["eval_languages"], transfer["groups"]),
+        f"Metric: `{transfer['metric']}`, seeds {transfer['seeds']}; task data {transfer['train_languages']}, "
+        f"alignment pairs {transfer['alignment_languages']}. Plan: {transfer['plan']}.",
+        "",
+        f"English gate ({'passed' if gate['passed'] else 'NOT passed'}): dev loss may fall by at most "
+        f"{gate['tolerance']:.0%} over the last {gate['window']:.0%} of training in every baseline seed, and the "
+        "baseline's score in the task languages must be above the best constant answer's.",
+        "",
+        "| baseline seed | dev loss before the window | last dev loss | fall | plateaued |",
+        "|---|---|---|---|---|",
     ]
-    if any(
-        v is not None for arm in ("baseline", "aligned") for vs in transfer["reference_loss"][arm].values() for v in vs
-    ):
-        lines += [
-            "",
-            "Teacher-forced loss per reference token (nats, lower is better) on the same evaluation rows:",
-            "",
-            *_score_tables(transfer["reference_loss"], transfer["eval_languages"], transfer["groups"]),
-        ]
+    for entry in gate["per_seed"]:
+        fall = "n/a" if entry["fall"] is None else f"{entry['fall']:.1%}"
+        before = "n/a" if entry["before"] is None else f"{entry['before']:.4f}"
+        last = "n/a" if entry["last"] is None else f"{entry['last']:.4f}"
+        lines.append(f"| {entry['seed']} | {before} | {last} | {fall} | {entry['plateaued']} |")
+    score = "n/a" if gate["score"] is None else f"{gate['score']:.3f}"
+    spread = "n/a" if gate["score_std"] is None else f"{gate['score_std']:.3f}"
+    trivial = "not reported by this task" if gate["trivial"] is None else f"{gate['trivial']:.3f}"
+    lines += ["", f"Baseline score in the task languages: {score} (std over seeds {spread}); best constant answer: "
+              f"{trivial}."]  # fmt: skip
+    if flags["missing_runs"] or flags["too_few_seeds"]:
+        lines += ["", f"Seeds: paired {flags['paired_seeds']}; missing: {flags['missing_runs'] or 'none'}"
+                  + (f"; fewer than the {MIN_SEEDS} pre-registered seeds" if flags["too_few_seeds"] else "") + "."]  # fmt: skip
+    lines += ["", f"`{transfer['metric']}` per language and group:", ""]
+    lines += _comparison_tables(transfer["scores"], transfer["eval_languages"], flags)
+    losses = transfer["reference_loss"]
+    if any(v is not None for entry in losses["languages"].values() for v in entry["baseline"]):
+        lines += ["", "Teacher-forced loss per reference token (nats, lower is better) on the same rows:", ""]
+        lines += _comparison_tables(losses, transfer["eval_languages"], flags)
     retrieval = transfer["retrieval_accuracy"]
-    if retrieval.get("base"):
+    if retrieval.get("base") and retrieval["align_layer"] in retrieval["layers"]:
         index = retrieval["layers"].index(retrieval["align_layer"])
         lines += [
             "",
@@ -668,8 +1139,9 @@ def write_markdown(output_dir: str, transfer: dict, tasks: list[dict]) -> None:
     lines += ["", "Runs:", ""]
     for run in tasks:
         losses = run["losses"]
+        best = f", best dev checkpoint at step {run.get('best_step')}" if run.get("dev_losses") else ""
         lines.append(
-            f"- {run['arm']} seed {run['seed']}: {run['global_step']} steps, task loss {losses[0]:.3f} -> "
+            f"- {run['arm']} seed {run['seed']}: {run['global_step']} steps{best}, task loss {losses[0]:.3f} -> "
             f"{losses[-1]:.3f}, {run['wall_s']:.0f} s"
             if losses
             else f"- {run['arm']} seed {run['seed']}: no loss logged"
@@ -679,34 +1151,45 @@ def write_markdown(output_dir: str, transfer: dict, tasks: list[dict]) -> None:
 
 
 def write_plot(output_dir: str, transfer: dict) -> None:
-    try:
-        import matplotlib
+    """The paired differences per language and group with their 95% intervals (`transfer_outputs.plot_intervals`)."""
+    from transfer_outputs import plot_intervals
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[transfer] no plot: matplotlib is not installed", flush=True)
-        return
-    languages = transfer["eval_languages"]
-    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(languages)), 4))
-    width = 0.4
-    for offset, arm in ((-width / 2, "baseline"), (width / 2, "aligned")):
-        stats = [_mean_std(transfer[arm][lang]) for lang in languages]
-        axis.bar(
-            [i + offset for i in range(len(languages))],
-            [0 if math.isnan(m) else m for m, _ in stats],
-            width,
-            yerr=[0 if math.isnan(s) else s for _, s in stats],
-            label=arm,
-        )
-    axis.set_xticks(range(len(languages)))
-    axis.set_xticklabels(languages, rotation=45, ha="right")
-    axis.set_ylabel(transfer["metric"] or "score")
-    axis.set_title(f"{transfer['task']}: per language, mean ± std over seeds {transfer['seeds']}")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, PLOT_FILE), dpi=120)
-    plt.close(figure)
+    scores = transfer["scores"]
+    group_of = {}
+    for group in ("task languages", "alignment languages", "unseen (primary)"):
+        for lang in transfer["groups"][group]:
+            group_of.setdefault(lang, group)
+    rows = [(lang, scores["languages"][lang]["interval"], group_of.get(lang, "other"))
+            for lang in transfer["eval_languages"]]  # fmt: skip
+    rows += [(f"mean: {group}", entry["interval"], "group means") for group, entry in scores["groups"].items()]
+    title = f"{transfer['task']}: aligned - baseline, paired by seed, 95% t intervals (seeds {transfer['seeds']})"
+    if not transfer["gate"]["passed"]:
+        title += "\nno claim: the task was not learned (English gate)"
+    plot_intervals(rows, os.path.join(output_dir, PLOT_FILE), title, f"{transfer['metric']} difference")
+
+
+def tiny_model(output_dir: str) -> str:
+    """`--quick`'s model: a random 4-layer Gemma 3 with Gemma 3 270M's tokenizer, saved once under `output_dir`."""
+    path = os.path.join(output_dir, "tiny-gemma3")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from trl_midalign.demo import gemma3_270m
+
+    source = gemma3_270m()
+    config = AutoConfig.from_pretrained(source)
+    layers = 4
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32})  # fmt: skip
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -718,7 +1201,9 @@ def main(argv=None) -> dict:
         print(f"[transfer] report rebuilt in {args.output_dir}", flush=True)
         return transfer
     start = time.perf_counter()
-    if args.model is None:
+    if args.model is None and args.quick:
+        args.model = tiny_model(args.output_dir)
+    elif args.model is None:
         from trl_midalign.demo import gemma3_270m
 
         args.model = gemma3_270m()
@@ -731,15 +1216,18 @@ def main(argv=None) -> dict:
         "task": args.task,
         "model_name": model_name,
         "train_languages": args.train_languages,
+        # the fingerprint of the experiment: a resumed call with any other value is refused (`check_resume`)
         **{k: getattr(args, k) for k in (
-            "quick", "seeds", "max_steps", "aligned_steps_factor", "batch_size", "learning_rate", "align_layer",
-            "align_weight", "align_schedule", "align_stop_gradient", "align_batch_size", "max_chars", "max_length",
-            "max_eval", "max_new_tokens", "max_alignment_pairs", "probe_pairs", "directions", "data_seed",
+            *[key for key in TRAINING_SETTINGS if key not in ("train_languages", "alignment_languages")],
+            "max_eval", "min_eval_rows", "max_new_tokens", "plateau_tolerance", "plateau_window", "eval_languages",
             "baseline_from", "evaluate_from",
         )},
     }  # fmt: skip
     check_resume(args.output_dir, settings)  # before build_data rewrites the data files of the recorded runs
     data = build_data(args)
+    if args.data_only:
+        print(f"[transfer] data built in {args.output_dir}/data; plan {data['plan']}", flush=True)
+        return data
     settings["alignment_languages"] = [lang for lang in args.alignment_languages if lang in data["languages"]]
     check_resume(args.output_dir, settings)  # the alignment languages are known (installed) only now
     with open(os.path.join(args.output_dir, "settings.json"), "w") as f:
@@ -750,7 +1238,7 @@ def main(argv=None) -> dict:
     done = recorded_runs(args.output_dir)
     layer = int(args.align_layer)
     if ("probe", "base", None) not in done:
-        result = probe(args.model, None, data["probe_pairs"], args.probe_pairs, layer)
+        result = probe(args.model, None, data["probe_pairs"], args.probe_pairs, layer, args.device)
         append_run(args.output_dir, {"kind": "probe", "arm": "base", "seed": None, **result})
     lock = threading.Lock()
 
@@ -763,7 +1251,7 @@ def main(argv=None) -> dict:
             print(f"[transfer] {arm} seed {seed}: {record['scores']} ({record['wall_s']:.0f} s)", flush=True)
         if ("probe", arm, seed) not in done:
             adapter = adapter or os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
-            result = probe(args.model, adapter, data["probe_pairs"], args.probe_pairs, layer)
+            result = probe(args.model, adapter, data["probe_pairs"], args.probe_pairs, layer, args.device)
             with lock:
                 append_run(args.output_dir, {"kind": "probe", "arm": arm, "seed": seed, **result})
 

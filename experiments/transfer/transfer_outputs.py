@@ -22,6 +22,9 @@ directions, `train_languages` of the run's settings.json, are left out):
     python experiments/transfer/transfer_outputs.py outputs/transfer_slot [more output dirs]
 
 Prints one markdown table row per directory and arm: mean ± std over seeds.
+
+It also holds the statistics of the transfer report (`paired_interval`: the mean of paired per-seed differences with
+its 95% t confidence interval) and its plot (`plot_intervals`), which `transfer.py` uses.
 """
 
 import argparse
@@ -37,6 +40,76 @@ from trl_midalign.tasks.slot_filling import PROMPT, parse_slots
 
 
 ENGLISH = "en-US"
+
+
+def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """
+    Mean, standard deviation and two-sided `confidence` t interval of paired differences (one per seed: aligned minus
+    baseline), with `n` and the two-sided p-value of "mean 0". Fewer than 2 values: the interval and p are NaN.
+
+    Example:
+
+    ```python
+    >>> interval = paired_interval([0.02, 0.01, 0.03])
+    >>> round(interval["mean"], 3), round(interval["low"], 4), round(interval["high"], 4)
+    (0.02, -0.0048, 0.0448)
+    ```
+    """
+    from scipy import stats
+
+    values = [float(v) for v in differences]
+    if any(not math.isfinite(v) for v in values):
+        raise ValueError(f"paired_interval got a value that is not a finite number: {values}.")
+    n = len(values)
+    nan = float("nan")
+    if n == 0:
+        return {"n": 0, "mean": nan, "std": nan, "low": nan, "high": nan, "p": nan}
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"n": 1, "mean": mean, "std": nan, "low": nan, "high": nan, "p": nan}
+    std = statistics.stdev(values)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    p = float(stats.ttest_1samp(values, 0.0).pvalue) if std > 0 else (1.0 if mean == 0 else 0.0)
+    return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half, "p": p}
+
+
+def plot_intervals(rows: Sequence[tuple[str, dict, str]], path: str, title: str, ylabel: str) -> bool:
+    """
+    Plot paired differences with their confidence intervals: one point and bar per `(label, paired_interval, group)`
+    row, coloured by group, and a line at 0. Returns False (and writes nothing) without matplotlib.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[transfer] no plot: matplotlib is not installed", flush=True)
+        return False
+    colours = {}
+    figure, axis = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4))
+    for i, (_, interval, group) in enumerate(rows):
+        colour = colours.setdefault(group, f"C{len(colours)}")
+        mean = interval["mean"]
+        if not math.isfinite(mean):
+            continue
+        low, high = interval["low"], interval["high"]
+        error = [[mean - low], [high - mean]] if math.isfinite(low) else None
+        axis.errorbar(i, mean, yerr=error, fmt="o", color=colour, capsize=3, label=group)
+    handles, labels = axis.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axis.legend(unique.values(), unique.keys(), fontsize=8)
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.set_xticks(range(len(rows)))
+    axis.set_xticklabels([label for label, _, _ in rows], rotation=45, ha="right")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 _PREFIX = PROMPT.split("{utterance}")[0]
 
 
