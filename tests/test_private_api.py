@@ -17,6 +17,11 @@ from trl import SFTTrainer
 # (module, attribute, what trl-midalign does with it)
 MODULE_ATTRIBUTES = [
     ("trl.models.utils", "_ForwardRedirection", "runs the alignment forward inside one forward of the outer wrapper"),
+    (
+        "trl.kernels.chunked_logprob",
+        "_use_triton",
+        "keeps TRL's fused head where it already projects only label positions",
+    ),
 ]
 # (class, method, what trl-midalign does with it): overridden or called
 METHODS = [
@@ -34,6 +39,9 @@ INSTANCE_ATTRIBUTES = [
     ("loss_is_scaled_for_ga", "Trainer's flag: whether the returned loss is already divided over the window"),
     ("model_accepts_loss_kwargs", "Trainer's flag: the same decision as Trainer.training_step"),
     ("_signature_columns", "Trainer's kept columns, set by _set_signature_columns_if_needed"),
+    ("_total_train_tokens", "SFTTrainer's token count: the label-positions task loss adds to it (num_tokens)"),
+    ("_tp_size", "SFTTrainer's tensor-parallel size: num_tokens is divided by it, as TRL does"),
+    ("aux_loss_enabled", "SFTTrainer's router auxiliary loss flag: the label-positions task loss falls back to TRL's"),
 ]
 
 

@@ -43,7 +43,8 @@ class AlignmentConfig(SFTConfig):
     r"""
     Configuration class for the [`AlignmentTrainer`]: [`~trl.SFTConfig`] plus the settings of the middle-layer
     alignment objective of Liu & Niehues (2025), https://huggingface.co/papers/2502.14830. Every new field starts with
-    `align_`; every field of [`~trl.SFTConfig`] keeps its meaning.
+    `align_` but `lm_head_on_labels_only` (how the task loss is computed); every field of [`~trl.SFTConfig`] keeps
+    its meaning.
 
     Parameters:
         > Parameters that control where and how representations are aligned
@@ -113,6 +114,17 @@ class AlignmentConfig(SFTConfig):
             per_device_train_batch_size` pairs (must divide), drawn in turn from `alignment_dataset` or from the
             pairs of the training rows. An epoch then uses that many times more pair slots (cycled when the pairs run
             out). Combine with `align_mini_batch_size` when the larger batch does not fit. `None`: one pair per row.
+
+        > Parameters that control how the task loss is computed (not what it is)
+
+        lm_head_on_labels_only (`bool`, *optional*, defaults to `True`):
+            Compute the task loss with the LM head applied only to the positions that predict a label (through
+            transformers' `logits_to_keep`), instead of TRL's fused head, which on devices without Triton (the CPU)
+            projects every position. The loss, its gradients and the logged `entropy`, `mean_token_accuracy` and
+            `num_tokens` are TRL's. TRL's path is kept, with one info line saying why, where this cannot be exact:
+            a `compute_loss_func`, label smoothing, a `loss_type` other than `"nll"`, Liger kernels, a router
+            auxiliary loss, sequence parallelism, prompt-learning adapters, a model whose forward takes no
+            `logits_to_keep`, and CUDA/XPU with Triton (where TRL's head already projects only the label positions).
     """
 
     align_layer: str = field(
@@ -191,6 +203,15 @@ class AlignmentConfig(SFTConfig):
             "help": "Pairs per device in an alignment micro-batch when it differs from per_device_train_batch_size: "
             "each row carries align_batch_size / per_device_train_batch_size pairs (must divide). None: one pair "
             "per row."
+        },
+    )
+
+    lm_head_on_labels_only: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the task loss with the LM head only on the positions that predict a label (exactly "
+            "TRL's loss and metrics); TRL's fused head is kept where that cannot be exact (compute_loss_func, label "
+            "smoothing, loss_type other than nll, Liger, a model without logits_to_keep, CUDA/XPU with Triton)."
         },
     )
 

@@ -51,6 +51,7 @@ from .model_card import alignment_section, update_card
 from .modeling import check_decoder_only_lm, load_model_for_training, prepare_gguf_model
 from .probing import LayerProbeCallback, ProbeResult, probe_layers
 from .schedules import is_alignment_step, is_task_step
+from .task_loss import labels_only_head_unsupported, labels_only_task_loss
 
 
 logger = get_logger(__name__)
@@ -354,6 +355,10 @@ class AlignmentTrainer(SFTTrainer):
 
         if self.padding_free:
             _check_padding_free_attention(self.model)
+        # How the task loss is computed: the LM head on the label positions only, or TRL's fused head (and why)
+        self._labels_only_head_reason = labels_only_head_unsupported(self, self.model)
+        if self._labels_only_head_reason is not None and args.lm_head_on_labels_only:
+            logger.info(f"The task loss uses TRL's fused LM head: {self._labels_only_head_reason}.")
         # Callbacks get no trainer from transformers; a layer probe needs this one to log through
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, LayerProbeCallback) and callback.trainer is None:
@@ -577,8 +582,22 @@ class AlignmentTrainer(SFTTrainer):
         )
 
     def _task_and_alignment_loss(self, model, inputs, pair, num_items_in_batch):
-        task_loss = SFTTrainer.compute_loss(self, model, inputs, num_items_in_batch=num_items_in_batch)
+        task_loss, _ = self._task_loss(model, inputs, False, num_items_in_batch)
         return task_loss, self._alignment_loss(model, pair)
+
+    def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """
+        The task loss and (with `return_outputs`) the model outputs: with the LM head on the label positions only
+        (`task_loss.py`) where that is exact, else `SFTTrainer.compute_loss`'s.
+        """
+        if self._labels_only_head_reason is None and not return_outputs and "shift_labels" not in inputs:
+            loss = labels_only_task_loss(self, model, inputs, num_items_in_batch)
+            if loss is not None:
+                return loss, None
+            self._labels_only_head_reason = "the model's forward returned logits for other positions than asked"
+            logger.info(f"The task loss uses TRL's fused LM head from here on: {self._labels_only_head_reason}.")
+        result = SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return result if return_outputs else (result, None)
 
     def _in_one_forward(self, model: nn.Module, method: Callable, *args):
         """
@@ -658,8 +677,7 @@ class AlignmentTrainer(SFTTrainer):
             )
             return task_loss, align_loss, None
         if is_task:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            task_loss, outputs = result if return_outputs else (result, None)
+            task_loss, outputs = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
         if is_align and cached:
             align_loss = self._cached_alignment_loss(model, pair)
         elif is_align:
