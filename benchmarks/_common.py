@@ -8,9 +8,12 @@ from collections.abc import Callable
 import torch
 
 
-def measure_step(step: Callable[[], None], repeats: int, device: str) -> tuple[float, float]:
+def measure_step(
+    step: Callable[[], None], repeats: int, device: str, clock: Callable[[], float] = time.perf_counter
+) -> tuple[float, float]:
     """
-    Run `step` once to warm up (its memory peak is the one reported), then `repeats` times timed.
+    Run `step` once to warm up (its memory peak is the one reported), then `repeats` times timed by `clock`: wall time
+    by default; `time.process_time` gives the CPU time of this process, which other jobs on the machine change less.
 
     Returns:
         `tuple[float, float]`: the median seconds per step and the memory peak of one step in MiB above what was
@@ -31,9 +34,9 @@ def measure_step(step: Callable[[], None], repeats: int, device: str) -> tuple[f
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         step()
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times), peak_mb

@@ -7,6 +7,7 @@ from the full logits. Loss tolerance 1e-6 relative, gradients 1e-5 relative / 1e
 sum the same terms in another order).
 """
 
+import copy
 import logging
 
 import pytest
@@ -223,3 +224,23 @@ def test_turned_off_says_nothing_and_uses_trl(tmp_path, tokenizer, caplog):
         trainer = alignment_trainer(tmp_path, build("llama", tokenizer), tokenizer, lm_head_on_labels_only=False)
     assert trainer._labels_only_head_reason == "lm_head_on_labels_only=False"
     assert not [r for r in caplog.records if "TRL's fused LM head" in r.getMessage()]
+
+
+def test_a_copy_of_a_model_trl_set_up_trains_the_copy(tmp_path, tokenizer, caplog):
+    """A deepcopy of `trainer.model` keeps, in TRL's fused head, the original's forward: the copy's trainer must not
+    call it (its optimizer would step the copy, which got no gradients, while the original's weights did the work)."""
+    first = alignment_trainer(tmp_path / "first", build("llama", tokenizer), tokenizer)
+    model = copy.deepcopy(first.model)
+    original = {n: p.detach().clone() for n, p in first.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with caplog.at_level(logging.INFO, logger="trl_midalign"):
+        trainer = alignment_trainer(tmp_path / "second", model, tokenizer)
+    assert "runs another model's forward" in trainer._labels_only_head_reason
+    assert [r for r in caplog.records if "copy.deepcopy" in r.getMessage()]
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(torch.equal(original[n], p) for n, p in first.model.named_parameters())
+    assert first.model.model.embed_tokens.weight.grad is None
+    assert trainer.state.log_history[0]["task_loss"] > 0
+    # A model set up once is not a copy
+    assert first._labels_only_head_reason is None

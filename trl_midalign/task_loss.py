@@ -20,6 +20,7 @@ It is one forward of the outermost module (the DDP wrapper, the DeepSpeed engine
 """
 
 import inspect
+import types
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,11 @@ def labels_only_head_unsupported(trainer, model: nn.Module) -> str | None:
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return "a prompt-learning PEFT adapter (its virtual tokens shift the label positions)"
     base = _unwrap(model)
+    if _forward_runs_another_module(base):
+        return (
+            f"{type(base).__name__}.forward runs another model's forward (a copy.deepcopy of a model that TRL already "
+            "set up keeps the original's forward in TRL's fused head; load a fresh copy to avoid this)"
+        )
     if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:
         return f"{type(base).__name__}.forward takes no logits_to_keep"
     from trl.kernels.chunked_logprob import _use_triton
@@ -69,6 +75,29 @@ def labels_only_head_unsupported(trainer, model: nn.Module) -> str | None:
     if _use_triton(args.device):
         return f"on {args.device.type} TRL's fused LM head already projects only the label positions, in tiles"
     return None
+
+
+def _forward_runs_another_module(model: nn.Module) -> bool:
+    # TRL's fused head replaces `model.forward` by a method that closes over the forward it replaced, bound to the
+    # model; in a deepcopy that closure still holds the original model's method. Follow the chain of closures.
+    stack, seen = [model.__dict__.get("forward")], set()
+    while stack:
+        function = stack.pop()
+        if function is None or id(function) in seen:
+            continue
+        seen.add(id(function))
+        if isinstance(function, types.MethodType):
+            if isinstance(function.__self__, nn.Module) and function.__self__ is not model:
+                return True
+            function = function.__func__
+        for cell in getattr(function, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(value, types.MethodType | types.FunctionType):
+                stack.append(value)
+    return False
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:

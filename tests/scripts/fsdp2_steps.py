@@ -13,7 +13,6 @@ caching, `align_mini_batch_size=1`: each pair re-run in its own FSDP2 forward in
 Usage: PYTHONPATH=<repo>/tests:<repo> fsdp2_steps.py OUTPUT_DIR SCHEDULE {plain,checkpointing,gather,gather_cached}
 """
 
-import copy
 import json
 import os
 import sys
@@ -47,10 +46,15 @@ def main(output_dir: str, schedule: str, variant: str) -> None:
         align_gather_negatives=variant in ("gather", "gather_cached"),
         align_mini_batch_size=1 if variant == "gather_cached" else None,
     )
-    trainer = AlignmentTrainer(
-        model=reference, args=args, train_dataset=Dataset.from_list(task_rows(n=16)), processing_class=tokenizer
-    )
-    sharded = copy.deepcopy(trainer.model)  # after SFTTrainer has set the model up (its fused LM head)
+    dataset = Dataset.from_list(task_rows(n=16))
+    trainer = AlignmentTrainer(model=reference, args=args, train_dataset=dataset, processing_class=tokenizer)
+    # The same initial weights, set up by a trainer of its own (SFTTrainer adds TRL's fused LM head as a closure
+    # over the model's forward, so a deepcopy of `trainer.model` would still run the original's forward)
+    sharded = build_model("llama", len(tokenizer), num_layers=4)
+    if variant == "checkpointing":
+        sharded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    AlignmentTrainer(model=sharded, args=args, train_dataset=dataset, processing_class=tokenizer)
+    assert all(torch.equal(p, q) for p, q in zip(reference.state_dict().values(), sharded.state_dict().values()))
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, world
 
