@@ -15,6 +15,10 @@ from .losses import Direction, PoolingMode, StopGradient
 from .schedules import Schedule
 
 
+TEMPERATURE_RANGE = (0.01, 10.0)
+"""The `align_temperature` values accepted: the usual ones are 0.05-1 (the paper: 0.1); 0.01 is CLIP's floor."""
+
+
 def _parse_number(name: str, value, kind: type, example: str) -> int | float:
     """
     Return `value` as a `kind` (`int` or `float`), converting a numeric string as the command-line parser would; raise
@@ -55,7 +59,8 @@ class AlignmentConfig(SFTConfig):
             `"middle"` (`N // 2` for a model of `N` blocks), or `"auto"` (probe the base model on a sample of the
             alignment pairs before training and take the layer with the best retrieval accuracy).
         align_temperature (`float`, *optional*, defaults to `0.1`):
-            Temperature dividing the cosine similarities of the contrastive loss: a finite number `> 0`. As for every
+            Temperature dividing the cosine similarities of the contrastive loss, in `[0.01, 10]` (the usual values
+            are 0.05-1; below 0.01 the logits and gradients explode, above 10 the loss is nearly flat). As for every
             numeric `align_*` setting, a numeric string (`"0.1"`) is converted, as the command-line parser does; any
             other value (`None`, `nan`, `inf`, a non-numeric string) is refused with an error naming the setting.
         align_weight (`float`, *optional*, defaults to `1.0`):
@@ -124,7 +129,11 @@ class AlignmentConfig(SFTConfig):
         },
     )
     align_temperature: float = field(
-        default=0.1, metadata={"help": "Temperature dividing the cosine similarities of the contrastive loss."}
+        default=0.1,
+        metadata={
+            "help": "Temperature dividing the cosine similarities of the contrastive loss, in [0.01, 10] (usual: "
+            "0.05-1; the paper: 0.1)."
+        },
     )
     align_weight: float = field(default=1.0, metadata={"help": "Weight of the alignment loss."})
     align_pooling: PoolingMode = field(
@@ -201,6 +210,18 @@ class AlignmentConfig(SFTConfig):
         if not math.isfinite(self.align_temperature) or self.align_temperature <= 0:
             raise ValueError(
                 f"align_temperature must be a finite number > 0, got {self.align_temperature}; the paper uses 0.1."
+            )
+        low, high = TEMPERATURE_RANGE
+        if not low <= self.align_temperature <= high:
+            effect = (
+                "cosine similarities (in [-1, 1]) divided by it make logits so large that the loss and its gradients "
+                "explode (or overflow)"
+                if self.align_temperature < low
+                else "cosine similarities divided by it differ so little that the loss is nearly flat and aligns nothing"
+            )
+            raise ValueError(
+                f"align_temperature={self.align_temperature} is outside the sane range [{low}, {high}]: {effect}. The "
+                "paper uses 0.1; contrastive sentence losses use 0.05-1 (0.05 in SimCSE and sentence-transformers)."
             )
         self.align_weight = _parse_number("align_weight", self.align_weight, float, "1.0")
         if not math.isfinite(self.align_weight) or self.align_weight < 0:

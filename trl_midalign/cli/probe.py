@@ -9,7 +9,7 @@ from ..local_files import EXTENSIONS, load_rows
 from ..modeling import load_causal_lm, load_tokenizer
 from ..probing.arguments import ProbeArguments
 from ..probing.plots import pyplot
-from ..probing.probe import MEAN, ProbeResult, group_pairs, probe_groups
+from ..probing.probe import MEAN, ProbeResult, group_pairs, no_recommendation_reason, probe_groups
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -47,8 +47,8 @@ def _load_model_and_tokenizer(path: str, dtype: str, device: str):
     else:
         torch_dtype = getattr(torch, dtype)
     try:
+        tokenizer = load_tokenizer(path)  # first: a folder without tokenizer files is refused before the model loads
         model = load_causal_lm(path, dtype=torch_dtype)
-        tokenizer = load_tokenizer(path)
     except FileNotFoundError:
         raise
     except OSError as error:  # for example a Hub id that cannot be reached
@@ -96,11 +96,14 @@ def run_probe(args: ProbeArguments) -> ProbeResult:
     if args.plot:
         written += result.plot(args.output_dir)
     layer = result.recommended_layer
-    accuracy = result.retrieval_accuracy[MEAN][result.layers.index(layer)]
     print()
     print(f"Retrieval accuracy of {args.pooling}-pooled states per layer (0 = embeddings; * = recommended):")
     print(result.to_markdown())
     print()
+    if layer is None:
+        print("Wrote " + ", ".join(written))
+        raise SystemExit(f"trl-midalign probe: error: {no_recommendation_reason(result)}")
+    accuracy = result.retrieval_accuracy[MEAN][result.layers.index(layer)]
     print(
         f"Recommended layer: {layer} of {result.layers[-1]} (mean retrieval accuracy {accuracy:.3f}); "
         f"use it with align_layer={layer}"
