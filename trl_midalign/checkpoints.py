@@ -311,13 +311,16 @@ def release_output_dir_lock(path: str) -> None:
 def no_space_error(error: BaseException, checkpoint: str) -> OSError | None:
     """
     The error to raise for a failed checkpoint save when the disk is full, or `None` when it is not a full disk: an
-    `OSError` with `errno.ENOSPC` (or `EDQUOT`), or torch's stream errors (`iostream error`, `unexpected pos`, `file
-    write failed`) while the filesystem has (almost) no space left.
+    `OSError` with `errno.ENOSPC` (or `EDQUOT`), an error of another writer that says so (safetensors: "No space left
+    on device (os error 28)"), or torch's stream errors (`iostream error`, `unexpected pos`, `file write failed`)
+    while the filesystem has (almost) no space left.
     """
     folder = os.path.dirname(checkpoint) or "."
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         full = True
-    elif isinstance(error, RuntimeError) and any(
+    elif "No space left on device" in str(error) or "os error 28" in str(error):
+        full = True
+    elif any(
         text in str(error) for text in ("iostream error", "unexpected pos", "file write failed", "PytorchStreamWriter")
     ):
         try:

@@ -16,7 +16,6 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict,
 from transformers import PreTrainedTokenizerBase
 from transformers.data.data_collator import DataCollatorMixin
 from trl import pack_dataset
-from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import pad
 
 from ._logging import get_logger
@@ -106,10 +105,10 @@ def dataset_columns(dataset: Dataset | IterableDataset) -> list[str]:
     The columns of a dataset. A stream built from a generator does not know its columns (`column_names` is `None`):
     they are read from its first row.
     """
-    columns = get_dataset_column_names(dataset)
+    columns = dataset.column_names
     if columns is None and isinstance(dataset, IterableDataset):
         head = list(dataset.take(1))
-        columns = sorted(head[0]) if head else []
+        columns = list(head[0]) if head else []
     return list(columns or [])
 
 
@@ -282,10 +281,10 @@ def attach_alignment_dataset(
     if alignment_dataset is None:
         if train_dataset is None:
             return None
+        if isinstance(train_dataset, IterableDataset) and not stream_head(train_dataset):
+            raise ValueError("The train dataset stream yields no rows; pass a dataset with training rows.")
         check_pairs(train_dataset, source, target, "train dataset")
         if isinstance(train_dataset, IterableDataset):
-            if not stream_head(train_dataset):
-                raise ValueError("The train dataset stream yields no rows; pass a dataset with training rows.")
             check_distinct_pairs(train_dataset, args, "train", args.per_device_train_batch_size)
         if per_row == 1:
             return train_dataset

@@ -771,7 +771,7 @@ class AlignmentTrainer(SFTTrainer):
                     "align_schedule": self.args.align_schedule,
                 }
                 write_alignment_state(folder, state)  # written last: a checkpoint with this file is complete
-        except (OSError, RuntimeError) as error:
+        except Exception as error:  # safetensors, torch and the OS each report a full disk their own way
             full = no_space_error(error, folder)
             if full is None:
                 raise
