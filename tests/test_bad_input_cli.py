@@ -251,6 +251,52 @@ def test_probe_reads_the_same_pairs_from_every_format(tmp_path, tiny_model_dir):
     assert scores["pairs.jsonl"] == scores["pairs.tsv"] == scores["pairs.json"]
 
 
+@pytest.mark.parametrize("length", ["1", "0", "-3"])
+def test_probe_max_length_below_2_is_refused_like_training(length, tmp_path, tiny_model_dir, capsys):
+    path, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    path.write_bytes(b"\n".join(LINES))
+    with pytest.raises(ValueError, match=f"max_length={length}: a sentence needs at least 2 tokens.*--max_length 2"):
+        cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", str(path), "--output_dir", str(out),
+                  "--max_length", length])  # fmt: skip
+    assert not out.exists()
+    assert "Recommended layer" not in capsys.readouterr().out
+
+
+def test_probe_never_recommends_a_layer_from_indistinguishable_scores(tmp_path, tokenizer, capsys):
+    import torch
+
+    model = build_model("llama", len(tokenizer))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()  # every state is 0: every layer scores 0.000
+    folder = tmp_path / "zero-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    path.write_bytes(b"\n".join(LINES))
+    with pytest.raises(SystemExit, match="No layer can be recommended: every layer above 0 has the same mean retrieval "
+                       r"accuracy \(0.000\).*align_layer='middle'") as raised:  # fmt: skip
+        cli_main(["probe", "--model_name_or_path", str(folder), "--data", str(path), "--output_dir", str(out),
+                  "--no_plot"])  # fmt: skip
+    assert raised.value.code != 0
+    printed = capsys.readouterr().out
+    assert "Recommended layer" not in printed and "use it with align_layer" not in printed
+    assert ProbeResult.from_json(out / "probe.json").recommended_layer is None  # the scores are still written
+    assert "*" not in ProbeResult.from_json(out / "probe.json").to_markdown()
+
+
+def test_probe_on_a_model_folder_without_tokenizer_files_names_them(tmp_path, tokenizer):
+    folder = tmp_path / "weights-only"
+    build_model("llama", len(tokenizer)).save_pretrained(folder)
+    path, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    path.write_bytes(b"\n".join(LINES))
+    with pytest.raises(FileNotFoundError, match=rf"model folder {folder} holds no tokenizer: none of \['tokenizer.json', "
+                       r"'tokenizer.model'.*\['config.json', 'generation_config.json', 'model.safetensors'\].*"
+                       r"tokenizer.save_pretrained"):  # fmt: skip
+        cli_main(["probe", "--model_name_or_path", str(folder), "--data", str(path), "--output_dir", str(out)])
+    assert not out.exists()
+
+
 def test_probe_data_with_non_string_sentences_is_refused(tmp_path, tiny_model_dir):
     """A sentence that is not a string is an error naming the file, where, and the column; no pair is dropped."""
     path, out = tmp_path / "pairs.jsonl", tmp_path / "out"
