@@ -297,6 +297,20 @@ def test_probe_on_a_model_folder_without_tokenizer_files_names_them(tmp_path, to
     assert not out.exists()
 
 
+def test_probe_refuses_pairs_with_identical_sides_and_an_output_dir_that_is_a_file(tmp_path, tiny_model_dir):
+    path, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    copies = [dict(row, parallel_source=row["parallel_target"]) for row in pair_rows()]
+    path.write_bytes(b"\n".join(jsonl_lines(copies)))
+    with pytest.raises(ValueError, match=r"6 of 6 \(100%\) have the same text in 'parallel_source' and "
+                       "'parallel_target'.*--source_column"):  # fmt: skip
+        cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", str(path), "--output_dir", str(out)])
+    path.write_bytes(b"\n".join(LINES))
+    out.write_text("a file")
+    with pytest.raises(NotADirectoryError, match=f"--output_dir {out}: {out} is an existing file"):
+        cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", str(path), "--output_dir", str(out)])
+    assert out.read_text() == "a file"
+
+
 def test_probe_data_with_non_string_sentences_is_refused(tmp_path, tiny_model_dir):
     """A sentence that is not a string is an error naming the file, where, and the column; no pair is dropped."""
     path, out = tmp_path / "pairs.jsonl", tmp_path / "out"

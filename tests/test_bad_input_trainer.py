@@ -264,6 +264,7 @@ def test_eval_batches_without_a_negative_are_counted(tmp_path, tokenizer, caplog
         ("align_weight", float("-inf"), ValueError, "align_weight must be a finite number >= 0, got -inf"),
         ("align_weight", -1.0, ValueError, "align_weight must be a finite number >= 0, got -1.0"),
         ("align_weight", [1.0], TypeError, r"align_weight must be a number, got \[1.0\] \(list\)"),
+        ("align_weight", 0.0, ValueError, "align_weight=0 with align_schedule='alternate'.*train nothing.*'joint'"),
         ("align_max_length", None, TypeError, "align_max_length=None.*no unlimited setting"),
         ("align_max_length", 12.5, TypeError, "align_max_length must be an int, got 12.5"),
         ("align_max_length", "long", ValueError, "align_max_length='long' is not an int"),
@@ -286,6 +287,15 @@ def test_eval_batches_without_a_negative_are_counted(tmp_path, tokenizer, caplog
 def test_bad_settings_are_refused_with_their_name(tmp_path, setting, value, error, message):
     with pytest.raises(error, match=message):
         config(tmp_path, **{setting: value})
+
+
+def test_zero_weight_measures_only_under_joint_and_a_huge_weight_warns(tmp_path, caplog):
+    with pytest.raises(ValueError, match="align_weight=0 with align_schedule='alignment_only'"):
+        config(tmp_path, align_weight=0, align_schedule="alignment_only")
+    assert config(tmp_path, align_weight=0, align_schedule="joint").align_weight == 0.0
+    with caplog.at_level(logging.WARNING, logger="trl_midalign.config"):
+        config(tmp_path, align_weight=1e4)
+    assert warnings_of(caplog, "align_weight=10000.0 is far above the usual 0.1-10")
 
 
 def test_numeric_strings_are_converted_as_on_the_command_line(tmp_path):
@@ -788,7 +798,7 @@ def test_pairs_with_identical_sides_are_refused_or_warned(tmp_path, tokenizer, c
     ):
         make_trainer(tmp_path, tokenizer, rows_with_pairs(same))
     eleven = same[:11] + PAIRS[11:]
-    with pytest.raises(ValueError, match=r"11 of 12 \(92%\).*Point align_source_column"):
+    with pytest.raises(ValueError, match=r"11 of 12 \(92%\).*Point the source column.*align_source_column"):
         make_trainer(tmp_path, tokenizer, rows_with_pairs(eleven))
     with pytest.raises(ValueError, match="same text"):
         make_trainer(tmp_path, tokenizer, train_dataset=stream_of(rows_with_pairs(same)))

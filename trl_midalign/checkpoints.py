@@ -229,15 +229,15 @@ def warn_about_earlier_checkpoints(output_dir: str, save_total_limit: int | None
     )
 
 
-def check_output_dir(output_dir: str) -> None:
+def check_output_dir(output_dir: str, option: str = "output_dir") -> None:
     """Refuse, before anything is loaded or trained, an `output_dir` that is a file or lies below one."""
     path = os.path.abspath(output_dir)
     while True:
         if os.path.exists(path) and not os.path.isdir(path):
             inside = "" if path == os.path.abspath(output_dir) else f" ({output_dir} would lie inside it)"
             raise NotADirectoryError(
-                f"output_dir {output_dir}: {path} is an existing file, not a folder{inside}, so no checkpoint or model "
-                "could be saved there. Pass the path of a folder (new or existing) as output_dir."
+                f"{option} {output_dir}: {path} is an existing file, not a folder{inside}, so nothing could be "
+                f"written there. Pass the path of a folder (new or existing) as {option}."
             )
         parent = os.path.dirname(path)
         if parent == path:

@@ -199,6 +199,33 @@ def check_pairs(
                 _check_sentence(value, column, f"{row} of the {name}")
 
 
+def check_identical_sides(sources: list[str], targets: list[str], source_column: str, target_column: str, what: str):
+    """
+    Pairs whose two sides are the same text (the same column twice, an untranslated copy) teach nothing: a sentence
+    retrieves itself at no cost. Refused when at least `IDENTICAL_PAIRS_REFUSED` of the pairs are, warned about above
+    `IDENTICAL_PAIRS_WARNED`. `what` names the pairs in the message, such as `"The train dataset's 12 alignment
+    pairs"`.
+    """
+    identical = [i for i, (a, b) in enumerate(zip(sources, targets)) if a.strip() == b.strip()]
+    share = len(identical) / max(1, len(sources))
+    if not identical or share < IDENTICAL_PAIRS_WARNED:
+        return
+    message = (
+        f"{what}: {len(identical)} of {len(sources)} ({share:.0%}) have the same text in {source_column!r} and "
+        f"{target_column!r} (for example pair {identical[0]}: {sources[identical[0]]!r}). A sentence retrieves itself "
+        "at no cost, so such pairs align nothing; usually the two columns name the same side, or the 'translations' "
+        "were copied untranslated."
+    )
+    if share >= IDENTICAL_PAIRS_REFUSED:
+        raise ValueError(
+            f"{message} Point the source column at the non-English sentences and the target column at their English "
+            "translations (align_source_column / align_target_column, --source_column / --target_column), or drop "
+            f"the copies, e.g. `dataset.filter(lambda row: row[{source_column!r}].strip() != "
+            f"row[{target_column!r}].strip())`."
+        )
+    logger.warning(f"{message} Drop them (`dataset.filter(...)`) unless they are meant to be there.")
+
+
 def check_distinct_pairs(
     dataset: Dataset | IterableDataset, args: "AlignmentConfig", name: str, batch_size: int, warn: bool = True
 ) -> None:
@@ -238,22 +265,7 @@ def check_distinct_pairs(
             "without a negative and align_loss would be exactly 0.0: nothing would be aligned. Give the pairs at "
             "least 2 (better: many) different sentences on each side."
         )
-    identical = [i for i, (a, b) in enumerate(zip(sources, targets)) if a.strip() == b.strip()]
-    share = len(identical) / max(1, len(sources))
-    if identical and share >= IDENTICAL_PAIRS_WARNED:
-        message = (
-            f"{what}: {len(identical)} of {len(sources)} ({share:.0%}) have the same text in {source!r} and "
-            f"{target!r} (for example pair {identical[0]}: {sources[identical[0]]!r}). A sentence retrieves itself "
-            "at no cost, so such pairs align nothing; usually the two columns name the same side, or the "
-            "'translations' were copied untranslated."
-        )
-        if share >= IDENTICAL_PAIRS_REFUSED:
-            raise ValueError(
-                f"{message} Point align_source_column at the non-English sentences and align_target_column at their "
-                "English translations, or drop the copies, e.g. "
-                f"`dataset.filter(lambda row: row[{source!r}].strip() != row[{target!r}].strip())`."
-            )
-        logger.warning(f"{message} Drop them (`dataset.filter(...)`) unless they are meant to be there.")
+    check_identical_sides(sources, targets, source, target, what)
     if warn and min(num_sources, num_targets) < batch_size:
         logger.warning(
             f"{what} hold only {num_sources} distinct sources and {num_targets} distinct "

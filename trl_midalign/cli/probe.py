@@ -5,6 +5,7 @@ import re
 
 import torch
 
+from ..checkpoints import check_output_dir
 from ..local_files import EXTENSIONS, load_rows
 from ..modeling import load_causal_lm, load_tokenizer
 from ..probing.arguments import ProbeArguments
@@ -68,6 +69,7 @@ def run_probe(args: ProbeArguments) -> ProbeResult:
     Returns:
         [`ProbeResult`]: The probe result that was written.
     """
+    check_output_dir(args.output_dir, "--output_dir")
     if args.plot:
         pyplot()  # fail before the slow part when matplotlib is missing
     groups = group_pairs(
