@@ -6,6 +6,7 @@ import re
 import torch
 
 from ..checkpoints import check_output_dir
+from ..data import check_identical_sides
 from ..local_files import EXTENSIONS, load_rows
 from ..modeling import load_causal_lm, load_tokenizer
 from ..probing.arguments import ProbeArguments
@@ -80,6 +81,12 @@ def run_probe(args: ProbeArguments) -> ProbeResult:
         languages=args.languages,
         max_pairs_per_language=args.max_pairs_per_language,
         name=f"pairs of {args.data}",
+    )
+    # Pairs whose sides are the same text score 1.0 at every layer: no layer choice can come from them
+    sources = [sentence for group, _ in groups.values() for sentence in group]
+    targets = [sentence for _, group in groups.values() for sentence in group]
+    check_identical_sides(
+        sources, targets, args.source_column, args.target_column, f"The {len(sources)} pairs of {args.data}"
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_model_and_tokenizer(args.model_name_or_path, args.dtype, device)

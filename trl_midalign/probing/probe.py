@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from trl.trainer.utils import pad
 
-from ..data import check_identical_sides, check_pairs, special_tokens_mask
+from ..data import check_pairs, special_tokens_mask
 from ..layers import get_decoder
 from ..losses import POOLINGS, PoolingMode, pool
 
@@ -298,7 +298,6 @@ def group_pairs(
         sources, targets = [row[source_column] for row in pairs], [row[target_column] for row in pairs]
     else:
         sources, targets = pairs[source_column], pairs[target_column]
-    check_identical_sides(sources, targets, source_column, target_column, f"The {len(sources)} {name}")
     if languages is not None and not has_language:
         raise ValueError(
             f"languages={list(languages)} was given but the pairs have no {language_column!r} column to select them "
