@@ -1,4 +1,5 @@
 """Bad input at the command line and what a new user meets: `trl-midalign probe --data` files that cannot be read,
+probe settings and folders that cannot give a layer (max_length < 2, indistinguishable scores, no tokenizer files),
 Hub tokens and local files that must not leave the machine or reach the disk, and the demo's output.
 
 Nothing is downloaded: tiny models come from configs (conftest.py), data files and Debian packages are written here,

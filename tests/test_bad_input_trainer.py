@@ -4,7 +4,9 @@ setting / column / row / file and the fix) or a correct result, never a silent w
 Cases (the docs count them): eval sets without pairs; pairs without any valid negative; non-finite or ill-typed
 settings and a loss that turns non-finite while training; resuming with another schedule, from a broken or missing
 checkpoint; rows dropped by TRL's preparation; an output_dir holding another run's checkpoints; encoder and meta-device
-models; and the cases that already gave clear errors (pair columns, batch of one, layer, packing, GPT-2, ...).
+models; and the cases that already gave clear errors (pair columns, batch of one, layer, packing, GPT-2, ...). Third
+round: streamed sets (eval equal to a Dataset's, checks on the first rows), identical sides, absurd temperature and
+weight, DatasetDict and other containers, output_dir a file, concurrent and killed runs (the lock), a full disk.
 """
 
 import hashlib
