@@ -897,7 +897,7 @@ def test_second_run_in_the_same_output_dir_is_refused(tmp_path, tokenizer):
     message = str(second.error)
     assert f"output_dir {tmp_path / 'out'} is in use by another training run (pid {os.getpid()} on host" in message
     assert "own output_dir" in message
-    lock = tmp_path / "out" / ".trl-midalign.lock"
+    lock = tmp_path / "out" / "_trl-midalign.lock"
     assert not lock.exists()  # released at the end of the first run
     assert make_trainer(tmp_path, tokenizer, max_steps=1).train().global_step == 1  # a later run in the folder works
     failing = make_trainer(tmp_path, tokenizer, learning_rate=1e39, max_steps=3, save_strategy="steps", save_steps=1)
@@ -926,7 +926,7 @@ def test_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, tokenizer, 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
     assert done.returncode == -9, done.stderr.decode()[-2000:]
-    lock = tmp_path / "out" / ".trl-midalign.lock"
+    lock = tmp_path / "out" / "_trl-midalign.lock"
     assert json.loads(lock.read_text())["pid"] != os.getpid()
     with caplog.at_level(logging.WARNING, logger="trl_midalign.checkpoints"):
         assert make_trainer(tmp_path, tokenizer, max_steps=1).train().global_step == 1
@@ -984,7 +984,7 @@ def test_full_disk_while_saving_names_the_path_and_the_incomplete_checkpoint(tmp
             trainer.train()
         assert raised.value.errno == 28
         assert f"The newest intact checkpoint in {out} is {out / 'checkpoint-1'}" in str(raised.value)
-        assert not (out / ".trl-midalign.lock").exists()
+        assert not (out / "_trl-midalign.lock").exists()
         if disk == "tmpfs":
             os.remove(out / "filler")
         monkeypatch.undo()

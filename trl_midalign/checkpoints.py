@@ -245,7 +245,7 @@ def check_output_dir(output_dir: str, option: str = "output_dir") -> None:
         path = parent
 
 
-LOCK_FILE = ".trl-midalign.lock"
+LOCK_FILE = "_trl-midalign.lock"
 
 
 def _pid_is_alive(pid: int) -> bool:
@@ -260,7 +260,7 @@ def _pid_is_alive(pid: int) -> bool:
 
 def acquire_output_dir_lock(output_dir: str) -> str:
     """
-    Take the lock of `output_dir` for this run: a file `.trl-midalign.lock` naming the process (pid, host, start
+    Take the lock of `output_dir` for this run: a file `_trl-midalign.lock` naming the process (pid, host, start
     time), created atomically. A lock held by a live run refuses this one, naming it; a lock left by a process of this
     host that is gone (killed, crashed) is taken over with a warning. Returns the lock file's path.
     """

@@ -794,7 +794,7 @@ class AlignmentTrainer(SFTTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """
         Train as [`~trl.SFTTrainer.train`]. While it trains, the run holds a lock file in `output_dir`
-        (`.trl-midalign.lock`, naming its pid, host and start time): a second run started in the same folder is
+        (`_trl-midalign.lock`, naming its pid, host and start time): a second run started in the same folder is
         refused; a lock left by a run of this host that died is taken over with a warning.
         """
         lock = self._take_output_dir()
