@@ -1005,3 +1005,25 @@ def test_auto_layer_from_indistinguishable_scores_is_refused(tmp_path, tokenizer
             parameter.zero_()  # every state is 0: nothing can be retrieved at any layer
     with pytest.raises(ValueError, match="align_layer='auto' probed 8 training pairs. No layer can be recommended"):
         make_trainer(tmp_path, tokenizer, model=model, align_layer="auto")
+
+
+def test_auto_layer_on_a_streamed_train_set_probes_its_first_pairs(tmp_path, tokenizer):
+    from trl_midalign.probing import probe_layers
+
+    rows = task_rows(n=12)
+    model = build_model("llama", len(tokenizer))
+    expected = probe_layers(model, tokenizer, rows[:5], show_progress=False).recommended_layer
+    trainer = make_trainer(
+        tmp_path, tokenizer, model=model, train_dataset=stream_of(rows), align_layer="auto", align_auto_num_pairs=5
+    )
+    assert trainer.align_probe.num_pairs == {"all": 5}
+    assert trainer.align_layer == expected
+
+
+def test_evaluate_refuses_a_dataset_dict_passed_in(tmp_path, tokenizer):
+    from datasets import DatasetDict
+
+    trainer = make_trainer(tmp_path, tokenizer)
+    splits = DatasetDict({"validation": Dataset.from_list(task_rows(n=4)), "test": Dataset.from_list(task_rows(n=4))})
+    with pytest.raises(TypeError, match=r"eval_dataset is a DatasetDict of the splits \['validation', 'test'\]"):
+        trainer.evaluate(eval_dataset=splits)

@@ -410,7 +410,7 @@ class AlignmentTrainer(SFTTrainer):
         )
 
     def _probe_for_layer(
-        self, model: nn.Module, processing_class: Any, pairs: Dataset, args: AlignmentConfig
+        self, model: nn.Module, processing_class: Any, pairs: Dataset | IterableDataset, args: AlignmentConfig
     ) -> ProbeResult:
         """Probe the base model on a sample of the pairs, per language; `align_layer="auto"` takes the best layer."""
         if any(getattr(p, "ds_id", None) is not None and p.numel() == 0 for p in model.parameters()):
@@ -420,7 +420,10 @@ class AlignmentTrainer(SFTTrainer):
                 "the recommended layer, or disable zero3_init_flag."
             )
         _place_for_probe(model, args)
-        sample = pairs.shuffle(seed=args.seed).select(range(min(len(pairs), args.align_auto_num_pairs)))
+        if isinstance(pairs, IterableDataset):  # a stream: its first pairs (shuffling a stream only shuffles shards)
+            sample = list(pairs.take(args.align_auto_num_pairs))
+        else:
+            sample = pairs.shuffle(seed=args.seed).select(range(min(len(pairs), args.align_auto_num_pairs)))
         result = probe_layers(
             model,
             processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class,
@@ -497,6 +500,7 @@ class AlignmentTrainer(SFTTrainer):
         that carry pairs. The metrics of a set of a dict are named with its key (`eval_<name>_align_loss`).
         """
         if self._evaluate_depth == 0 and eval_dataset is not None and not isinstance(eval_dataset, str):
+            check_dataset_kind(eval_dataset, "eval_dataset", allow_dict=True)
             datasets = eval_dataset if isinstance(eval_dataset, dict) else {metric_key_prefix: eval_dataset}
             for name, dataset in datasets.items():
                 check_eval_dataset(dataset, self.args, name)
