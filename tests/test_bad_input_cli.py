@@ -1,4 +1,5 @@
 """Bad input at the command line and what a new user meets: `trl-midalign probe --data` files that cannot be read,
+probe settings and folders that cannot give a layer (max_length < 2, indistinguishable scores, no tokenizer files),
 Hub tokens and local files that must not leave the machine or reach the disk, and the demo's output.
 
 Nothing is downloaded: tiny models come from configs (conftest.py), data files and Debian packages are written here,
@@ -249,6 +250,66 @@ def test_probe_reads_the_same_pairs_from_every_format(tmp_path, tiny_model_dir):
         scores[name] = ProbeResult.from_json(out / "probe.json").to_dict()
         scores[name].pop("model_name")
     assert scores["pairs.jsonl"] == scores["pairs.tsv"] == scores["pairs.json"]
+
+
+@pytest.mark.parametrize("length", ["1", "0", "-3"])
+def test_probe_max_length_below_2_is_refused_like_training(length, tmp_path, tiny_model_dir, capsys):
+    path, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    path.write_bytes(b"\n".join(LINES))
+    with pytest.raises(ValueError, match=f"max_length={length}: a sentence needs at least 2 tokens.*--max_length 2"):
+        cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", str(path), "--output_dir", str(out),
+                  "--max_length", length])  # fmt: skip
+    assert not out.exists()
+    assert "Recommended layer" not in capsys.readouterr().out
+
+
+def test_probe_never_recommends_a_layer_from_indistinguishable_scores(tmp_path, tokenizer, capsys):
+    import torch
+
+    model = build_model("llama", len(tokenizer))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()  # every state is 0: every layer scores 0.000
+    folder = tmp_path / "zero-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    path.write_bytes(b"\n".join(LINES))
+    with pytest.raises(SystemExit, match="No layer can be recommended: every layer above 0 has the same mean retrieval "
+                       r"accuracy \(0.000\).*align_layer='middle'") as raised:  # fmt: skip
+        cli_main(["probe", "--model_name_or_path", str(folder), "--data", str(path), "--output_dir", str(out),
+                  "--no_plot"])  # fmt: skip
+    assert raised.value.code != 0
+    printed = capsys.readouterr().out
+    assert "Recommended layer" not in printed and "use it with align_layer" not in printed
+    assert ProbeResult.from_json(out / "probe.json").recommended_layer is None  # the scores are still written
+    assert "*" not in ProbeResult.from_json(out / "probe.json").to_markdown()
+
+
+def test_probe_on_a_model_folder_without_tokenizer_files_names_them(tmp_path, tokenizer):
+    folder = tmp_path / "weights-only"
+    build_model("llama", len(tokenizer)).save_pretrained(folder)
+    path, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    path.write_bytes(b"\n".join(LINES))
+    with pytest.raises(FileNotFoundError, match=rf"model folder {folder} holds no tokenizer: none of \['tokenizer.json', "
+                       r"'tokenizer.model'.*\['config.json', 'generation_config.json', 'model.safetensors'\].*"
+                       r"tokenizer.save_pretrained"):  # fmt: skip
+        cli_main(["probe", "--model_name_or_path", str(folder), "--data", str(path), "--output_dir", str(out)])
+    assert not out.exists()
+
+
+def test_probe_refuses_pairs_with_identical_sides_and_an_output_dir_that_is_a_file(tmp_path, tiny_model_dir):
+    path, out = tmp_path / "pairs.jsonl", tmp_path / "out"
+    copies = [dict(row, parallel_source=row["parallel_target"]) for row in pair_rows()]
+    path.write_bytes(b"\n".join(jsonl_lines(copies)))
+    with pytest.raises(ValueError, match=r"6 of 6 \(100%\) have the same text in 'parallel_source' and "
+                       "'parallel_target'.*--source_column"):  # fmt: skip
+        cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", str(path), "--output_dir", str(out)])
+    path.write_bytes(b"\n".join(LINES))
+    out.write_text("a file")
+    with pytest.raises(NotADirectoryError, match=f"--output_dir {out}: {out} is an existing file"):
+        cli_main(["probe", "--model_name_or_path", tiny_model_dir, "--data", str(path), "--output_dir", str(out)])
+    assert out.read_text() == "a file"
 
 
 def test_probe_data_with_non_string_sentences_is_refused(tmp_path, tiny_model_dir):

@@ -4,7 +4,9 @@ setting / column / row / file and the fix) or a correct result, never a silent w
 Cases (the docs count them): eval sets without pairs; pairs without any valid negative; non-finite or ill-typed
 settings and a loss that turns non-finite while training; resuming with another schedule, from a broken or missing
 checkpoint; rows dropped by TRL's preparation; an output_dir holding another run's checkpoints; encoder and meta-device
-models; and the cases that already gave clear errors (pair columns, batch of one, layer, packing, GPT-2, ...).
+models; and the cases that already gave clear errors (pair columns, batch of one, layer, packing, GPT-2, ...). Third
+round: streamed sets (eval equal to a Dataset's, checks on the first rows), identical sides, absurd temperature and
+weight, DatasetDict and other containers, output_dir a file, concurrent and killed runs (the lock), a full disk.
 """
 
 import hashlib
@@ -13,6 +15,8 @@ import logging
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,6 +33,7 @@ from transformers import (
     ModernBertForMaskedLM,
     T5Config,
     T5ForConditionalGeneration,
+    TrainerCallback,
 )
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -261,6 +266,7 @@ def test_eval_batches_without_a_negative_are_counted(tmp_path, tokenizer, caplog
         ("align_weight", float("-inf"), ValueError, "align_weight must be a finite number >= 0, got -inf"),
         ("align_weight", -1.0, ValueError, "align_weight must be a finite number >= 0, got -1.0"),
         ("align_weight", [1.0], TypeError, r"align_weight must be a number, got \[1.0\] \(list\)"),
+        ("align_weight", 0.0, ValueError, "align_weight=0 with align_schedule='alternate'.*train nothing.*'joint'"),
         ("align_max_length", None, TypeError, "align_max_length=None.*no unlimited setting"),
         ("align_max_length", 12.5, TypeError, "align_max_length must be an int, got 12.5"),
         ("align_max_length", "long", ValueError, "align_max_length='long' is not an int"),
@@ -285,6 +291,15 @@ def test_bad_settings_are_refused_with_their_name(tmp_path, setting, value, erro
         config(tmp_path, **{setting: value})
 
 
+def test_zero_weight_measures_only_under_joint_and_a_huge_weight_warns(tmp_path, caplog):
+    with pytest.raises(ValueError, match="align_weight=0 with align_schedule='alignment_only'"):
+        config(tmp_path, align_weight=0, align_schedule="alignment_only")
+    assert config(tmp_path, align_weight=0, align_schedule="joint").align_weight == 0.0
+    with caplog.at_level(logging.WARNING, logger="trl_midalign.config"):
+        config(tmp_path, align_weight=1e4)
+    assert warnings_of(caplog, "align_weight=10000.0 is far above the usual 0.1-10")
+
+
 def test_numeric_strings_are_converted_as_on_the_command_line(tmp_path):
     args = config(tmp_path, align_temperature="0.05", align_weight=" 2 ", align_max_length="64", align_layer="3")
     assert args.align_temperature == 0.05 and isinstance(args.align_temperature, float)
@@ -293,9 +308,8 @@ def test_numeric_strings_are_converted_as_on_the_command_line(tmp_path):
 
 def test_overflowing_alignment_loss_stops_before_a_checkpoint_holds_it(tmp_path, tokenizer):
     # cosine / 1e-40 overflows float32: the alignment loss of the first alignment step (global step 2) is NaN
-    trainer = make_trainer(
-        tmp_path, tokenizer, align_temperature=1e-40, max_steps=4, save_strategy="steps", save_steps=1
-    )
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=4, save_strategy="steps", save_steps=1)
+    trainer.args.align_temperature = 1e-40  # past the config's range check, to reach the guard while training
     with pytest.raises(FloatingPointError, match="alignment loss is nan at global step 2") as raised:
         trainer.train()
     message = str(raised.value)
@@ -632,12 +646,13 @@ def test_bad_sentences_in_the_alignment_and_eval_datasets(tmp_path, tokenizer):
         make_trainer(tmp_path, tokenizer, eval_dataset=Dataset.from_list(eval_rows))
 
 
-def test_bad_sentences_of_an_iterable_dataset_are_named_by_the_collator(tmp_path, tokenizer):
+def test_bad_sentences_of_an_iterable_dataset_are_named_by_the_collator(tmp_path, tokenizer, monkeypatch):
     rows = task_rows()
-    rows[1]["parallel_target"] = "   "
+    rows[3]["parallel_target"] = "   "
+    monkeypatch.setattr("trl_midalign.data.STREAM_CHECK_ROWS", 2)  # past the rows checked before training
     stream = IterableDataset.from_generator(lambda: iter(rows))
     trainer = make_trainer(tmp_path, tokenizer, train_dataset=stream)
-    with pytest.raises(ValueError, match="Row 1 of the batch: column 'parallel_target' holds an empty"):
+    with pytest.raises(ValueError, match="Row 3 of the batch: column 'parallel_target' holds an empty"):
         trainer.train()
 
 
@@ -694,7 +709,7 @@ def test_gpt2_fails_clearly(tmp_path, tokenizer):
 
 def test_alignment_dataset_of_the_wrong_kind(tmp_path, tokenizer):
     as_list = [{"parallel_source": s, "parallel_target": t} for s, t in PAIRS]
-    with pytest.raises(TypeError, match="`alignment_dataset` must be a datasets.Dataset, got list"):
+    with pytest.raises(TypeError, match=r"alignment_dataset must be a datasets.Dataset or IterableDataset, got list"):
         make_trainer(tmp_path, tokenizer, task_rows(with_pairs=False), alignment_dataset=as_list)
     stream = IterableDataset.from_generator(lambda: iter(task_rows(with_pairs=False)))
     with pytest.raises(TypeError, match="needs a map-style `train_dataset`.*got IterableDataset"):
@@ -721,5 +736,294 @@ def test_check_pairs_is_one_policy_for_datasets_rows_and_packed_rows():
     with pytest.raises(ValueError, match=r"The batch has no column 'tgt' .*\(its columns: \['src'\]\)\. Use --tgt"):
         check_pairs([{"src": "Ja"}], "src", "tgt", "batch", fix="Use --{target}.")
     stream = IterableDataset.from_generator(lambda: iter([{"src": "", "tgt": "x"}]))
-    check_pairs(stream, "src", "tgt", "train dataset")  # sentences of a stream are checked batch by batch
+    with pytest.raises(ValueError, match="Row 0 of the train dataset stream: column 'src' holds an empty"):
+        check_pairs(stream, "src", "tgt", "train dataset")  # the first rows of a stream are read and checked
     check_pairs(rows[:1], "src", "tgt", "batch")  # good pairs pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 9. Third round: streamed sets, containers, identical sides, absurd settings, output folders, a full disk
+
+
+def stream_of(rows):
+    return IterableDataset.from_generator(lambda: iter(rows))
+
+
+def test_streamed_eval_set_evaluates_like_a_dataset(tmp_path, tokenizer, caplog):
+    # Whole batches: with a trailing partial batch transformers weighs eval_loss by rows for a Dataset only
+    eval_rows = task_rows(n=8)
+    with caplog.at_level(logging.WARNING, logger="trl_midalign.data"):
+        trainer = make_trainer(tmp_path, tokenizer, eval_dataset=stream_of(eval_rows))
+    assert not warnings_of(caplog, "has no alignment pairs")  # the stream's pair columns are seen
+    streamed = trainer.evaluate()
+    in_memory = trainer.evaluate(eval_dataset=Dataset.from_list(eval_rows))
+    for key in ("eval_loss", "eval_task_loss", "eval_align_loss"):
+        assert streamed[key] == pytest.approx(in_memory[key], rel=1e-5), key
+    again = trainer.evaluate(eval_dataset=stream_of(eval_rows))  # a stream passed to evaluate()
+    assert again["eval_align_loss"] == pytest.approx(in_memory["eval_align_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="dispatch_batches=True with a streamed.*set it to False"):
+        make_trainer(
+            tmp_path, tokenizer, eval_dataset=stream_of(eval_rows), accelerator_config={"dispatch_batches": True}
+        )
+
+
+def test_streamed_train_set_of_one_repeated_pair_is_refused(tmp_path, tokenizer):
+    rows = rows_with_pairs([PAIRS[0]] * 12)
+    with pytest.raises(ValueError, match="train stream's 12 alignment pairs hold only 1 distinct source.*exactly 0.0"):
+        make_trainer(tmp_path, tokenizer, train_dataset=stream_of(rows))
+    with pytest.raises(ValueError, match="eval stream's 12 alignment pairs hold only 1 distinct source"):
+        make_trainer(tmp_path, tokenizer, eval_dataset=stream_of(rows))
+
+
+@pytest.mark.parametrize("bad, what", [(None, "holds None"), ("  ", "holds an empty or whitespace")])
+def test_streamed_bad_pair_names_the_row_of_the_stream(tmp_path, tokenizer, bad, what):
+    rows = task_rows(n=12)
+    rows[9]["parallel_target"] = bad
+    with pytest.raises(ValueError, match=f"Row 9 of the train dataset stream: column 'parallel_target' {what}"):
+        make_trainer(tmp_path, tokenizer, train_dataset=stream_of(rows))
+
+
+def test_streamed_set_without_pair_columns_lists_the_users_columns(tmp_path, tokenizer):
+    rows = task_rows(n=8, with_pairs=False)
+    with pytest.raises(
+        ValueError, match=r"train dataset stream has no column 'parallel_source'.*\['prompt', 'completion'\]"
+    ):
+        make_trainer(tmp_path, tokenizer, train_dataset=stream_of(rows))
+    with pytest.raises(ValueError, match="stream yields no rows"):
+        make_trainer(tmp_path, tokenizer, train_dataset=stream_of([]))
+
+
+def test_pairs_with_identical_sides_are_refused_or_warned(tmp_path, tokenizer, caplog):
+    same = [(t, t) for _, t in PAIRS]  # the English side in both columns
+    with pytest.raises(
+        ValueError, match=r"12 of 12 \(100%\) have the same text in 'parallel_source' and 'parallel_target'"
+    ):
+        make_trainer(tmp_path, tokenizer, rows_with_pairs(same))
+    eleven = same[:11] + PAIRS[11:]
+    with pytest.raises(ValueError, match=r"11 of 12 \(92%\).*Point the source column.*align_source_column"):
+        make_trainer(tmp_path, tokenizer, rows_with_pairs(eleven))
+    with pytest.raises(ValueError, match="same text"):
+        make_trainer(tmp_path, tokenizer, train_dataset=stream_of(rows_with_pairs(same)))
+    pairs = Dataset.from_list([{"parallel_source": s, "parallel_target": t} for s, t in same])
+    with pytest.raises(ValueError, match="alignment dataset's 12 alignment pairs: 12 of 12"):
+        make_trainer(tmp_path, tokenizer, task_rows(with_pairs=False), alignment_dataset=pairs)
+    two = same[:2] + PAIRS[2:]
+    with caplog.at_level(logging.WARNING, logger="trl_midalign.data"):
+        trainer = make_trainer(tmp_path, tokenizer, rows_with_pairs(two))
+    assert warnings_of(caplog, "2 of 12 (17%) have the same text")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trl_midalign.data"):
+        make_trainer(tmp_path, tokenizer)
+    assert not warnings_of(caplog, "same text")
+    assert trainer.train().training_loss > 0  # a warning only: it trains
+
+
+@pytest.mark.parametrize("value, word", [(1e-9, "explode"), (0.005, "explode"), (50.0, "nearly flat"), (1e6, "flat")])
+def test_absurd_temperature_is_refused_naming_the_usual_values(tmp_path, value, word):
+    with pytest.raises(
+        ValueError, match=rf"align_temperature={value} is outside the sane range \[0.01, 10.0\].*{word}.*0.05-1"
+    ):
+        config(tmp_path, align_temperature=value)
+    for fine in (0.01, 0.05, 1.0, 10.0):
+        assert config(tmp_path, align_temperature=fine).align_temperature == fine
+
+
+def test_dataset_dicts_and_other_containers_name_the_fix(tmp_path, tokenizer, pair_dataset):
+    from datasets import DatasetDict
+
+    splits = DatasetDict({"train": Dataset.from_list(task_rows()), "test": Dataset.from_list(task_rows(n=4))})
+    with pytest.raises(
+        TypeError, match=r"train_dataset is a DatasetDict of the splits \['train', 'test'\].*dataset\['train'\]"
+    ):
+        make_trainer(tmp_path, tokenizer, train_dataset=splits)
+    with pytest.raises(TypeError, match=r"eval_dataset is a DatasetDict.*dataset\['train'\].*plain dict"):
+        make_trainer(tmp_path, tokenizer, eval_dataset=splits)
+    with pytest.raises(TypeError, match="alignment_dataset is a DatasetDict"):
+        make_trainer(
+            tmp_path, tokenizer, task_rows(with_pairs=False), alignment_dataset=DatasetDict({"train": pair_dataset})
+        )
+    with pytest.raises(
+        TypeError,
+        match=r"train_dataset must be a datasets.Dataset or IterableDataset, got list.*Dataset.from_list\(rows\)",
+    ):
+        make_trainer(tmp_path, tokenizer, train_dataset=task_rows())
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.DataFrame(task_rows())
+    with pytest.raises(TypeError, match=r"got DataFrame.*Dataset.from_pandas\(frame\)"):
+        make_trainer(tmp_path, tokenizer, train_dataset=frame)
+    with pytest.raises(TypeError, match=r"eval_dataset 'dev' must be .*got DataFrame"):
+        make_trainer(tmp_path, tokenizer, eval_dataset={"dev": frame})
+
+
+def test_output_dir_that_is_a_file_is_refused_before_training(tmp_path, tokenizer):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    with pytest.raises(NotADirectoryError, match=f"output_dir {existing}: {existing} is an existing file"):
+        AlignmentTrainer(
+            model=build_model("llama", len(tokenizer)),
+            args=alignment_config(existing),
+            train_dataset=Dataset.from_list(task_rows()),
+            processing_class=tokenizer,
+        )
+    with pytest.raises(NotADirectoryError, match=f"{existing} is an existing file.*would lie inside it"):
+        AlignmentTrainer(
+            model=build_model("llama", len(tokenizer)),
+            args=alignment_config(existing / "run"),
+            train_dataset=Dataset.from_list(task_rows()),
+            processing_class=tokenizer,
+        )
+    assert existing.read_text() == "mine"
+
+
+class _SecondRunInTheSameFolder(TrainerCallback):
+    """Starts a second run in the same output_dir while the first one trains."""
+
+    def __init__(self, start):
+        self.start, self.error = start, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            try:
+                self.start().train()
+            except RuntimeError as error:
+                self.error = error
+
+
+def test_second_run_in_the_same_output_dir_is_refused(tmp_path, tokenizer):
+    second = _SecondRunInTheSameFolder(lambda: make_trainer(tmp_path, tokenizer, align_layer=1))
+    first = make_trainer(tmp_path, tokenizer, max_steps=2)
+    first.add_callback(second)
+    first.train()
+    message = str(second.error)
+    assert f"output_dir {tmp_path / 'out'} is in use by another training run (pid {os.getpid()} on host" in message
+    assert "own output_dir" in message
+    lock = tmp_path / "out" / "_trl-midalign.lock"
+    assert not lock.exists()  # released at the end of the first run
+    assert make_trainer(tmp_path, tokenizer, max_steps=1).train().global_step == 1  # a later run in the folder works
+    failing = make_trainer(tmp_path, tokenizer, learning_rate=1e39, max_steps=3, save_strategy="steps", save_steps=1)
+    with pytest.raises(FloatingPointError):
+        failing.train()
+    assert not lock.exists()  # released on an exception too
+
+
+def test_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, tokenizer, caplog):
+    script = (
+        "import os, signal, sys\n"
+        "sys.path[:0] = [{tests!r}, {root!r}]\n"
+        "from datasets import Dataset\n"
+        "from testing_utils import alignment_config, build_model, build_tokenizer, task_rows\n"
+        "from transformers import TrainerCallback\n"
+        "from trl_midalign import AlignmentTrainer\n"
+        "class Kill(TrainerCallback):\n"
+        "    def on_step_end(self, *args, **kwargs):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "tokenizer = build_tokenizer()\n"
+        "AlignmentTrainer(model=build_model('llama', len(tokenizer)), args=alignment_config({out!r}), "
+        "train_dataset=Dataset.from_list(task_rows()), processing_class=tokenizer, callbacks=[Kill()]).train()\n"
+    )
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = script.format(tests=tests, root=os.path.dirname(tests), out=str(tmp_path / "out"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    lock = tmp_path / "out" / "_trl-midalign.lock"
+    assert json.loads(lock.read_text())["pid"] != os.getpid()
+    with caplog.at_level(logging.WARNING, logger="trl_midalign.checkpoints"):
+        assert make_trainer(tmp_path, tokenizer, max_steps=1).train().global_step == 1
+    assert warnings_of(caplog, "is no longer running (killed or crashed): taking the lock over")
+    assert not lock.exists()
+
+
+def _tmpfs(path) -> bool:
+    path.mkdir()
+    if shutil.which("mount") is None:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+class _FillTheDisk(TrainerCallback):
+    """After the first checkpoint, fill the filesystem of output_dir (all but 64 KiB), as another process might."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            free = shutil.disk_usage(args.output_dir).free
+            with open(os.path.join(args.output_dir, "filler"), "wb") as f:
+                f.write(b"\0" * max(0, free - 64 * 1024))
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "patched"])
+def test_full_disk_while_saving_names_the_path_and_the_incomplete_checkpoint(tmp_path, tokenizer, monkeypatch, disk):
+    out = tmp_path / "out"
+    if disk == "tmpfs":
+        if not _tmpfs(out):
+            pytest.skip("mounting a small tmpfs needs root")
+        callbacks = [_FillTheDisk()]
+    else:  # the lowest file write transformers makes for the weights fails as on a full disk, from checkpoint-2 on
+        import transformers.modeling_utils as modeling_utils
+
+        real = modeling_utils.safe_save_file
+
+        def full_disk(tensors, filename, *args, **kwargs):
+            if "checkpoint-1" in str(filename):
+                return real(tensors, filename, *args, **kwargs)
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 100)  # a partial file, as a full disk leaves it
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)
+        callbacks = []
+    try:
+        trainer = make_trainer(tmp_path, tokenizer, max_steps=3, save_strategy="steps", save_steps=1)
+        for callback in callbacks:
+            trainer.add_callback(callback)
+        with pytest.raises(
+            OSError,
+            match=f"No space left on the device of {out} while saving {out / 'checkpoint-2'}: that checkpoint is incomplete",
+        ) as raised:
+            trainer.train()
+        assert raised.value.errno == 28
+        assert f"The newest intact checkpoint in {out} is {out / 'checkpoint-1'}" in str(raised.value)
+        assert not (out / "_trl-midalign.lock").exists()
+        if disk == "tmpfs":
+            os.remove(out / "filler")
+        monkeypatch.undo()
+        with pytest.raises(FileNotFoundError, match="checkpoint-2 has no"):
+            make_trainer(tmp_path, tokenizer, max_steps=3).train(resume_from_checkpoint=True)
+        resumed = make_trainer(tmp_path, tokenizer, max_steps=3)
+        resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+        assert resumed.state.global_step == 3
+    finally:
+        if disk == "tmpfs":
+            subprocess.run(["umount", str(out)], capture_output=True)
+
+
+def test_auto_layer_from_indistinguishable_scores_is_refused(tmp_path, tokenizer):
+    model = build_model("llama", len(tokenizer))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()  # every state is 0: nothing can be retrieved at any layer
+    with pytest.raises(ValueError, match="align_layer='auto' probed 8 training pairs. No layer can be recommended"):
+        make_trainer(tmp_path, tokenizer, model=model, align_layer="auto")
+
+
+def test_auto_layer_on_a_streamed_train_set_probes_its_first_pairs(tmp_path, tokenizer):
+    from trl_midalign.probing import probe_layers
+
+    rows = task_rows(n=12)
+    model = build_model("llama", len(tokenizer))
+    expected = probe_layers(model, tokenizer, rows[:5], show_progress=False).recommended_layer
+    trainer = make_trainer(
+        tmp_path, tokenizer, model=model, train_dataset=stream_of(rows), align_layer="auto", align_auto_num_pairs=5
+    )
+    assert trainer.align_probe.num_pairs == {"all": 5}
+    assert trainer.align_layer == expected
+
+
+def test_evaluate_refuses_a_dataset_dict_passed_in(tmp_path, tokenizer):
+    from datasets import DatasetDict
+
+    trainer = make_trainer(tmp_path, tokenizer)
+    splits = DatasetDict({"validation": Dataset.from_list(task_rows(n=4)), "test": Dataset.from_list(task_rows(n=4))})
+    with pytest.raises(TypeError, match=r"eval_dataset is a DatasetDict of the splits \['validation', 'test'\]"):
+        trainer.evaluate(eval_dataset=splits)

@@ -138,8 +138,8 @@ def test_identical_sides_are_retrieved_at_every_layer(dtype, tokenizer):
     assert result.retrieval_accuracy["xx"] == [1.0] * 4
     assert result.source_to_target_accuracy["mean"] == [1.0] * 4
     assert all(0 < gap < 1 for gap in result.similarity_gap["xx"])
-    # every layer ties at 1.0: layer 0 is never recommended, and ties go to the lowest layer
-    assert result.recommended_layer == 1
+    # every layer ties at 1.0: the scores cannot tell the layers apart, so no layer is recommended
+    assert result.recommended_layer is None
 
 
 def test_swapped_translations_are_never_retrieved(tokenizer):
@@ -156,6 +156,10 @@ def test_swapped_translations_are_never_retrieved(tokenizer):
 def test_recommend_layer_skips_embeddings_and_prefers_lower_layer_on_ties():
     assert recommend_layer([0.9, 0.2, 0.5, 0.5, 0.1]) == 2
     assert recommend_layer([0.1, 0.3], layers=[0, 7]) == 7
+    # scores that cannot tell the layers apart recommend nothing: all zero, or all equal
+    assert recommend_layer([0.5, 0.0, 0.0]) is None
+    assert recommend_layer([0.0, 0.0], layers=[0, 7]) is None
+    assert recommend_layer([0.9, 0.4, 0.4, 0.4]) is None
     with pytest.raises(ValueError, match="no layer above 0"):
         recommend_layer([0.5])
 

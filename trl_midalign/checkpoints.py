@@ -7,10 +7,14 @@ broken checkpoint is answered with the newest intact one of its folder.
 """
 
 import contextlib
+import errno
 import json
 import os
 import re
+import shutil
+import socket
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -222,4 +226,113 @@ def warn_about_earlier_checkpoints(output_dir: str, save_total_limit: int | None
         f"replacing any with the same step number.{rotation} Its model card (README.md) is overwritten too. To keep "
         "them, pass a new output_dir; to continue that run, pass resume_from_checkpoint=True (or the path of one of "
         "its checkpoints)."
+    )
+
+
+def check_output_dir(output_dir: str, option: str = "output_dir") -> None:
+    """Refuse, before anything is loaded or trained, an `output_dir` that is a file or lies below one."""
+    path = os.path.abspath(output_dir)
+    while True:
+        if os.path.exists(path) and not os.path.isdir(path):
+            inside = "" if path == os.path.abspath(output_dir) else f" ({output_dir} would lie inside it)"
+            raise NotADirectoryError(
+                f"{option} {output_dir}: {path} is an existing file, not a folder{inside}, so nothing could be "
+                f"written there. Pass the path of a folder (new or existing) as {option}."
+            )
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+LOCK_FILE = "_trl-midalign.lock"
+
+
+def _pid_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def acquire_output_dir_lock(output_dir: str) -> str:
+    """
+    Take the lock of `output_dir` for this run: a file `_trl-midalign.lock` naming the process (pid, host, start
+    time), created atomically. A lock held by a live run refuses this one, naming it; a lock left by a process of this
+    host that is gone (killed, crashed) is taken over with a warning. Returns the lock file's path.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_FILE)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    for _ in range(2):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    other = json.load(f)
+                pid, host = int(other["pid"]), str(other["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                other, pid, host = {}, None, None  # being written right now, or not ours: treat as held
+            if pid is not None and host == me["host"] and not _pid_is_alive(pid):
+                logger.warning(
+                    f"{path} names a run (pid {pid} on {host}, started {other.get('started')}) that is no longer "
+                    "running (killed or crashed): taking the lock over. Its last checkpoints may be incomplete; "
+                    "resuming names the newest intact one."
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            held_by = f"pid {pid} on host {host}, started {other.get('started')}" if pid is not None else "another run"
+            raise RuntimeError(
+                f"output_dir {output_dir} is in use by another training run ({held_by}; lock file {path}): two runs "
+                "writing into one folder overwrite and rotate each other's checkpoints. Give this run its own "
+                "output_dir, or wait for the other run to finish. If that run is gone (for example on another host), "
+                f"delete {path}."
+            ) from None
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        return path
+    raise RuntimeError(f"Could not take the lock {path} of output_dir {output_dir}: it keeps being re-created.")
+
+
+def release_output_dir_lock(path: str) -> None:
+    """Remove the lock taken by [`acquire_output_dir_lock`], if it is still this process's."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path, encoding="utf-8") as f:
+            if json.load(f).get("pid") != os.getpid():
+                return
+        os.remove(path)
+
+
+def no_space_error(error: BaseException, checkpoint: str) -> OSError | None:
+    """
+    The error to raise for a failed checkpoint save when the disk is full, or `None` when it is not a full disk: an
+    `OSError` with `errno.ENOSPC` (or `EDQUOT`), an error of another writer that says so (safetensors: "No space left
+    on device (os error 28)"), or torch's stream errors (`iostream error`, `unexpected pos`, `file write failed`)
+    while the filesystem has (almost) no space left.
+    """
+    folder = os.path.dirname(checkpoint) or "."
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = True
+    elif "No space left on device" in str(error) or "os error 28" in str(error):
+        full = True
+    elif any(
+        text in str(error) for text in ("iostream error", "unexpected pos", "file write failed", "PytorchStreamWriter")
+    ):
+        try:
+            full = shutil.disk_usage(folder).free < 16 * 2**20
+        except OSError:
+            full = False
+    else:
+        full = False
+    if not full:
+        return None
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on the device of {folder} while saving {checkpoint}: that checkpoint is incomplete (do not "
+        f"resume from it). Free some space (or lower save_total_limit), then resume. {resume_advice(folder)}",
     )

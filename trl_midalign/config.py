@@ -10,9 +10,19 @@ from typing import get_args
 
 from trl import SFTConfig
 
+from ._logging import get_logger
 from .layers import parse_layer_spec
 from .losses import Direction, PoolingMode, StopGradient
 from .schedules import Schedule
+
+
+WEIGHT_WARNED = 100.0
+"""`align_weight` above this is warned about (the usual values are 0.1-10)."""
+
+logger = get_logger(__name__)
+
+TEMPERATURE_RANGE = (0.01, 10.0)
+"""The `align_temperature` values accepted: the usual ones are 0.05-1 (the paper: 0.1); 0.01 is CLIP's floor."""
 
 
 def _parse_number(name: str, value, kind: type, example: str) -> int | float:
@@ -56,11 +66,13 @@ class AlignmentConfig(SFTConfig):
             `"middle"` (`N // 2` for a model of `N` blocks), or `"auto"` (probe the base model on a sample of the
             alignment pairs before training and take the layer with the best retrieval accuracy).
         align_temperature (`float`, *optional*, defaults to `0.1`):
-            Temperature dividing the cosine similarities of the contrastive loss: a finite number `> 0`. As for every
+            Temperature dividing the cosine similarities of the contrastive loss, in `[0.01, 10]` (the usual values
+            are 0.05-1; below 0.01 the logits and gradients explode, above 10 the loss is nearly flat). As for every
             numeric `align_*` setting, a numeric string (`"0.1"`) is converted, as the command-line parser does; any
             other value (`None`, `nan`, `inf`, a non-numeric string) is refused with an error naming the setting.
         align_weight (`float`, *optional*, defaults to `1.0`):
-            Weight of the alignment loss: a finite number `>= 0`.
+            Weight of the alignment loss: a finite number `>= 0` (`0` only with the `joint` schedule, where it measures
+            `align_loss` without training it; warned about above 100).
         align_pooling (`str`, *optional*, defaults to `"mean"`):
             How a sentence's token states are pooled: `"mean"` over the attention mask (the reference, BOS
             included), `"mean_no_special"` (mean leaving out special tokens such as BOS/EOS), or `"last"` (the last
@@ -136,9 +148,16 @@ class AlignmentConfig(SFTConfig):
         },
     )
     align_temperature: float = field(
-        default=0.1, metadata={"help": "Temperature dividing the cosine similarities of the contrastive loss."}
+        default=0.1,
+        metadata={
+            "help": "Temperature dividing the cosine similarities of the contrastive loss, in [0.01, 10] (usual: "
+            "0.05-1; the paper: 0.1)."
+        },
     )
-    align_weight: float = field(default=1.0, metadata={"help": "Weight of the alignment loss."})
+    align_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the alignment loss, >= 0 (0 only with align_schedule='joint'; usual: 0.1-10)."},
+    )
     align_pooling: PoolingMode = field(
         default="mean",
         metadata={
@@ -223,6 +242,18 @@ class AlignmentConfig(SFTConfig):
             raise ValueError(
                 f"align_temperature must be a finite number > 0, got {self.align_temperature}; the paper uses 0.1."
             )
+        low, high = TEMPERATURE_RANGE
+        if not low <= self.align_temperature <= high:
+            effect = (
+                "cosine similarities (in [-1, 1]) divided by it make logits so large that the loss and its gradients "
+                "explode (or overflow)"
+                if self.align_temperature < low
+                else "cosine similarities divided by it differ so little that the loss is nearly flat and aligns nothing"
+            )
+            raise ValueError(
+                f"align_temperature={self.align_temperature} is outside the sane range [{low}, {high}]: {effect}. The "
+                "paper uses 0.1; contrastive sentence losses use 0.05-1 (0.05 in SimCSE and sentence-transformers)."
+            )
         self.align_weight = _parse_number("align_weight", self.align_weight, float, "1.0")
         if not math.isfinite(self.align_weight) or self.align_weight < 0:
             raise ValueError(
@@ -239,6 +270,18 @@ class AlignmentConfig(SFTConfig):
             value, allowed = getattr(self, name), get_args(choices)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
+        if self.align_weight == 0 and self.align_schedule != "joint":
+            raise ValueError(
+                f"align_weight=0 with align_schedule={self.align_schedule!r}: every alignment micro-batch would train "
+                "nothing (its loss is 0 x align_loss) and still cost a forward and an optimizer update. To train the "
+                "task alone while measuring align_loss, use align_schedule='joint' with align_weight=0; otherwise "
+                "give align_weight a value > 0 (the paper: 1.0)."
+            )
+        if self.align_weight > WEIGHT_WARNED:
+            logger.warning(
+                f"align_weight={self.align_weight} is far above the usual 0.1-10 (the paper: 1.0): the alignment loss "
+                "would swamp the task loss (in the 'joint' schedule) or take huge steps (in the others)."
+            )
         if self.align_max_length is None:
             raise TypeError(
                 "align_max_length=None: it must be an int number of tokens >= 2 (default 256). There is no unlimited "

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from datasets import Dataset, IterableDataset, concatenate_datasets
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 from transformers.data.data_collator import DataCollatorMixin
 from trl import pack_dataset
-from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import pad
 
 from ._logging import get_logger
@@ -38,6 +37,13 @@ PAIR_KEYS = (
 """The keys the collator adds to a batch; the trainer takes them out before the task forward."""
 
 _ROW_COLUMN = "_align_row"  # row index carried through packing, on the first token of each row
+
+STREAM_CHECK_ROWS = 256
+"""How many rows of a streamed (`IterableDataset`) set are read and checked before training, as a `Dataset` is."""
+
+IDENTICAL_PAIRS_REFUSED = 0.9
+IDENTICAL_PAIRS_WARNED = 0.05
+"""Shares of pairs whose two sides are the same text above which the pairs are refused, or warned about."""
 
 _MISSING_COLUMN_FIX = (
     "Give each row a non-English sentence in {source!r} and its English translation in {target!r}, pass the pairs "
@@ -89,6 +95,49 @@ def _check_sentence(value: Any, column: str, where: str) -> None:
         )
 
 
+def stream_head(dataset: IterableDataset) -> list[dict[str, Any]]:
+    """The first `STREAM_CHECK_ROWS` rows of a streamed set: what is checked of it before training."""
+    return list(dataset.take(STREAM_CHECK_ROWS))
+
+
+def dataset_columns(dataset: Dataset | IterableDataset) -> list[str]:
+    """
+    The columns of a dataset. A stream built from a generator does not know its columns (`column_names` is `None`):
+    they are read from its first row.
+    """
+    columns = dataset.column_names
+    if columns is None and isinstance(dataset, IterableDataset):
+        head = list(dataset.take(1))
+        columns = list(head[0]) if head else []
+    return list(columns or [])
+
+
+def check_dataset_kind(dataset: Any, name: str, allow_dict: bool = False) -> None:
+    """
+    Refuse containers that are not a `datasets.Dataset` or `IterableDataset` (with `allow_dict`, a plain dict of
+    them: named evaluation sets), naming the conversion. A `DatasetDict` is a dict of splits: name the split.
+    """
+    if dataset is None or isinstance(dataset, (Dataset, IterableDataset)):
+        return
+    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+        splits = list(dataset)
+        several = " For several named evaluation sets, pass a plain dict {name: dataset}." if allow_dict else ""
+        raise TypeError(
+            f"The {name} is a {type(dataset).__name__} of the splits {splits}, not one dataset: pass one split, such "
+            f"as `dataset[{splits[0]!r}]`.{several}"
+        )
+    if allow_dict and isinstance(dataset, dict):
+        for key, value in dataset.items():
+            check_dataset_kind(value, f"{name} {key!r}")
+        return
+    kind = type(dataset).__name__
+    conversions = {"DataFrame": "Dataset.from_pandas(frame)", "list": "Dataset.from_list(rows)"}
+    conversion = conversions.get(kind, "Dataset.from_dict({column: values}) or datasets.load_dataset(...)")
+    raise TypeError(
+        f"The {name} must be a datasets.Dataset or IterableDataset, got {kind}; convert it with `{conversion}`."
+    )
+
+
 def check_pairs(
     dataset_or_rows: Dataset | IterableDataset | list[dict[str, Any]],
     source_column: str,
@@ -103,8 +152,9 @@ def check_pairs(
 
     Args:
         dataset_or_rows ([`~datasets.Dataset`], [`~datasets.IterableDataset`] or `list[dict]`):
-            The pairs. The sentences of an `IterableDataset` are not read (only its columns are checked, when known):
-            the collator checks them batch by batch. A packed row's column holds a list of sentences.
+            The pairs. Of an `IterableDataset`, the first `STREAM_CHECK_ROWS` rows are read and checked (see
+            [`stream_head`]; errors name the row counted from the start of the stream), the rest batch by batch by the
+            collator. A packed row's column holds a list of sentences.
         source_column (`str`):
             Column of the non-English sentences.
         target_column (`str`):
@@ -124,23 +174,21 @@ def check_pairs(
     ValueError: Row 0 of the batch: column 'tgt' holds an empty or whitespace-only sentence (' '); ...
     ```
     """
-    is_rows = isinstance(dataset_or_rows, list)
-    if is_rows:
+    if isinstance(dataset_or_rows, IterableDataset):
+        columns = dataset_columns(dataset_or_rows)
+        dataset_or_rows, name = stream_head(dataset_or_rows), f"{name} stream"
+    elif isinstance(dataset_or_rows, list):
         columns = sorted(dataset_or_rows[0]) if dataset_or_rows else []
     else:
         columns = dataset_or_rows.column_names
+    is_rows = isinstance(dataset_or_rows, list)
     for column in (source_column, target_column):
-        if is_rows:
-            missing = any(column not in row for row in dataset_or_rows)
-        else:
-            missing = columns is not None and column not in columns
+        missing = any(column not in row for row in dataset_or_rows) if is_rows else column not in columns
         if missing:
             advice = (fix or _MISSING_COLUMN_FIX).format(source=source_column, target=target_column)
             raise ValueError(
                 f"The {name} has no column {column!r} for the alignment pairs (its columns: {columns}). {advice}"
             )
-    if isinstance(dataset_or_rows, IterableDataset):
-        return
     for column in (source_column, target_column):
         values = [row[column] for row in dataset_or_rows] if is_rows else dataset_or_rows[column]
         for row, value in enumerate(values):
@@ -151,34 +199,76 @@ def check_pairs(
                 _check_sentence(value, column, f"{row} of the {name}")
 
 
+def check_identical_sides(sources: list[str], targets: list[str], source_column: str, target_column: str, what: str):
+    """
+    Pairs whose two sides are the same text (the same column twice, an untranslated copy) teach nothing: a sentence
+    retrieves itself at no cost. Refused when at least `IDENTICAL_PAIRS_REFUSED` of the pairs are, warned about above
+    `IDENTICAL_PAIRS_WARNED`. `what` names the pairs in the message, such as `"The train dataset's 12 alignment
+    pairs"`.
+    """
+    identical = [i for i, (a, b) in enumerate(zip(sources, targets)) if a.strip() == b.strip()]
+    share = len(identical) / max(1, len(sources))
+    if not identical or share < IDENTICAL_PAIRS_WARNED:
+        return
+    message = (
+        f"{what}: {len(identical)} of {len(sources)} ({share:.0%}) have the same text in {source_column!r} and "
+        f"{target_column!r} (for example pair {identical[0]}: {sources[identical[0]]!r}). A sentence retrieves itself "
+        "at no cost, so such pairs align nothing; usually the two columns name the same side, or the 'translations' "
+        "were copied untranslated."
+    )
+    if share >= IDENTICAL_PAIRS_REFUSED:
+        raise ValueError(
+            f"{message} Point the source column at the non-English sentences and the target column at their English "
+            "translations (align_source_column / align_target_column, --source_column / --target_column), or drop "
+            f"the copies, e.g. `dataset.filter(lambda row: row[{source_column!r}].strip() != "
+            f"row[{target_column!r}].strip())`."
+        )
+    logger.warning(f"{message} Drop them (`dataset.filter(...)`) unless they are meant to be there.")
+
+
 def check_distinct_pairs(
     dataset: Dataset | IterableDataset, args: "AlignmentConfig", name: str, batch_size: int, warn: bool = True
 ) -> None:
     """
-    Refuse pairs that can only make batches without a negative: two pairs that share a sentence are duplicates, not
-    used as negatives of each other, so a batch has a negative only where two pairs differ on both sides, which some
-    pairs of the dataset do exactly when it holds at least 2 distinct sources and at least 2 distinct targets. With
-    `warn`, also warn when there are fewer distinct sentences than pairs in a batch. An `IterableDataset` is counted
-    batch by batch while training instead.
+    The one policy for pairs that cannot teach anything. Two pairs that share a sentence are duplicates, not used as
+    negatives of each other, so a batch has a negative only where two pairs differ on both sides, which some pairs of
+    the dataset do exactly when it holds at least 2 distinct sources and at least 2 distinct targets: fewer are
+    refused. A pair whose two sides are the same text (the same column twice, an untranslated copy) is matched by
+    any model at no cost: pairs refused when at least `IDENTICAL_PAIRS_REFUSED` of them are, warned about above
+    `IDENTICAL_PAIRS_WARNED`. With `warn`, also warn when there are fewer distinct sentences than pairs in a batch. Of
+    an `IterableDataset`, its first `STREAM_CHECK_ROWS` rows are counted (the rest batch by batch while training).
     """
-    if not isinstance(dataset, Dataset):
-        return
     source, target = args.align_source_column, args.align_target_column
-    sources = [text for value in dataset[source] for text in as_list(value)]
-    targets = [text for value in dataset[target] for text in as_list(value)]
+    if isinstance(dataset, IterableDataset):
+        rows = stream_head(dataset)
+        if not rows or source not in rows[0] or target not in rows[0]:
+            return  # checked by check_pairs / check_eval_dataset
+        source_values, target_values = [row[source] for row in rows], [row[target] for row in rows]
+        whole = len(rows) < STREAM_CHECK_ROWS
+        what = (
+            f"The {name} stream's {len(rows)} alignment pairs"
+            if whole
+            else (f"The first {len(rows)} alignment pairs of the {name} stream")
+        )
+    else:
+        source_values, target_values = dataset[source], dataset[target]
+        what = f"The {name} dataset's {len(dataset)} alignment pairs"
+    sources = [text for value in source_values for text in as_list(value)]
+    targets = [text for value in target_values for text in as_list(value)]
     num_sources, num_targets = len(set(sources)), len(set(targets))
     if min(num_sources, num_targets) < 2:
         side, count, column = ("source", num_sources, source) if num_sources < 2 else ("target", num_targets, target)
         raise ValueError(
-            f"The {name} dataset's {len(dataset)} alignment pairs hold only {count} distinct {side} sentence "
+            f"{what} hold only {count} distinct {side} sentence "
             f"(column {column!r}; {num_sources} distinct sources, {num_targets} distinct targets). Pairs that share a "
             "sentence are duplicates, which are not used as negatives of each other, so every batch would be left "
             "without a negative and align_loss would be exactly 0.0: nothing would be aligned. Give the pairs at "
             "least 2 (better: many) different sentences on each side."
         )
+    check_identical_sides(sources, targets, source, target, what)
     if warn and min(num_sources, num_targets) < batch_size:
         logger.warning(
-            f"The {name} dataset's alignment pairs hold only {num_sources} distinct sources and {num_targets} distinct "
+            f"{what} hold only {num_sources} distinct sources and {num_targets} distinct "
             f"targets, fewer than the {batch_size} pairs of a batch: every batch repeats sentences, repeated pairs are "
             "masked as duplicates, and a batch made of one repeated pair has no negative at all (align_loss 0.0; "
             "counted as align_steps_without_negatives in the logs). Use more distinct pairs."
@@ -203,7 +293,11 @@ def attach_alignment_dataset(
     if alignment_dataset is None:
         if train_dataset is None:
             return None
+        if isinstance(train_dataset, IterableDataset) and not stream_head(train_dataset):
+            raise ValueError("The train dataset stream yields no rows; pass a dataset with training rows.")
         check_pairs(train_dataset, source, target, "train dataset")
+        if isinstance(train_dataset, IterableDataset):
+            check_distinct_pairs(train_dataset, args, "train", args.per_device_train_batch_size)
         if per_row == 1:
             return train_dataset
         # the rows' own pairs, dealt out again several to a row
@@ -297,7 +391,7 @@ def check_eval_dataset(dataset: Dataset | IterableDataset, args: "AlignmentConfi
     source, target = args.align_source_column, args.align_target_column
     if isinstance(dataset, Dataset) and len(dataset) == 0:
         raise ValueError(f"The {name} dataset is empty (0 rows); pass an evaluation set with rows, or none.")
-    columns = dataset.column_names or []
+    columns = dataset_columns(dataset)
     present = [column for column in (source, target) if column in columns]
     if len(present) == 1:
         missing = target if present[0] == source else source
@@ -397,7 +491,7 @@ def check_prepared_dataset(
 
 def has_pair_columns(dataset: Dataset | IterableDataset, args: "AlignmentConfig") -> bool:
     """Whether `dataset` has both pair columns."""
-    columns = get_dataset_column_names(dataset) or []
+    columns = dataset_columns(dataset)
     return args.align_source_column in columns and args.align_target_column in columns
 
 

@@ -224,6 +224,24 @@ def load_causal_lm(
     return prepare_gguf_model(model)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _check_tokenizer_files(directory: str) -> None:
+    """Refuse a local model folder without any vocabulary file, naming the files looked for and those there."""
+    if not os.path.isdir(directory):
+        return
+    present = sorted(os.listdir(directory))
+    if any(name in _TOKENIZER_FILES or name.endswith((".model", ".tiktoken")) for name in present):
+        return
+    raise FileNotFoundError(
+        f"The model folder {directory} holds no tokenizer: none of {list(_TOKENIZER_FILES)} (or a *.model / "
+        f"*.tiktoken vocabulary) is there (its files: {present[:12]}{', ...' if len(present) > 12 else ''}). Save the "
+        "tokenizer next to the model (`tokenizer.save_pretrained(folder)`), or copy its tokenizer files from the "
+        "model it was trained from."
+    )
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, gguf_file: str | None = None, **kwargs) -> PreTrainedTokenizerBase:
     """
     Loads the tokenizer of a model from a directory, a Hub id or a GGUF file.
@@ -240,11 +258,12 @@ def load_tokenizer(name_or_path: str | os.PathLike, gguf_file: str | None = None
         [`~transformers.PreTrainedTokenizerBase`]: The tokenizer.
 
     Raises:
-        FileNotFoundError: If a local path or the GGUF file does not exist.
+        FileNotFoundError: If a local path or the GGUF file does not exist, or a local folder has no tokenizer file.
         ValueError: If the GGUF file's architecture is not supported by transformers.
     """
     directory, gguf_file = _split_gguf_path(name_or_path, gguf_file)
     if gguf_file is None:
+        _check_tokenizer_files(directory)
         return AutoTokenizer.from_pretrained(directory, **kwargs)
     _require_gguf()
     try:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import PreTrainedModel, ProcessorMixin, TrainingArguments
@@ -25,7 +26,11 @@ from trl.models.utils import _ForwardRedirection
 
 from ._logging import get_logger
 from .checkpoints import (
+    acquire_output_dir_lock,
+    check_output_dir,
     check_weights_are_finite,
+    no_space_error,
+    release_output_dir_lock,
     resolve_resume_checkpoint,
     restore_alignment_state,
     resume_advice,
@@ -39,6 +44,7 @@ from .data import (
     all_rows_dropped_message,
     attach_alignment_dataset,
     check_batch_for_schedule,
+    check_dataset_kind,
     check_eval_dataset,
     check_prepared_dataset,
     has_pair_columns,
@@ -50,6 +56,7 @@ from .losses import contrastive_alignment_loss, gradient_cached_loss, pool
 from .model_card import alignment_section, update_card
 from .modeling import check_decoder_only_lm, load_model_for_training, prepare_gguf_model
 from .probing import LayerProbeCallback, ProbeResult, probe_layers
+from .probing.probe import no_recommendation_reason
 from .schedules import is_alignment_step, is_task_step
 from .task_loss import labels_only_head_unsupported, labels_only_task_loss
 
@@ -175,6 +182,27 @@ def _place_for_probe(model: nn.Module, args: AlignmentConfig) -> None:
     model.to(args.device)
 
 
+def _no_batch_dispatch(args: AlignmentConfig, *datasets: Any) -> None:
+    """
+    Let every process read its own batches of a streamed set. accelerate's default for an `IterableDataset` is to
+    read batches on the main process and cut every tensor of the batch to the size of its first one (`input_ids`),
+    which would cut the pair tensors (`2 * batch` rows of sources then targets) in half. `dispatch_batches=False`
+    is accelerate's other mode and changes nothing for map-style sets; an explicit `True` is refused.
+    """
+    streamed = any(
+        isinstance(d, IterableDataset)
+        for value in datasets
+        for d in (value.values() if isinstance(value, dict) else [value])
+    )
+    if args.accelerator_config.dispatch_batches and streamed:
+        raise ValueError(
+            "accelerator_config.dispatch_batches=True with a streamed (IterableDataset) set: accelerate would cut the "
+            "alignment pair tensors of each batch (sources then targets, twice the rows of input_ids) to the batch "
+            "size, dropping the targets. Leave dispatch_batches unset or set it to False."
+        )
+    args.accelerator_config.dispatch_batches = False
+
+
 def _check_padding_free_attention(model: nn.Module) -> None:
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
     if attention not in _PADDING_FREE_ATTENTION and "flash" not in attention:
@@ -289,6 +317,11 @@ class AlignmentTrainer(SFTTrainer):
         args = _as_alignment_config(args, model)
         _ = args.distributed_state  # sets up the accelerate state: from here on, logs come from the main process only
         _check_alignment_setup(args)
+        check_output_dir(args.output_dir)
+        check_dataset_kind(train_dataset, "train_dataset")
+        check_dataset_kind(eval_dataset, "eval_dataset", allow_dict=True)
+        check_dataset_kind(alignment_dataset, "alignment_dataset")
+        _no_batch_dispatch(args, train_dataset, eval_dataset)
 
         # The model, loaded here when given by name: its depth (and, for align_layer="auto", a probe) gives the layer
         model_init_kwargs = args.model_init_kwargs
@@ -382,7 +415,7 @@ class AlignmentTrainer(SFTTrainer):
         )
 
     def _probe_for_layer(
-        self, model: nn.Module, processing_class: Any, pairs: Dataset, args: AlignmentConfig
+        self, model: nn.Module, processing_class: Any, pairs: Dataset | IterableDataset, args: AlignmentConfig
     ) -> ProbeResult:
         """Probe the base model on a sample of the pairs, per language; `align_layer="auto"` takes the best layer."""
         if any(getattr(p, "ds_id", None) is not None and p.numel() == 0 for p in model.parameters()):
@@ -392,7 +425,10 @@ class AlignmentTrainer(SFTTrainer):
                 "the recommended layer, or disable zero3_init_flag."
             )
         _place_for_probe(model, args)
-        sample = pairs.shuffle(seed=args.seed).select(range(min(len(pairs), args.align_auto_num_pairs)))
+        if isinstance(pairs, IterableDataset):  # a stream: its first pairs (shuffling a stream only shuffles shards)
+            sample = list(pairs.take(args.align_auto_num_pairs))
+        else:
+            sample = pairs.shuffle(seed=args.seed).select(range(min(len(pairs), args.align_auto_num_pairs)))
         result = probe_layers(
             model,
             processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class,
@@ -404,6 +440,10 @@ class AlignmentTrainer(SFTTrainer):
             pooling=args.align_pooling,
             show_progress=False,
         )
+        if result.recommended_layer is None:
+            raise ValueError(
+                f"align_layer='auto' probed {len(sample)} training pairs. {no_recommendation_reason(result)}"
+            )
         logger.warning(
             f"align_layer='auto': layer {result.recommended_layer} of {self.num_layers} has the best mean retrieval "
             f"accuracy of the base model on {len(sample)} training pairs:\n{result.to_markdown()}"
@@ -465,6 +505,7 @@ class AlignmentTrainer(SFTTrainer):
         that carry pairs. The metrics of a set of a dict are named with its key (`eval_<name>_align_loss`).
         """
         if self._evaluate_depth == 0 and eval_dataset is not None and not isinstance(eval_dataset, str):
+            check_dataset_kind(eval_dataset, "eval_dataset", allow_dict=True)
             datasets = eval_dataset if isinstance(eval_dataset, dict) else {metric_key_prefix: eval_dataset}
             for name, dataset in datasets.items():
                 check_eval_dataset(dataset, self.args, name)
@@ -742,27 +783,55 @@ class AlignmentTrainer(SFTTrainer):
     # Checkpoints (their integrity lives in `checkpoints.py`) and model card
     def _save_checkpoint(self, model, trial):
         check_weights_are_finite(self.model, self.state.global_step, self.args.output_dir)
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            state = {
-                "align_micro_step": self._align_micro_step,
-                "align_layer": self.align_layer,
-                "align_schedule": self.args.align_schedule,
-            }
-            write_alignment_state(folder, state)  # written last: a checkpoint with this file is complete
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                state = {
+                    "align_micro_step": self._align_micro_step,
+                    "align_layer": self.align_layer,
+                    "align_schedule": self.args.align_schedule,
+                }
+                write_alignment_state(folder, state)  # written last: a checkpoint with this file is complete
+        except Exception as error:  # safetensors, torch and the OS each report a full disk their own way
+            full = no_space_error(error, folder)
+            if full is None:
+                raise
+            raise full from error
+
+    def _take_output_dir(self) -> str | None:
+        """The main process takes the lock of `output_dir` (see [`acquire_output_dir_lock`]); all refuse together."""
+        lock, refusal = None, None
+        if self.is_world_process_zero():
+            try:
+                lock = acquire_output_dir_lock(self.args.output_dir)
+            except RuntimeError as error:
+                refusal = str(error)
+        if self.accelerator.num_processes > 1:
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise RuntimeError(refusal)
+        return lock
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        if checkpoint is not None:
-            self._align_micro_step = restore_alignment_state(
-                checkpoint, self.args.output_dir, self.align_layer, self.args.align_schedule
-            )
-        elif self.is_world_process_zero():
-            warn_about_earlier_checkpoints(self.args.output_dir, self.args.save_total_limit)
-        return super().train(checkpoint, *args, **kwargs)
+        """
+        Train as [`~trl.SFTTrainer.train`]. While it trains, the run holds a lock file in `output_dir`
+        (`_trl-midalign.lock`, naming its pid, host and start time): a second run started in the same folder is
+        refused; a lock left by a run of this host that died is taken over with a warning.
+        """
+        lock = self._take_output_dir()
+        try:
+            checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+            if checkpoint is not None:
+                self._align_micro_step = restore_alignment_state(
+                    checkpoint, self.args.output_dir, self.align_layer, self.args.align_schedule
+                )
+            elif self.is_world_process_zero():
+                warn_about_earlier_checkpoints(self.args.output_dir, self.args.save_total_limit)
+            return super().train(checkpoint, *args, **kwargs)
+        finally:
+            if lock is not None:
+                release_output_dir_lock(lock)
 
     def create_model_card(
         self,

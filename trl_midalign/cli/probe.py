@@ -5,11 +5,13 @@ import re
 
 import torch
 
+from ..checkpoints import check_output_dir
+from ..data import check_identical_sides
 from ..local_files import EXTENSIONS, load_rows
 from ..modeling import load_causal_lm, load_tokenizer
 from ..probing.arguments import ProbeArguments
 from ..probing.plots import pyplot
-from ..probing.probe import MEAN, ProbeResult, group_pairs, probe_groups
+from ..probing.probe import MEAN, ProbeResult, group_pairs, no_recommendation_reason, probe_groups
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -47,8 +49,8 @@ def _load_model_and_tokenizer(path: str, dtype: str, device: str):
     else:
         torch_dtype = getattr(torch, dtype)
     try:
+        tokenizer = load_tokenizer(path)  # first: a folder without tokenizer files is refused before the model loads
         model = load_causal_lm(path, dtype=torch_dtype)
-        tokenizer = load_tokenizer(path)
     except FileNotFoundError:
         raise
     except OSError as error:  # for example a Hub id that cannot be reached
@@ -68,6 +70,7 @@ def run_probe(args: ProbeArguments) -> ProbeResult:
     Returns:
         [`ProbeResult`]: The probe result that was written.
     """
+    check_output_dir(args.output_dir, "--output_dir")
     if args.plot:
         pyplot()  # fail before the slow part when matplotlib is missing
     groups = group_pairs(
@@ -78,6 +81,12 @@ def run_probe(args: ProbeArguments) -> ProbeResult:
         languages=args.languages,
         max_pairs_per_language=args.max_pairs_per_language,
         name=f"pairs of {args.data}",
+    )
+    # Pairs whose sides are the same text score 1.0 at every layer: no layer choice can come from them
+    sources = [sentence for group, _ in groups.values() for sentence in group]
+    targets = [sentence for _, group in groups.values() for sentence in group]
+    check_identical_sides(
+        sources, targets, args.source_column, args.target_column, f"The {len(sources)} pairs of {args.data}"
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load_model_and_tokenizer(args.model_name_or_path, args.dtype, device)
@@ -96,11 +105,14 @@ def run_probe(args: ProbeArguments) -> ProbeResult:
     if args.plot:
         written += result.plot(args.output_dir)
     layer = result.recommended_layer
-    accuracy = result.retrieval_accuracy[MEAN][result.layers.index(layer)]
     print()
     print(f"Retrieval accuracy of {args.pooling}-pooled states per layer (0 = embeddings; * = recommended):")
     print(result.to_markdown())
     print()
+    if layer is None:
+        print("Wrote " + ", ".join(written))
+        raise SystemExit(f"trl-midalign probe: error: {no_recommendation_reason(result)}")
+    accuracy = result.retrieval_accuracy[MEAN][result.layers.index(layer)]
     print(
         f"Recommended layer: {layer} of {result.layers[-1]} (mean retrieval accuracy {accuracy:.3f}); "
         f"use it with align_layer={layer}"

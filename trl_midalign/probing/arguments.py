@@ -28,7 +28,7 @@ class ProbeArguments:
         batch_size (`int`, *optional*, defaults to `32`):
             Sentences per forward pass.
         max_length (`int`, *optional*, defaults to `128`):
-            Maximum tokens per sentence.
+            Maximum tokens per sentence, at least 2.
         pooling (`str`, *optional*, defaults to `"mean"`):
             How a sentence's token states are pooled: `"mean"`, `"mean_no_special"` or `"last"` (as `align_pooling`).
         source_column (`str`, *optional*, defaults to `"parallel_source"`):
@@ -64,7 +64,9 @@ class ProbeArguments:
         default=None, metadata={"help": "Probe only the first N pairs of each language (at least 2)."}
     )
     batch_size: int = field(default=32, metadata={"help": "Sentences per forward pass."})
-    max_length: int = field(default=128, metadata={"help": "Maximum tokens per sentence; longer ones are truncated."})
+    max_length: int = field(
+        default=128, metadata={"help": "Maximum tokens per sentence (at least 2); longer ones are truncated."}
+    )
     pooling: PoolingMode = field(
         default="mean",
         metadata={
@@ -99,8 +101,11 @@ class ProbeArguments:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1.")
-        if self.max_length < 1:
-            raise ValueError(f"max_length={self.max_length} must be at least 1.")
+        if self.max_length < 2:
+            raise ValueError(
+                f"max_length={self.max_length}: a sentence needs at least 2 tokens (with a BOS token, 1 token leaves "
+                "every sentence the same), as align_max_length in training. Pass --max_length 2 or more (default 128)."
+            )
         if self.max_pairs_per_language is not None and self.max_pairs_per_language < 2:
             raise ValueError(
                 f"max_pairs_per_language={self.max_pairs_per_language}: retrieval needs at least 2 pairs per "

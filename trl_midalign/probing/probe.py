@@ -207,9 +207,10 @@ def _format(value: float) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def recommend_layer(mean_retrieval_accuracy: list[float], layers: list[int] | None = None) -> int:
+def recommend_layer(mean_retrieval_accuracy: list[float], layers: list[int] | None = None) -> int | None:
     """
-    The layer with the highest mean retrieval accuracy, layer 0 excluded.
+    The layer with the highest mean retrieval accuracy, layer 0 excluded, or `None` when the scores cannot tell the
+    layers apart: every layer above 0 scores 0 (nothing was retrieved anywhere), or all score the same.
 
     Layer 0 (the embedding output) is context-free and no block can be trained to change it, so it is never
     recommended. Ties go to the lower layer: the alignment step only runs the blocks below the aligned layer, so a
@@ -222,14 +223,32 @@ def recommend_layer(mean_retrieval_accuracy: list[float], layers: list[int] | No
             The layer index of each value; `0 .. len - 1` when `None`.
 
     Returns:
-        `int`: The recommended layer index.
+        `int` or `None`: The recommended layer index, or `None` when no layer is better than another.
     """
     layers = list(range(len(mean_retrieval_accuracy))) if layers is None else list(layers)
     candidates = [(value, layer) for layer, value in zip(layers, mean_retrieval_accuracy) if layer > 0]
     if not candidates:
         raise ValueError("Cannot recommend a layer: the probe has no layer above 0 (the embedding output).")
-    best = max(value for value, _ in candidates)
+    values = [value for value, _ in candidates if not math.isnan(value)]
+    if not values:
+        return None
+    best = max(values)
+    if best <= 0 or (len(candidates) > 1 and min(values) >= best - 1e-9):
+        return None
     return min(layer for value, layer in candidates if value >= best - 1e-9)
+
+
+def no_recommendation_reason(result: "ProbeResult") -> str:
+    """Why `result` recommends no layer, and what to do (for a result whose `recommended_layer` is `None`)."""
+    scores = [value for layer, value in zip(result.layers, result.retrieval_accuracy[MEAN]) if layer > 0]
+    same = f"{scores[0]:.3f}" if scores else "-"
+    return (
+        f"No layer can be recommended: every layer above 0 has the same mean retrieval accuracy ({same}), so the "
+        "scores cannot tell the layers apart. Usually the sentences were cut to (almost) nothing (raise max_length), "
+        f"the pairs are too few or not translations of each other ({sum(result.num_pairs.values())} pairs probed), or "
+        "the model is untrained. Fix the data or settings and probe again, or choose align_layer yourself (the "
+        "paper: the middle layer, align_layer='middle')."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -436,8 +455,13 @@ def probe_groups(
     model_name: str | None = None,
 ) -> ProbeResult:
     """[`probe_layers`] on pairs already grouped by [`group_pairs`] (the callback groups them once, probes often)."""
-    if batch_size < 1 or max_length < 1:
-        raise ValueError(f"batch_size and max_length must be positive, got {batch_size} and {max_length}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if max_length < 2:
+        raise ValueError(
+            f"max_length={max_length}: a sentence needs at least 2 tokens (with a BOS token, 1 token leaves every "
+            "sentence the same), as align_max_length in training. Pass max_length >= 2 (default 128)."
+        )
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r} is not supported; choose one of {list(POOLINGS)}.")
     # Each distinct sentence is encoded once (English sides are often shared between languages).
