@@ -151,6 +151,49 @@ def test_alignment_only_module_from_pairs_alone_changes_only_blocks_below_layer(
     assert {block_of(n) for n in saved} == {0, 1, 2}
 
 
+@pytest.mark.parametrize("target_modules", ["all-linear", r".*\.(q_proj|down_proj)"])
+def test_alignment_only_with_string_target_modules_puts_lora_below_the_layer(
+    tmp_path, tokenizer, pair_dataset, target_modules
+):
+    """PEFT refuses layers_to_transform with a string target_modules: the string is resolved to the modules it selects
+    in the blocks below the layer."""
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, lora_dropout=0.0)
+    trainer = AlignmentTrainer(
+        model=build_model("llama", len(tokenizer), num_layers=6),
+        args=config(tmp_path, align_schedule="alignment_only", align_layer=3, max_steps=2),
+        train_dataset=None,
+        alignment_dataset=pair_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    targeted = trainer.model.base_model.targeted_module_names
+    assert {block_of(n) for n in targeted} == {0, 1, 2}
+    kinds = {n.rsplit(".", 1)[-1] for n in targeted}
+    if target_modules == "all-linear":
+        assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    else:
+        assert kinds == {"q_proj", "down_proj"}
+    assert peft_config.target_modules == target_modules  # the caller's config is left as it was
+    before = snapshot(trainer.model)
+    trainer.train()
+    moved = changed(before, trainer.model)
+    assert {n for n in moved if "lora_B" in n} and not {n for n in moved if block_of(n) >= 3}
+
+
+def test_alignment_only_refuses_string_target_modules_that_select_nothing_below_the_layer(
+    tmp_path, tokenizer, pair_dataset
+):
+    with pytest.raises(ValueError, match=r"target_modules='lm_head' selects no module .* below the aligned layer 3"):
+        AlignmentTrainer(
+            model=build_model("llama", len(tokenizer), num_layers=6),
+            args=config(tmp_path, align_schedule="alignment_only", align_layer=3, max_steps=2),
+            train_dataset=None,
+            alignment_dataset=pair_dataset,
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules="lm_head"),
+        )
+
+
 def test_alignment_only_auto_layer_probes_per_language_and_keeps_lora_below_it(tmp_path, tokenizer):
     from trl_midalign.probing import probe_layers
 

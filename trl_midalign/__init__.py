@@ -2,7 +2,7 @@
 
 from .config import AlignmentConfig
 from .data import DataCollatorForAlignment
-from .layers import get_decoder, get_decoder_layers, layer_hidden_states, resolve_layer
+from .layers import get_decoder, get_decoder_layers, layer_hidden_states, packed_layer_hidden_states, resolve_layer
 from .losses import contrastive_alignment_loss, masked_mean_pool, pool
 from .merging import merge_adapters, search_merge_weights
 from .modeling import load_causal_lm, load_tokenizer, prepare_gguf_model
@@ -26,6 +26,7 @@ __all__ = [
     "load_tokenizer",
     "masked_mean_pool",
     "merge_adapters",
+    "packed_layer_hidden_states",
     "pool",
     "prepare_gguf_model",
     "probe_layers",

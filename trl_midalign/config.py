@@ -127,7 +127,15 @@ class AlignmentConfig(SFTConfig):
             pairs of the training rows. An epoch then uses that many times more pair slots (cycled when the pairs run
             out). Combine with `align_mini_batch_size` when the larger batch does not fit. `None`: one pair per row.
 
-        > Parameters that control how the task loss is computed (not what it is)
+        > Parameters that control how the alignment and task losses are computed (not what they are)
+
+        align_padding_free (`bool` or `None`, *optional*, defaults to `None`):
+            Run the alignment forward without padding: the sentences of the pairs are packed into rows of at most
+            `align_max_length` tokens, with positions restarting at 0 for each sentence and no attention mask, which
+            eager, SDPA, flex and flash attention read as separate sequences (the same rule as TRL's `padding_free`
+            for task rows). The pooled states and the loss equal the padded pairs' to float rounding. `None`: on where
+            the model's attention implementation keeps packed sequences apart, padded otherwise; `True`: refused
+            where it does not; `False`: padded pairs.
 
         lm_head_on_labels_only (`bool`, *optional*, defaults to `True`):
             Compute the task loss with the LM head applied only to the positions that predict a label (through
@@ -222,6 +230,15 @@ class AlignmentConfig(SFTConfig):
             "help": "Pairs per device in an alignment micro-batch when it differs from per_device_train_batch_size: "
             "each row carries align_batch_size / per_device_train_batch_size pairs (must divide). None: one pair "
             "per row."
+        },
+    )
+
+    align_padding_free: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Pack the pair sentences into rows without padding for the alignment forward (positions restart "
+            "per sentence). None: where the attention implementation keeps packed sequences apart (eager, sdpa, "
+            "flex_attention, flash); True: refused where it does not; False: padded pairs."
         },
     )
 

@@ -170,8 +170,9 @@ def resolve_layer(spec: int | float | str, num_layers: int) -> int:
 def layer_hidden_states(
     model: nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     layer: int,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Hidden states of `layer` (`hidden_states[layer]` in transformers' convention), computed by running only the
@@ -187,10 +188,12 @@ def layer_hidden_states(
             A causal LM, possibly PEFT-, DDP- or DeepSpeed-wrapped.
         input_ids (`torch.Tensor`):
             Token ids of shape `(batch, seq_len)`.
-        attention_mask (`torch.Tensor`):
-            Attention mask of shape `(batch, seq_len)`.
+        attention_mask (`torch.Tensor` or `None`):
+            Attention mask of shape `(batch, seq_len)`; `None` for packed rows (then `position_ids`).
         layer (`int`):
             Layer index in `[0, N]`; 0 returns the embedding output.
+        position_ids (`torch.Tensor`, *optional*):
+            Positions of shape `(batch, seq_len)`, restarting at 0 where a packed sequence starts.
 
     Returns:
         `torch.Tensor`: States of shape `(batch, seq_len, hidden)`.
@@ -221,7 +224,8 @@ def layer_hidden_states(
 
         handle = stop_module.register_forward_hook(hook)
     try:
-        decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        # Without a cache (DESIGN.md: with one, transformers builds no per-sequence mask for packed rows)
+        decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -232,3 +236,59 @@ def layer_hidden_states(
             f"{layer}; its block stack is not used the way trl-midalign expects."
         )
     return captured["states"]
+
+
+def packed_layer_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int,
+    row_tokens: int,
+) -> torch.Tensor:
+    """
+    [`layer_hidden_states`] of right-padded sentences, computed without their padding: the sentences are packed in
+    order into rows of at most `row_tokens` tokens, with positions restarting at 0 for each sentence and no attention
+    mask, so that the attention implementation keeps them apart (eager, SDPA, flex and flash attention do, from the
+    positions); the states are then put back in the padded layout. Only for models whose attention separates packed
+    sequences (`AlignmentConfig.align_padding_free`).
+
+    Args:
+        model (`torch.nn.Module`):
+            A causal LM, possibly PEFT-, DDP- or DeepSpeed-wrapped.
+        input_ids (`torch.Tensor`):
+            Token ids of shape `(batch, seq_len)`, right-padded.
+        attention_mask (`torch.Tensor`):
+            Right-padding mask of shape `(batch, seq_len)`; every row has at least one token.
+        layer (`int`):
+            Layer index in `[0, N]`.
+        row_tokens (`int`):
+            Most tokens per packed row (a longer sentence gets a row of its own); bounds the attention's
+            `row_tokens x row_tokens` scores.
+
+    Returns:
+        `torch.Tensor`: States of shape `(batch, seq_len, hidden)`, zeros at the padding.
+    """
+    real = attention_mask.bool()
+    lengths = real.sum(dim=1).tolist()
+    rows, starts, used = [], [], [0]
+    for length in lengths:  # first fit in order: a new row when this sentence does not fit
+        if used[-1] + length > row_tokens and used[-1] > 0:
+            used.append(0)
+        rows.append(len(used) - 1)
+        starts.append(used[-1])
+        used[-1] += length
+    device = input_ids.device
+    width = max(used)
+    within = real.cumsum(dim=1) - 1  # each token's position in its sentence
+    row_of = torch.tensor(rows, device=device)[:, None].expand_as(real)[real]
+    column_of = (torch.tensor(starts, device=device)[:, None] + within)[real]
+    # The free end of a row is a sequence of its own (positions from 0): it attends to nothing real and is dropped
+    filled = torch.tensor(used, device=device)[:, None]
+    position_ids = (torch.arange(width, device=device)[None, :] - filled).clamp(min=0)
+    position_ids = position_ids.index_put((row_of, column_of), within[real])
+    packed_ids = input_ids.new_full((len(used), width), int(input_ids[0, 0])).index_put(
+        (row_of, column_of), input_ids[real]
+    )
+    states = layer_hidden_states(model, packed_ids, None, layer, position_ids=position_ids)  # (rows, width, hidden)
+    padded = states.new_zeros(*input_ids.shape, states.size(-1))
+    return padded.index_put(tuple(real.nonzero().T), states[row_of, column_of])

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -51,7 +52,13 @@ from .data import (
     named_datasets,
     pack_with_pairs,
 )
-from .layers import layer_hidden_states, num_decoder_layers, resolve_layer
+from .layers import (
+    get_decoder_layers,
+    layer_hidden_states,
+    num_decoder_layers,
+    packed_layer_hidden_states,
+    resolve_layer,
+)
 from .losses import contrastive_alignment_loss, gradient_cached_loss, pool
 from .model_card import alignment_section, update_card
 from .modeling import check_decoder_only_lm, load_model_for_training, prepare_gguf_model
@@ -145,9 +152,11 @@ def _adapter_config_below_layer(peft_config: Any, model: nn.Module, args: Alignm
     """
     The `peft_config` of an alignment-only module: it changes only the blocks below the aligned layer (the blocks
     above never run), so the adapter created from it is put on those blocks only (`layers_to_transform`), and the
-    saved adapter holds them alone and merges with a task adapter as what it is. An explicit `layers_to_transform`,
-    a PEFT model passed in (for example an adapter trained before) and the other schedules are left as they are. A
-    copy: the caller's config stays as the caller wrote it.
+    saved adapter holds them alone and merges with a task adapter as what it is. PEFT takes no `layers_to_transform`
+    with `target_modules` given as a string (`"all-linear"` or a regular expression): those are resolved here to the
+    names of the modules they select in those blocks. An explicit `layers_to_transform`, a PEFT model passed in (for
+    example an adapter trained before) and the other schedules are left as they are. A copy: the caller's config
+    stays as the caller wrote it.
     """
     if (
         args.align_schedule != "alignment_only"
@@ -157,7 +166,33 @@ def _adapter_config_below_layer(peft_config: Any, model: nn.Module, args: Alignm
         or peft_config.layers_to_transform is not None
     ):
         return peft_config
+    if isinstance(peft_config.target_modules, str):
+        names = _modules_below_layer(model, peft_config.target_modules, layer)
+        return dataclasses.replace(peft_config, target_modules=names)
     return dataclasses.replace(peft_config, layers_to_transform=list(range(layer)))
+
+
+def _modules_below_layer(model: nn.Module, target_modules: str, layer: int) -> list[str]:
+    """The full names of the modules of blocks `0 .. layer - 1` that PEFT's string `target_modules` selects: every
+    linear layer for `"all-linear"`, else those whose full name matches the regular expression."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = {id(module): name for name, module in model.named_modules()}
+    selected = []
+    for block in list(get_decoder_layers(model))[:layer]:
+        for name, module in block.named_modules(prefix=names[id(block)]):
+            if target_modules == "all-linear":
+                if isinstance(module, nn.Linear | Conv1D):
+                    selected.append(name)
+            elif re.fullmatch(target_modules, name):
+                selected.append(name)
+    if not selected:
+        raise ValueError(
+            f"peft_config.target_modules={target_modules!r} selects no module in the decoder blocks below the aligned "
+            f"layer {layer}, the only blocks an alignment-only module trains. Name modules of those blocks (for "
+            "example 'all-linear' or ['q_proj', 'v_proj'])."
+        )
+    return selected
 
 
 def _place_for_probe(model: nn.Module, args: AlignmentConfig) -> None:
@@ -203,9 +238,30 @@ def _no_batch_dispatch(args: AlignmentConfig, *datasets: Any) -> None:
     args.accelerator_config.dispatch_batches = False
 
 
-def _check_padding_free_attention(model: nn.Module) -> None:
+def _separates_packed_sequences(model: nn.Module) -> bool:
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
-    if attention not in _PADDING_FREE_ATTENTION and "flash" not in attention:
+    return attention in _PADDING_FREE_ATTENTION or "flash" in attention
+
+
+def _align_padding_free(model: nn.Module, setting: bool | None) -> bool:
+    """Whether the alignment forward packs the pairs (`AlignmentConfig.align_padding_free`), refusing `True` where the
+    attention implementation would let packed sentences attend to each other."""
+    if setting is False:
+        return False
+    separates = _separates_packed_sequences(model)
+    if setting and not separates:
+        attention = getattr(model.config, "_attn_implementation", None)
+        raise ValueError(
+            f"align_padding_free=True packs the alignment sentences into shared rows, and attn_implementation="
+            f"{attention!r} is not known to keep them apart: they would attend to each other. Load the model with "
+            "attn_implementation='sdpa' or 'flash_attention_2', or leave align_padding_free unset (padded pairs)."
+        )
+    return separates
+
+
+def _check_padding_free_attention(model: nn.Module) -> None:
+    if not _separates_packed_sequences(model):
+        attention = getattr(model.config, "_attn_implementation", None) or "eager"
         raise ValueError(
             f"padding_free=True (or packing with a 'bfd' strategy) puts several sequences in one row, and "
             f"attn_implementation={attention!r} is not known to keep them apart: they would attend to each other. "
@@ -388,6 +444,7 @@ class AlignmentTrainer(SFTTrainer):
 
         if self.padding_free:
             _check_padding_free_attention(self.model)
+        self._align_padding_free = _align_padding_free(self.model, args.align_padding_free)
         # How the task loss is computed: the LM head on the label positions only, or TRL's fused head (and why)
         self._labels_only_head_reason = labels_only_head_unsupported(self, self.model)
         if self._labels_only_head_reason is not None and args.lm_head_on_labels_only:
@@ -565,9 +622,15 @@ class AlignmentTrainer(SFTTrainer):
 
     def _pooled_pairs(self, model: nn.Module, pair: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled states at the aligned layer of the rows of `pair["align_input_ids"]`: `(rows, hidden)`."""
-        states = layer_hidden_states(
-            model, pair["align_input_ids"], pair["align_attention_mask"], self.align_layer
-        )  # (rows, seq, hidden)
+        if self._align_padding_free:
+            row_tokens = max(self.args.align_max_length, pair["align_input_ids"].size(1))
+            states = packed_layer_hidden_states(
+                model, pair["align_input_ids"], pair["align_attention_mask"], self.align_layer, row_tokens
+            )  # (rows, seq, hidden), zeros at the padding
+        else:
+            states = layer_hidden_states(
+                model, pair["align_input_ids"], pair["align_attention_mask"], self.align_layer
+            )  # (rows, seq, hidden)
         return pool(
             states, pair["align_attention_mask"], self.args.align_pooling, pair["align_special_tokens_mask"]
         )  # (rows, hidden)
