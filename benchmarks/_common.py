@@ -8,12 +8,11 @@ from collections.abc import Callable
 import torch
 
 
-def measure_step(
-    step: Callable[[], None], repeats: int, device: str, clock: Callable[[], float] = time.perf_counter
-) -> tuple[float, float]:
+def measure_step(step: Callable[[], None], repeats: int, device: str, cpu_time: bool = False) -> tuple[float, float]:
     """
-    Run `step` once to warm up (its memory peak is the one reported), then `repeats` times timed by `clock`: wall time
-    by default; `time.process_time` gives the CPU time of this process, which other jobs on the machine change less.
+    Run `step` once to warm up (its memory peak is the one reported), then `repeats` times timed: wall time, or with
+    `cpu_time` on a CPU the CPU time of this process (`time.process_time`; with one thread the step's own work, which
+    other jobs on the machine change less). On CUDA always wall time.
 
     Returns:
         `tuple[float, float]`: the median seconds per step and the memory peak of one step in MiB above what was
@@ -21,6 +20,7 @@ def measure_step(
         (so 0 when an earlier step already reached that peak).
     """
     cuda = device.startswith("cuda")
+    clock = time.process_time if cpu_time and not cuda else time.perf_counter
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

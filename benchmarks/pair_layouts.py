@@ -2,14 +2,15 @@
 (`align_padding_free`), on real parallel LibreOffice help paragraphs (German-English, their real length spread).
 
 Each alignment micro-batch holds `--pairs` pairs drawn in turn from the shuffled paragraphs of both languages (taken
-from the trl-midalign cache: run `trl-midalign demo` once first; paragraphs left untranslated are skipped), tokenized with Gemma 3's tokenizer and cut at
-`--max_length` tokens, as `AlignmentTrainer` collates them. Cases, each in a fresh subprocess (its peak memory its
+from the trl-midalign cache: run `trl-midalign demo` once first; paragraphs left untranslated are skipped), tokenized
+with Gemma 3's tokenizer and cut at `--max_length` tokens, as `AlignmentTrainer` collates them. Cases, each in a fresh subprocess (its peak memory its
 own), LoRA r=8 on every linear layer below the aligned layer:
 - padded:        the sentences right-padded to the longest of the micro-batch (`align_padding_free=False`);
 - padding_free:  the sentences packed into rows of at most `--max_length` tokens, positions restarting per sentence.
 
 The warm-up step uses the first micro-batch and each timed step the next one, so the median is over micro-batches of
-the real length spread. On the CPU the time is the process's CPU time (run with `OMP_NUM_THREADS=1`); on CUDA wall time.
+the real length spread. On the CPU the time is the process's CPU time (run with `OMP_NUM_THREADS=1`); on CUDA wall
+time.
 
     python benchmarks/pair_layouts.py --model tiny     # Llama, 12 blocks, hidden 256, Gemma 3's vocabulary, layer 6
     python benchmarks/pair_layouts.py --model gemma    # Gemma 3 270M, layer 12
@@ -22,7 +23,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 
 
 CASES = ("padded", "padding_free")
@@ -92,8 +92,7 @@ def run_case(args) -> dict:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    clock = time.perf_counter if args.device.startswith("cuda") else time.process_time
-    median_s, peak_mb = measure_step(step, args.repeats, args.device, clock)
+    median_s, peak_mb = measure_step(step, args.repeats, args.device, cpu_time=True)
     masks = [batch["align_attention_mask"] for batch in batches]
     return {
         "case": args.case, "median_s": median_s, "peak_mem_mb": peak_mb,

@@ -7,8 +7,9 @@ Cases, each in a fresh subprocess (so that its peak memory is its own), LoRA r=8
 - labels_only:  `AlignmentTrainer.compute_loss` with the default, the LM head on the label positions only.
 
 On the CPU the times are the process's CPU time (`time.process_time`; run with `OMP_NUM_THREADS=1`, so that it is the
-step's work, which other jobs on the 2 cores change little); on CUDA wall time. Rows are pre-tokenized (`input_ids` and `completion_mask`, as TRL accepts them), `--tokens` long, of which the last
-`--completion` share is the completion (the label positions, with `completion_only_loss`).
+step's work, which other jobs on the 2 cores change little); on CUDA wall time. Rows are pre-tokenized (`input_ids`
+and `completion_mask`, as TRL accepts them), `--tokens` long, of which the last `--completion` share is the completion
+(the label positions, with `completion_only_loss`).
 
     python benchmarks/task_step.py --model tiny --completion 0.1 0.2 0.3   # Llama, 12 blocks, hidden 256, vocab 32000
     python benchmarks/task_step.py --model gemma --completion 0.2          # Gemma 3 270M (vocabulary 262,144)
@@ -21,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 
 CASES = ("sft", "trl_head", "labels_only")
@@ -124,9 +124,7 @@ def run_case(args) -> dict:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    # On the CPU, the process's CPU time: with one thread it is the step's work, whatever else the machine runs
-    clock = time.perf_counter if args.device.startswith("cuda") else time.process_time
-    median_s, peak_mb = measure_step(step, args.repeats, args.device, clock)
+    median_s, peak_mb = measure_step(step, args.repeats, args.device, cpu_time=True)
     return {
         "case": args.case, "share": args.share, "median_s": median_s, "peak_mem_mb": peak_mb,
         "tokens": int(batch["attention_mask"].sum()), "positions": batch["input_ids"].numel(), "labels": labels,
