@@ -34,9 +34,9 @@ python recipes/classification.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct
 import functools
 
 from transformers import AutoTokenizer
-from trl import SFTTrainer, get_peft_config
+from trl import get_peft_config
 
-from trl_midalign import AlignmentConfig, AlignmentTrainer, scripts
+from trl_midalign import AlignmentConfig, AlignmentTrainer, LabelsOnlySFTTrainer, scripts
 from trl_midalign.parser import MidAlignParser
 from trl_midalign.tasks import classification as task
 from trl_midalign.tasks import loading, slot_filling
@@ -101,12 +101,12 @@ def main(script_args: task.ClassificationArguments, training_args: AlignmentConf
             )  # fmt: skip
         pair_dataset = pair_dataset.shuffle(seed=training_args.seed)
 
-    # Train and save (AlignmentTrainer, or SFTTrainer for the baseline), or load the adapter of an earlier run
+    # Train and save (AlignmentTrainer, or for the baseline SFTTrainer with the same task loss), or load an adapter
     trainer = None
     if script_args.eval_only:
         model, tokenizer, aligned = scripts.load_adapter_for_eval(script_args, training_args, model_args)
     else:
-        trainer = (AlignmentTrainer if script_args.alignment else SFTTrainer)(
+        trainer = (AlignmentTrainer if script_args.alignment else LabelsOnlySFTTrainer)(
             model=model_args.model_name_or_path,
             args=training_args,
             train_dataset=train_dataset,

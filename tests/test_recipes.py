@@ -507,13 +507,12 @@ def test_end_processes_waits_and_destroys_the_group_on_every_rank(tmp_path):
 
 
 RANK_RECORDING_SCRIPT = """
-# Runs the recipe argv[1] with its arguments argv[2:], its trainer (AlignmentTrainer or SFTTrainer) given a callback
-# that writes, per process, into output_dir/rank_checksums/: at the start of training how many parameters ZeRO-3
-# partitions (refusing to train when it partitions none, which would hide partitioning bugs), and at the end a
-# checksum of the trainable weights this process holds.
+# Runs the recipe argv[1] with its arguments argv[2:], its trainer (AlignmentTrainer or, for the baseline,
+# LabelsOnlySFTTrainer) given a callback that writes, per process, into output_dir/rank_checksums/: at the start of
+# training how many parameters ZeRO-3 partitions (refusing to train when it partitions none, which would hide
+# partitioning bugs), and at the end a checksum of the trainable weights this process holds.
 import json, os, runpy, sys
 
-import trl
 from testing_utils import rank_checksum
 from transformers import TrainerCallback
 
@@ -557,7 +556,7 @@ def recording(trainer_class):
     return Recording
 
 
-trl.SFTTrainer = recording(trl.SFTTrainer)  # the recipe imports the trainers after this
+trl_midalign.LabelsOnlySFTTrainer = recording(trl_midalign.LabelsOnlySFTTrainer)  # the recipe imports them after this
 trl_midalign.AlignmentTrainer = recording(trl_midalign.AlignmentTrainer)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")

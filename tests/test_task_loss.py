@@ -19,7 +19,7 @@ from testing_utils import build_model
 from transformers import LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from trl_midalign import AlignmentConfig, AlignmentTrainer
+from trl_midalign import AlignmentConfig, AlignmentTrainer, LabelsOnlySFTTrainer
 from trl_midalign.task_loss import label_positions
 
 
@@ -244,3 +244,65 @@ def test_a_copy_of_a_model_trl_set_up_trains_the_copy(tmp_path, tokenizer, caplo
     assert trainer.state.log_history[0]["task_loss"] > 0
     # A model set up once is not a copy
     assert first._labels_only_head_reason is None
+
+
+@pytest.mark.parametrize("layout", ["padded", "padding_free"])
+def test_labels_only_sft_trainer_is_sft_with_the_labels_only_head(tmp_path, tokenizer, layout):
+    """`LabelsOnlySFTTrainer` (an SFTConfig, no pairs) against `SFTTrainer` on the same micro-batch: the same loss as
+    plain torch's, the same gradients and metrics; then both train 2 steps of accumulation 2 from the same weights and
+    log the same losses and end with the same (changed) weights."""
+    rows = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in long_rows()])
+    config = dict(LAYOUTS[layout], gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    trainers = {}
+    for name, cls in (("sft", SFTTrainer), ("ours", LabelsOnlySFTTrainer)):
+        args = SFTConfig(**settings(tmp_path / name, **config))
+        trainers[name] = cls(
+            model=build("gemma3", tokenizer, 3.0), args=args, train_dataset=rows, processing_class=tokenizer
+        )
+    sft, ours = trainers["sft"], trainers["ours"]
+    ours.model.load_state_dict(sft.model.state_dict())
+    assert ours._labels_only_head_reason is None
+    batch = next(iter(ours.get_train_dataloader()))
+    positions = label_positions(batch["labels"])
+    assert 0 < positions.sum() < 0.6 * positions.numel()
+    ours.model.train(), sft.model.train()
+    num_items = torch.tensor(2 * int(positions.sum()))
+    mine, my_grads, my_metrics = loss_and_grads(ours, ours.model, batch, num_items)
+    theirs, their_grads, their_metrics = loss_and_grads(sft, sft.model, batch, num_items)
+    assert mine.item() == pytest.approx(theirs.item(), rel=1e-6)
+    assert mine.item() == pytest.approx(plain_loss(sft.model, batch, num_items).item(), rel=1e-6)
+    assert my_grads.keys() == their_grads.keys() and my_grads
+    for name, grad in my_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-5, atol=1e-6)
+    for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+        assert my_metrics[key] == pytest.approx(their_metrics[key], rel=1e-5), key
+
+    results = {}
+    for name, trainer in trainers.items():
+        trainer._total_train_tokens = 0
+        before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+        trainer.train()
+        after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        assert not torch.allclose(before, after)
+        results[name] = ([log for log in trainer.state.log_history if "loss" in log], after)
+    (logs, weights), (sft_logs, sft_weights) = results["ours"], results["sft"]
+    assert len(logs) == len(sft_logs) == 2
+    for mine, theirs in zip(logs, sft_logs):
+        for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (key, mine, theirs)
+    torch.testing.assert_close(weights, sft_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_labels_only_sft_trainer_falls_back_to_trl_with_one_info_line(tmp_path, tokenizer, caplog):
+    rows = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in long_rows()])
+    with caplog.at_level(logging.INFO, logger="trl_midalign"):
+        trainer = LabelsOnlySFTTrainer(
+            model=build("llama", tokenizer), args=SFTConfig(**settings(tmp_path, label_smoothing_factor=0.1)),
+            train_dataset=rows, processing_class=tokenizer,
+        )  # fmt: skip
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+    assert loss == pytest.approx(SFTTrainer.compute_loss(trainer, trainer.model, dict(batch)).item(), rel=1e-6)
+    lines = [r.getMessage() for r in caplog.records if "TRL's fused LM head" in r.getMessage()]
+    assert len(lines) == 1 and "label_smoothing_factor=0.1" in lines[0]

@@ -7,6 +7,7 @@ from .losses import contrastive_alignment_loss, masked_mean_pool, pool
 from .merging import merge_adapters, search_merge_weights
 from .modeling import load_causal_lm, load_tokenizer, prepare_gguf_model
 from .probing import LayerProbeCallback, ProbeResult, probe_layers
+from .task_loss import LabelsOnlySFTTrainer
 from .trainer import AlignmentTrainer
 
 
@@ -16,6 +17,7 @@ __all__ = [
     "AlignmentConfig",
     "AlignmentTrainer",
     "DataCollatorForAlignment",
+    "LabelsOnlySFTTrainer",
     "LayerProbeCallback",
     "ProbeResult",
     "contrastive_alignment_loss",

@@ -17,6 +17,9 @@ token, and `num_tokens` counts every token trained on so far (prompt and padding
 It is one forward of the outermost module (the DDP wrapper, the DeepSpeed engine, the FSDP2-sharded model), as in
 `SFTTrainer`, so every engine and PEFT see the call they expect. Where it cannot be exact, TRL's path is kept
 ([`labels_only_head_unsupported`]).
+
+[`AlignmentTrainer`] uses it for its task steps; [`LabelsOnlySFTTrainer`] is `SFTTrainer` with it and nothing else
+(a baseline without alignment that computes the same loss at the same speed).
 """
 
 import inspect
@@ -25,8 +28,13 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from trl import SFTTrainer
 
+from ._logging import get_logger
 from .layers import _unwrap
+
+
+logger = get_logger(__name__)
 
 
 def labels_only_head_unsupported(trainer, model: nn.Module) -> str | None:
@@ -35,7 +43,7 @@ def labels_only_head_unsupported(trainer, model: nn.Module) -> str | None:
     `None` when it can.
 
     Args:
-        trainer ([`AlignmentTrainer`]):
+        trainer ([`AlignmentTrainer`] or [`LabelsOnlySFTTrainer`]):
             The trainer, after `SFTTrainer.__init__`.
         model (`torch.nn.Module`):
             Its model (a transformers model, possibly wrapped by PEFT).
@@ -44,7 +52,7 @@ def labels_only_head_unsupported(trainer, model: nn.Module) -> str | None:
         `str` or `None`: The reason, a phrase naming the setting, or `None`.
     """
     args = trainer.args
-    if not args.lm_head_on_labels_only:
+    if not getattr(args, "lm_head_on_labels_only", True):  # an SFTConfig has no such field: on
         return "lm_head_on_labels_only=False"
     if trainer.compute_loss_func is not None:
         return "a compute_loss_func is set (it receives the logits of every position)"
@@ -126,7 +134,7 @@ def labels_only_task_loss(
     on the label positions; logs TRL's `entropy`, `mean_token_accuracy` and `num_tokens` into `trainer._metrics`.
 
     Args:
-        trainer ([`AlignmentTrainer`]):
+        trainer ([`AlignmentTrainer`] or [`LabelsOnlySFTTrainer`]):
             The trainer (its accelerator, arguments and metric lists).
         model (`torch.nn.Module`):
             The model to call: the outermost wrapper, or the unwrapped model inside a forward of it.
@@ -180,3 +188,56 @@ def labels_only_task_loss(
         trainer._total_train_tokens += accelerator.gather_for_metrics(local).sum().item() // trainer._tp_size
     metrics["num_tokens"] = [trainer._total_train_tokens]
     return loss
+
+
+def compute_task_loss(trainer, model: nn.Module, inputs: dict, return_outputs: bool, num_items_in_batch):
+    """
+    The task loss of one micro-batch and (with `return_outputs`) the model outputs: with the LM head on the label
+    positions only where that is exact (`trainer._labels_only_head_reason is None`), else `SFTTrainer.compute_loss`'s.
+    A model whose forward returns other logits than asked switches `trainer` to TRL's path for good, with one info
+    line.
+
+    Returns:
+        `tuple[torch.Tensor, Any]`: The loss and the outputs (`None` unless TRL's path computed them).
+    """
+    if trainer._labels_only_head_reason is None and not return_outputs and "shift_labels" not in inputs:
+        loss = labels_only_task_loss(trainer, model, inputs, num_items_in_batch)
+        if loss is not None:
+            return loss, None
+        trainer._labels_only_head_reason = "the model's forward returned logits for other positions than asked"
+        logger.info(f"The task loss uses TRL's fused LM head from here on: {trainer._labels_only_head_reason}.")
+    result = SFTTrainer.compute_loss(trainer, model, inputs, return_outputs, num_items_in_batch)
+    return result if return_outputs else (result, None)
+
+
+class LabelsOnlySFTTrainer(SFTTrainer):
+    """
+    `trl.SFTTrainer` whose training loss applies the LM head only to the positions that predict a label: the same
+    loss, gradients and logged metrics (`entropy`, `mean_token_accuracy`, `num_tokens`), without the logits of
+    prompt positions that TRL's fused head computes and discards on devices without Triton (the CPU). It is the
+    task step of [`AlignmentTrainer`] without any alignment, e.g. the baseline of a transfer comparison, and takes
+    exactly `SFTTrainer`'s arguments. Where the labels-only head cannot be exact (see
+    [`labels_only_head_unsupported`]: a `compute_loss_func`, label smoothing, Liger kernels, ...) or with an
+    [`AlignmentConfig`]'s `lm_head_on_labels_only=False`, it is `SFTTrainer`, with one info line saying why.
+    Evaluation (`return_outputs=True`) keeps TRL's path.
+
+    Example:
+
+    ```python
+    from trl import SFTConfig
+    from trl_midalign import LabelsOnlySFTTrainer
+
+    trainer = LabelsOnlySFTTrainer(model="google/gemma-3-270m", args=SFTConfig(output_dir="sft"), train_dataset=rows)
+    trainer.train()
+    ```
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._labels_only_head_reason = labels_only_head_unsupported(self, self.model)
+        if self._labels_only_head_reason is not None and getattr(self.args, "lm_head_on_labels_only", True):
+            logger.info(f"The task loss uses TRL's fused LM head: {self._labels_only_head_reason}.")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = compute_task_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss

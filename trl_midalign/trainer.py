@@ -65,7 +65,7 @@ from .modeling import check_decoder_only_lm, load_model_for_training, prepare_gg
 from .probing import LayerProbeCallback, ProbeResult, probe_layers
 from .probing.probe import no_recommendation_reason
 from .schedules import is_alignment_step, is_task_step
-from .task_loss import labels_only_head_unsupported, labels_only_task_loss
+from .task_loss import compute_task_loss, labels_only_head_unsupported
 
 
 logger = get_logger(__name__)
@@ -690,18 +690,8 @@ class AlignmentTrainer(SFTTrainer):
         return task_loss, self._alignment_loss(model, pair)
 
     def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
-        """
-        The task loss and (with `return_outputs`) the model outputs: with the LM head on the label positions only
-        (`task_loss.py`) where that is exact, else `SFTTrainer.compute_loss`'s.
-        """
-        if self._labels_only_head_reason is None and not return_outputs and "shift_labels" not in inputs:
-            loss = labels_only_task_loss(self, model, inputs, num_items_in_batch)
-            if loss is not None:
-                return loss, None
-            self._labels_only_head_reason = "the model's forward returned logits for other positions than asked"
-            logger.info(f"The task loss uses TRL's fused LM head from here on: {self._labels_only_head_reason}.")
-        result = SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-        return result if return_outputs else (result, None)
+        # The LM head on the label positions only where that is exact, else SFTTrainer.compute_loss (task_loss.py)
+        return compute_task_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     def _in_one_forward(self, model: nn.Module, method: Callable, *args):
         """

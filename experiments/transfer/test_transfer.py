@@ -531,22 +531,36 @@ def test_report_names_a_missing_seed_and_a_short_language_next_to_the_number(tmp
 def test_training_plan_cuts_rows_to_whole_steps_and_evaluations():
     driver = _benchmark("transfer")
     args = driver.parse_args(
-        ["--task", "classification", "--output_dir", "o", "--train_rows", "1000", "--epochs", "2"]
+        [
+            "--task",
+            "classification",
+            "--output_dir",
+            "o",
+            "--train_rows",
+            "1000",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "16",
+        ]
     )
     plan = driver.training_plan(args, available_rows=5000)
     # 16 rows x 4 micro-batches = 64 rows per step: 15 steps per epoch, 30 in 2 epochs, a dev evaluation every 3
     assert plan == {"rows": 960, "rows_per_example": 1, "baseline_steps": 30, "aligned_steps": 60, "eval_steps": 3,
                     "aligned_eval_steps": 6, "warmup_steps": 1, "aligned_warmup_steps": 2,
                     "pairs_per_task_row": 2}  # fmt: skip
-    args = driver.parse_args(["--task", "classification", "--output_dir", "o"])  # 1024 rows, 4 epochs: 64 steps
-    assert driver.training_plan(args, 5000) == {**plan, "rows": 1024, "baseline_steps": 64, "aligned_steps": 128,
-                                                "eval_steps": 8, "aligned_eval_steps": 16, "warmup_steps": 2,
-                                                "aligned_warmup_steps": 4}  # fmt: skip
+    # The defaults: 1024 rows, 8 x 4 = 32 rows per step, 4 epochs: 128 steps, 32 pairs per alignment micro-batch
+    args = driver.parse_args(["--task", "classification", "--output_dir", "o"])
+    assert driver.training_plan(args, 5000) == {**plan, "rows": 1024, "baseline_steps": 128, "aligned_steps": 256,
+                                                "eval_steps": 16, "aligned_eval_steps": 32, "warmup_steps": 4,
+                                                "aligned_warmup_steps": 8, "pairs_per_task_row": 4}  # fmt: skip
     args = driver.parse_args(["--task", "classification", "--output_dir", "o", "--train_rows", "1000",
-                              "--epochs", "2", "--eval_steps", "4"])  # fmt: skip
+                              "--epochs", "2", "--eval_steps", "4", "--batch_size", "16"])  # fmt: skip
     plan = driver.training_plan(args, available_rows=5000)
     assert plan["baseline_steps"] == 28 and plan["rows"] == 14 * 64  # cut so that evaluation 7 is the last step
-    args = driver.parse_args(["--task", "translation", "--output_dir", "o", "--train_rows", "100", "--epochs", "2"])
+    args = driver.parse_args(
+        ["--task", "translation", "--output_dir", "o", "--train_rows", "100", "--epochs", "2", "--batch_size", "16"]
+    )
     plan = driver.training_plan(args, available_rows=5000, rows_per_example=2)  # de-en and en-de per file row
     assert plan["rows"] == 96 and plan["baseline_steps"] == 2 * 96 * 2 // 64
     with pytest.raises(ValueError, match="less than one optimizer step of 64 rows"):

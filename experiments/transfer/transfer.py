@@ -14,8 +14,9 @@ For one task (classification, the primary one; slot filling, translation or stru
 3. probes the base model's retrieval accuracy at every layer on held-out eval-page pairs (`probe_layers`);
 4. runs BOTH arms through the recipe (`recipes/<task>.py`) as subprocesses, for every seed, in the paper's regime
    (gradient accumulation 4, learning rate 5e-4 inverse_sqrt with 3% warmup, weight decay 0, LoRA r 8 / alpha 16 /
-   dropout 0.1 on every projection; a flag changes each): the baseline (`--alignment false`, plain
-   `trl.SFTTrainer`) and the aligned run (`AlignmentTrainer`, alternate schedule). Both evaluate the English dev
+   dropout 0.1 on every projection; a flag changes each): the baseline (`--alignment false`:
+   `LabelsOnlySFTTrainer`, `trl.SFTTrainer` with the aligned arm's task loss) and the aligned run
+   (`AlignmentTrainer`, alternate schedule). Both evaluate the English dev
    loss every `--eval_steps` task steps (the aligned arm every 2x that many optimizer steps: the same task progress)
    and keep the checkpoint of least dev loss (`--load_best_model_at_end`);
 5. probes each trained adapter again (the whole layer curve);
@@ -195,7 +196,7 @@ def parse_args(argv=None):
         "seeds": 2 if quick else MIN_SEEDS,
         "train_rows": 32 if quick else 1024,
         "epochs": 2 if quick else 4,  # 2 epochs did not reach the English gate's plateau (README, seed 0)
-        "batch_size": 2 if quick else 16,
+        "batch_size": 2 if quick else 8,  # 16 x 4: 64 steps in 4 epochs, too few for the gate's plateau (README)
         "dev_rows": 8 if quick else 128,
         "align_layer": "2" if quick else "12",
         "max_chars": 70 if quick else 120,

@@ -124,7 +124,10 @@ class RecipeArguments:
     )
     alignment: bool = field(
         default=True,
-        metadata={"help": "Train with the alignment loss (AlignmentTrainer); false: plain SFT baseline (SFTTrainer)."},
+        metadata={
+            "help": "Train with the alignment loss (AlignmentTrainer); false: the SFT baseline (LabelsOnlySFTTrainer: SFTTrainer "
+            "with the same task loss as AlignmentTrainer's task steps)."
+        },
     )
     alignment_dataset_name: str | None = field(
         default=None,
