@@ -224,10 +224,12 @@ class LabelsOnlySFTTrainer(SFTTrainer):
     Example:
 
     ```python
+    from datasets import load_dataset
     from trl import SFTConfig
     from trl_midalign import LabelsOnlySFTTrainer
 
-    trainer = LabelsOnlySFTTrainer(model="google/gemma-3-270m", args=SFTConfig(output_dir="sft"), train_dataset=rows)
+    dataset = load_dataset("trl-lib/Capybara", split="train")
+    trainer = LabelsOnlySFTTrainer(model="Qwen/Qwen2.5-0.5B", args=SFTConfig(output_dir="sft"), train_dataset=dataset)
     trainer.train()
     ```
     """
