@@ -103,7 +103,7 @@ def parse_args(argv=None):
         "whole number of optimizer steps"
     )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=None, help="epochs over the task rows (default 4; quick 2)")
-    parser.add_argument("--batch_size", type=int, default=None, help="task rows per micro-batch (default 16; quick 2)")
+    parser.add_argument("--batch_size", type=int, default=None, help="task rows per micro-batch (default 8; quick 2)")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=4, help="micro-batches per optimizer step")
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--lr_scheduler_type", default="inverse_sqrt", help="transformers' scheduler name")
