@@ -528,6 +528,21 @@ def test_report_names_a_missing_seed_and_a_short_language_next_to_the_number(tmp
     assert "| 3 test rows (fewer than the 4 asked) |" in markdown  # in the table, next to the number
 
 
+def test_run_order_starts_the_aligned_arms_of_a_block_of_seeds_together():
+    run_order = _benchmark("transfer").run_order
+    pending = [("baseline", 1), ("aligned", 1), ("baseline", 2), ("aligned", 2), ("baseline", 3), ("aligned", 3)]
+    assert run_order(pending, 2) == [
+        ("aligned", 1), ("aligned", 2), ("baseline", 1), ("baseline", 2), ("aligned", 3), ("baseline", 3)
+    ]  # fmt: skip
+    assert run_order(pending, 1) == [
+        ("aligned", 1), ("baseline", 1), ("aligned", 2), ("baseline", 2), ("aligned", 3), ("baseline", 3)
+    ]  # fmt: skip
+    # a seed whose baseline is recorded already: its aligned arm pairs with the next seed's
+    assert run_order([("aligned", 1), ("baseline", 2), ("aligned", 2)], 2) == [
+        ("aligned", 1), ("aligned", 2), ("baseline", 2)
+    ]  # fmt: skip
+
+
 def test_training_plan_cuts_rows_to_whole_steps_and_evaluations():
     driver = _benchmark("transfer")
     args = driver.parse_args(

@@ -647,6 +647,18 @@ def dev_curve(log_history: list[dict], steps_per_task_step: int) -> list[list[fl
     ]
 
 
+def run_order(runs: list[tuple[str, int]], jobs: int) -> list[tuple[str, int]]:
+    """
+    The order in which the pending `(arm, seed)` runs start: the seeds in blocks of `jobs`, and in each block the
+    aligned arms (twice the optimizer steps of a baseline) first, so that `--jobs 2` trains the long runs side by side
+    instead of leaving the last aligned arm alone on the cores (measured: about 100 minutes against 45 for its
+    baseline, one thread each). With `--jobs 1` this is seed after seed, each aligned arm before its baseline.
+    """
+    seeds = sorted({seed for _, seed in runs})
+    block = {seed: position // jobs for position, seed in enumerate(seeds)}
+    return sorted(runs, key=lambda run: (block[run[1]], run[0] != "aligned", run[1]))
+
+
 def run_recipe(args, data: dict, arm: str, seed: int, adapter: str | None = None) -> dict:
     """Train (or, given `adapter`, only evaluate) one run through the recipe; its record for runs.jsonl."""
     run_dir = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
@@ -1263,6 +1275,7 @@ def main(argv=None) -> dict:
     runs = [(arm, seed) for seed in range(args.seeds) for arm in ("baseline", "aligned")]
     if adapters:
         runs = [run for run in runs if run in adapters]
+    runs = run_order([run for run in runs if ("task", *run) not in done or ("probe", *run) not in done], args.jobs)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for future in [pool.submit(run_and_probe, arm, seed) for arm, seed in runs]:
             future.result()  # re-raises a failed run
