@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -335,8 +336,9 @@ def test_paragraph_without_gold_spans_is_refused_with_the_language(help_cache, m
 @pytest.mark.downloads
 def test_transfer_quick_end_to_end(tmp_path):
     """`--quick` (a tiny Gemma 3, 2 seeds) end to end on the classification task: data, arm files, both arms with the
-    dev-loss checkpoint, probes, the report with its gate, intervals and flags; then --report_only and a resumed call
-    with another regime setting (refused). About 5 minutes on 2 cores."""
+    dev-loss checkpoint, probes, the report with its gate, intervals and flags; then --report_only, a resumed call
+    with another regime setting (refused), and a run cut short that the next call continues from its checkpoint. About
+    6 minutes on 2 cores."""
     output_dir = tmp_path / "transfer"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     base = [sys.executable, os.path.join(HERE, "transfer.py"), "--task", "classification"]
@@ -388,6 +390,27 @@ def test_transfer_quick_end_to_end(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "gradient_accumulation_steps=4, this call asks for" in done.stderr
     assert (output_dir / "runs.jsonl").read_text() == before
+    # An aligned run cut short after its first save (the process killed): the next call continues it from that
+    # checkpoint, with its optimizer state, and ends where the uninterrupted run ended
+    full = tasks["aligned", 1]
+    run_dir = output_dir / full["run_dir"]
+    first = plan["aligned_eval_steps"]
+    for name in os.listdir(run_dir):
+        if name.startswith("checkpoint-") and name != f"checkpoint-{first}":
+            shutil.rmtree(run_dir / name)
+    os.remove(run_dir / "eval_results.json")
+    kept = [r for r in runs if (r["arm"], r["seed"]) != ("aligned", 1)]
+    (output_dir / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    command = [*base, "--output_dir", str(output_dir), "--quick"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resuming from {run_dir / f'checkpoint-{first}'}" in done.stdout
+    resumed = {(r["kind"], r["arm"], r["seed"]): r for r in map(json.loads, open(output_dir / "runs.jsonl"))}
+    resumed = resumed["task", "aligned", 1]
+    assert resumed["resumed_from_step"] == first and resumed["global_step"] == full["global_step"]
+    assert [s for s, _ in resumed["dev_losses"]] == [s for s, _ in full["dev_losses"]]
+    assert [x for _, x in resumed["dev_losses"]] == pytest.approx([x for _, x in full["dev_losses"]], rel=1e-4)
+    assert resumed["scores"] == full["scores"]
 
 
 def _benchmark(name: str):
@@ -541,6 +564,39 @@ def test_run_order_starts_the_aligned_arms_of_a_block_of_seeds_together():
     assert run_order([("aligned", 1), ("baseline", 2), ("aligned", 2)], 2) == [
         ("aligned", 1), ("aligned", 2), ("baseline", 2)
     ]  # fmt: skip
+
+
+def _checkpoint(run_dir, step: int, files) -> str:
+    path = os.path.join(run_dir, f"checkpoint-{step}")
+    os.makedirs(path)
+    for name in files:
+        open(os.path.join(path, name), "w").close()
+    return path
+
+
+def test_a_run_cut_short_resumes_from_its_newest_complete_checkpoint_of_the_same_call(tmp_path, capsys):
+    driver = _benchmark("transfer")
+    run_dir = str(tmp_path / "runs" / "aligned-seed1")
+    command = ["/usr/bin/python", "recipe.py", "--seed", "1"]
+    assert driver.start_or_resume(run_dir, command, "aligned") is None  # a fresh run records its call
+    with open(os.path.join(run_dir, "command.json")) as f:
+        assert json.load(f) == command[1:]
+    full = [*driver.RESUME_FILES, "alignment_state.json"]
+    complete = _checkpoint(run_dir, 32, full)
+    _checkpoint(run_dir, 64, [name for name in full if name != "alignment_state.json"])  # cut while being saved
+    _checkpoint(run_dir, 96, [name for name in full if name != "optimizer.pt"])  # saved with --save_only_model
+    # The same call (another interpreter) resumes from checkpoint-32; the baseline arm needs no alignment state
+    assert driver.start_or_resume(run_dir, ["/venv/bin/python", *command[1:]], "aligned") == complete
+    assert driver.start_or_resume(run_dir, command, "baseline") == os.path.join(run_dir, "checkpoint-64")
+    # Another call (another seed) starts again, and the earlier run is moved aside, not deleted
+    other = ["/usr/bin/python", "recipe.py", "--seed", "2"]
+    assert driver.start_or_resume(run_dir, other, "aligned") is None
+    assert os.path.isdir(os.path.join(f"{run_dir}.interrupted-1", "checkpoint-32"))
+    assert os.listdir(run_dir) == ["command.json"] and "moved to" in capsys.readouterr().out
+    # A folder without a recorded call (an earlier driver's, or a run that saved nothing to resume) is moved aside too
+    _checkpoint(run_dir, 32, [name for name in full if name != "optimizer.pt"])
+    assert driver.start_or_resume(run_dir, other, "aligned") is None
+    assert os.path.isdir(os.path.join(f"{run_dir}.interrupted-2", "checkpoint-32"))
 
 
 def test_training_plan_cuts_rows_to_whole_steps_and_evaluations():

@@ -25,8 +25,9 @@ For one task (classification, the primary one; slot filling, translation or stru
    primary metric, the mean over the languages in neither the task nor the alignment data.
 
 Every finished run is appended as one JSON line to `<output_dir>/runs.jsonl`; a second call skips the runs already
-there, so an interrupted run resumes (or `--seeds` grows; any other setting must stay as it was, else the call is
-refused), and `--report_only` rebuilds the report from that file alone.
+there and continues a run cut short from its last checkpoint (saved with the optimizer state, every `--eval_steps`),
+so an interrupted call resumes (or `--seeds` grows; any other setting must stay as it was, else the call is refused),
+and `--report_only` rebuilds the report from that file alone.
 
     python experiments/transfer/transfer.py --task classification --output_dir outputs/transfer_cls --quick
     python experiments/transfer/transfer.py --task classification --output_dir outputs/transfer_cls --seeds 1
@@ -609,7 +610,7 @@ def recipe_command(args, data: dict, arm: str, seed: int, run_dir: str, dataset:
         "--weight_decay", str(args.weight_decay), "--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha),
         "--lora_dropout", str(args.lora_dropout), "--gradient_checkpointing", "false",
         "--max_length", str(args.max_length), "--logging_steps", "1", "--report_to", "none",
-        "--save_strategy", "steps", "--save_steps", str(eval_steps), "--save_only_model", "true",
+        "--save_strategy", "steps", "--save_steps", str(eval_steps), "--save_only_model", "false",
         "--max_eval_samples", str(args.max_eval), "--max_new_tokens", str(args.max_new_tokens),
         "--train_languages", ",".join(data["train_languages"]), "--eval_languages", ",".join(data["eval_languages"]),
     ]  # fmt: skip
@@ -659,13 +660,62 @@ def run_order(runs: list[tuple[str, int]], jobs: int) -> list[tuple[str, int]]:
     return sorted(runs, key=lambda run: (block[run[1]], run[0] != "aligned", run[1]))
 
 
+# What a checkpoint needs for an exact resume: the adapter, the optimizer, scheduler and RNG states, and the trainer
+# state (Trainer writes it after the others); an aligned run's also the phase of its schedule (written last).
+RESUME_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+COMMAND_FILE = "command.json"
+
+
+def start_or_resume(run_dir: str, command: list[str], arm: str) -> str | None:
+    """
+    Where the training run `command` starts: the newest checkpoint of `run_dir` holding every file of an exact resume
+    (`RESUME_FILES`), when `run_dir/command.json` records this same recipe call, so that a run cut short (a killed
+    process, the end of a working session) continues from its last save. Otherwise `None`, a fresh run: a `run_dir`
+    left by another call, or without such a checkpoint, is first moved aside to `<run_dir>.interrupted-<n>` (never
+    deleted), and the call is recorded in a new `command.json`.
+    """
+    recorded = os.path.join(run_dir, COMMAND_FILE)
+    arguments = command[1:]  # the interpreter's path may differ between calls
+    needed = RESUME_FILES + (("alignment_state.json",) if arm == "aligned" else ())
+    if os.path.isfile(recorded):
+        with open(recorded) as f:
+            same_call = json.load(f) == arguments
+        checkpoints = sorted(
+            (d for d in os.listdir(run_dir) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()),
+            key=lambda d: int(d.split("-")[-1]),
+        )
+        for name in reversed(checkpoints if same_call else []):
+            if all(os.path.isfile(os.path.join(run_dir, name, file)) for file in needed):
+                return os.path.join(run_dir, name)
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        number = 1
+        while os.path.exists(f"{run_dir}.interrupted-{number}"):
+            number += 1
+        os.rename(run_dir, f"{run_dir}.interrupted-{number}")
+        print(f"[transfer] {run_dir} holds no checkpoint to resume this call from: moved to "
+              f"{run_dir}.interrupted-{number}; the run starts again", flush=True)  # fmt: skip
+    os.makedirs(run_dir, exist_ok=True)
+    with open(recorded, "w") as f:
+        json.dump(arguments, f, indent=0)
+    return None
+
+
 def run_recipe(args, data: dict, arm: str, seed: int, adapter: str | None = None) -> dict:
-    """Train (or, given `adapter`, only evaluate) one run through the recipe; its record for runs.jsonl."""
+    """
+    Train (or, given `adapter`, only evaluate) one run through the recipe; its record for runs.jsonl. A training run
+    cut short continues from its last checkpoint (`start_or_resume`); its record then names the step it resumed from.
+    """
     run_dir = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
     dataset = None if adapter else write_arm_data(args, data, seed, arm)
     command = recipe_command(args, data, arm, seed, run_dir, dataset)
+    resumed = None
     if adapter is not None:
         command += ["--eval_only", "--adapter_path", adapter]
+    else:
+        resumed = start_or_resume(run_dir, command, arm)
+    if resumed is not None:
+        command += ["--resume_from_checkpoint", resumed]
+        print(f"[transfer] {arm} seed {seed}: resuming from {resumed}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
@@ -713,7 +763,8 @@ def run_recipe(args, data: dict, arm: str, seed: int, adapter: str | None = None
             if "loss" in entry and ("task_loss" in entry or "align_loss" not in entry)
         ],
         "alignment_losses": [entry[k] for entry in log for k in entry if k.startswith("align") and "loss" in k],
-        "wall_s": round(wall, 1),
+        "wall_s": round(wall, 1),  # of this call: a resumed run's earlier part is not counted
+        **({"resumed_from_step": int(resumed.rsplit("-", 1)[1])} if resumed else {}),
         "run_dir": os.path.relpath(run_dir, args.output_dir),
         **({"evaluated_from": os.path.abspath(adapter)} if adapter else {}),
     }
