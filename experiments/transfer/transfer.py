@@ -674,9 +674,11 @@ def start_or_resume(run_dir: str, command: list[str], arm: str) -> str | None:
     left by another call, or without such a checkpoint, is first moved aside to `<run_dir>.interrupted-<n>` (never
     deleted), and the call is recorded in a new `command.json`.
     """
+    from trl_midalign.checkpoints import STATE_FILE
+
     recorded = os.path.join(run_dir, COMMAND_FILE)
     arguments = command[1:]  # the interpreter's path may differ between calls
-    needed = RESUME_FILES + (("alignment_state.json",) if arm == "aligned" else ())
+    needed = RESUME_FILES + ((STATE_FILE,) if arm == "aligned" else ())
     if os.path.isfile(recorded):
         with open(recorded) as f:
             same_call = json.load(f) == arguments
