@@ -674,7 +674,7 @@ def start_or_resume(run_dir: str, command: list[str], arm: str) -> str | None:
     left by another call, or without such a checkpoint, is first moved aside to `<run_dir>.interrupted-<n>` (never
     deleted), and the call is recorded in a new `command.json`.
     """
-    from trl_midalign.checkpoints import STATE_FILE
+    from trl_midalign.checkpoints import STATE_FILE, checkpoint_folders
 
     recorded = os.path.join(run_dir, COMMAND_FILE)
     arguments = command[1:]  # the interpreter's path may differ between calls
@@ -682,13 +682,9 @@ def start_or_resume(run_dir: str, command: list[str], arm: str) -> str | None:
     if os.path.isfile(recorded):
         with open(recorded) as f:
             same_call = json.load(f) == arguments
-        checkpoints = sorted(
-            (d for d in os.listdir(run_dir) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()),
-            key=lambda d: int(d.split("-")[-1]),
-        )
-        for name in reversed(checkpoints if same_call else []):
-            if all(os.path.isfile(os.path.join(run_dir, name, file)) for file in needed):
-                return os.path.join(run_dir, name)
+        for checkpoint in reversed(checkpoint_folders(run_dir) if same_call else []):
+            if all(os.path.isfile(os.path.join(checkpoint, file)) for file in needed):
+                return checkpoint
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         number = 1
         while os.path.exists(f"{run_dir}.interrupted-{number}"):
@@ -707,15 +703,15 @@ def run_recipe(args, data: dict, arm: str, seed: int, adapter: str | None = None
     Train (or, given `adapter`, only evaluate) one run through the recipe; its record for runs.jsonl. A training run
     cut short continues from its last checkpoint (`start_or_resume`); its record then names the step it resumed from.
     """
+    from trl_midalign.checkpoints import checkpoint_folders
+
     run_dir = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
     dataset = None if adapter else write_arm_data(args, data, seed, arm)
     command = recipe_command(args, data, arm, seed, run_dir, dataset)
-    resumed = None
+    resumed = None if adapter else start_or_resume(run_dir, command, arm)
     if adapter is not None:
         command += ["--eval_only", "--adapter_path", adapter]
-    else:
-        resumed = start_or_resume(run_dir, command, arm)
-    if resumed is not None:
+    elif resumed is not None:
         command += ["--resume_from_checkpoint", resumed]
         print(f"[transfer] {arm} seed {seed}: resuming from {resumed}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -734,10 +730,7 @@ def run_recipe(args, data: dict, arm: str, seed: int, adapter: str | None = None
         results = json.load(f)
     metric = results["main_metric"]
     trained = adapter or run_dir
-    checkpoints = sorted(
-        (d for d in os.listdir(trained) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
-    )
-    with open(os.path.join(trained, checkpoints[-1], "trainer_state.json")) as f:
+    with open(os.path.join(checkpoint_folders(trained)[-1], "trainer_state.json")) as f:
         state = json.load(f)
     log = state["log_history"]
     per_task_step = 2 if arm == "aligned" and args.align_schedule == "alternate" else 1
