@@ -453,6 +453,41 @@ def test_paired_interval_equals_scipy_paired_t_test():
         outputs.paired_interval([0.1, float("nan")])
 
 
+def test_paired_power_matches_a_simulation_of_the_paired_t_interval():
+    """paired_power against a plain simulation of what the report does with n seeds: draw n paired differences,
+    take their 95% t interval, count how often its lower end is above 0; and its seed counts against the half-width
+    of paired_interval on samples of exactly that sd."""
+    import numpy as np
+    from scipy import stats
+
+    outputs = _benchmark("transfer_outputs")
+    rng = np.random.default_rng(0)
+    std, effect = 0.032, 0.015
+    for n in (3, 5, 10):
+        power = outputs.paired_power(std, n, effect)
+        for true_mean, expected in ((effect, power["power"]), (power["detectable"], 0.8)):
+            draws = rng.normal(true_mean, std, size=(40_000, n))
+            low = draws.mean(1) - stats.t.ppf(0.975, n - 1) * draws.std(1, ddof=1) / np.sqrt(n)
+            assert float((low > 0).mean()) == pytest.approx(expected, abs=0.01), (n, true_mean)
+        assert 0.0 < power["power"] < 0.8 and power["detectable"] > effect
+
+    def half_width(k: int) -> float:  # of a sample with sample sd exactly `std`
+        z = np.linspace(-1.0, 1.0, k)
+        interval = outputs.paired_interval(list(0.01 + std * z / z.std(ddof=1)))
+        assert interval["std"] == pytest.approx(std)
+        return (interval["high"] - interval["low"]) / 2
+
+    power = outputs.paired_power(std, 5, effect)
+    assert power["half_width"] == pytest.approx(half_width(5))
+    k = power["seeds_for_half_width"]
+    assert half_width(k) <= effect < half_width(k - 1)
+    k = power["seeds_for_power"]
+    assert outputs.paired_power(std, k, effect)["power"] >= 0.8 > outputs.paired_power(std, k - 1, effect)["power"]
+    assert outputs.paired_power(std, 5, 0.2)["power"] > 0.99  # an effect far above the noise
+    for nothing in (outputs.paired_power(std, 1, effect), outputs.paired_power(0.0, 5, effect)):
+        assert math.isnan(nothing["power"]) and nothing["seeds_for_power"] is None
+
+
 def _write_report_inputs(tmp_path, runs: list[dict], seeds: int = 3, max_eval: int = 4, min_eval_rows: int = 4):
     (tmp_path / "data").mkdir(exist_ok=True)
     languages = {"en": "en", "ja": "ja", "fr": "fr", "de": "de"}
@@ -502,6 +537,15 @@ def test_report_pairs_the_arms_by_seed_with_intervals_and_the_primary_metric(tmp
     markdown = (tmp_path / "transfer.md").read_text()
     assert markdown.startswith("# Task transfer") and "Primary metric (mean over the 2 unseen languages" in markdown
     assert "only 3 paired seeds (pre-registered: at least 5)" in markdown  # flagged next to the number
+    # What these seeds can resolve, at the sd of their paired primary differences
+    assert transfer["power"] == pytest.approx(
+        outputs.paired_power(statistics.stdev(primary), 3, driver.PAPER_EFFECT), nan_ok=True
+    )
+    half = transfer["power"]["half_width"]
+    assert (
+        f"expected half-width is {half:.3f}" in markdown
+        and f"these seeds, {statistics.stdev(primary):.3f}, taken" in markdown
+    )
     assert (tmp_path / "transfer.png").is_file()
 
 

@@ -22,7 +22,8 @@ For one task (classification, the primary one; slot filling, translation or stru
 5. probes each trained adapter again (the whole layer curve);
 6. writes `transfer.json`, `transfer.md` and `transfer.png` into `--output_dir`: the English gate, then paired
    differences (aligned minus baseline, per seed) with 95% t intervals per language and for the pre-registered
-   primary metric, the mean over the languages in neither the task nor the alignment data.
+   primary metric, the mean over the languages in neither the task nor the alignment data, and what its seeds can
+   resolve (the power for the paper's +1.5 points at the sd of their paired differences).
 
 Every finished run is appended as one JSON line to `<output_dir>/runs.jsonl`; a second call skips the runs already
 there and continues a run cut short from its last checkpoint (saved with the optimizer state, every `--eval_steps`),
@@ -72,6 +73,7 @@ LOW_RESOURCE = ["hi", "km"]
 MAX_NEW_TOKENS = {"classification": 1, "slot_filling": 48, "translation": 96, "structured_generation": 64}
 RUNS_FILE, JSON_FILE, MD_FILE, PLOT_FILE = "runs.jsonl", "transfer.json", "transfer.md", "transfer.png"
 MIN_SEEDS = 5  # pre-registered: the primary metric is not claimed with fewer seeds
+PAPER_EFFECT = 0.015  # the paper's gain, about 1.5 points (0.015 of accuracy or F1; 1.5 of chrF's 0-100 scale)
 
 
 def parse_args(argv=None):
@@ -991,6 +993,8 @@ def report_flags(settings: dict, tasks: list[dict], languages: list[str], gate: 
 
 
 def build_report(output_dir: str) -> dict:
+    from transfer_outputs import paired_power
+
     with open(os.path.join(output_dir, "data", "data.json")) as f:
         data = json.load(f)
     with open(os.path.join(output_dir, "settings.json")) as f:
@@ -1028,6 +1032,9 @@ def build_report(output_dir: str) -> dict:
     scores = paired_comparison(tasks, "scores", eval_languages, groups)
     losses = paired_comparison(tasks, "reference_loss", eval_languages, groups)
     flags = report_flags(settings, tasks, eval_languages, gate)
+    metric = tasks[0]["metric"] if tasks else None
+    primary = scores["groups"]["unseen (primary)"]["interval"]
+    power = paired_power(primary["std"], primary["n"], PAPER_EFFECT * (100 if metric == "chrf" else 1))
 
     base = next((p for p in probes if p["arm"] == "base"), None)
     retrieval = {}
@@ -1054,7 +1061,7 @@ def build_report(output_dir: str) -> dict:
     transfer = {
         "task": settings["task"],
         "model": settings["model_name"],
-        "metric": tasks[0]["metric"] if tasks else None,
+        "metric": metric,
         "train_languages": data["train_languages"],
         "alignment_languages": data["alignment_languages"],
         "eval_languages": eval_languages,
@@ -1062,6 +1069,8 @@ def build_report(output_dir: str) -> dict:
         "gate": gate,
         "flags": flags,
         "primary": scores["groups"]["unseen (primary)"],
+        # what the primary metric's seeds can resolve, at the sd of its paired differences (paired_power)
+        "power": power,
         "scores": scores,
         # The teacher-forced loss per reference token (lower is better), same layout
         "reference_loss": losses,
@@ -1117,6 +1126,26 @@ def headline(transfer: dict) -> str:
     return text + (" — " + "; ".join(notes) + "." if notes else ".")
 
 
+def power_sentence(power: dict) -> str:
+    """What the primary metric's seeds can resolve (`transfer_outputs.paired_power`), as one sentence of the report."""
+    effect = f"{power['effect']:+.3g}"
+    if not math.isfinite(power["half_width"]):
+        return f"Power: not estimable from {power['n']} paired seed(s) (needs 2 or more with a spread)."
+
+    def seeds(k: int | None) -> str:
+        return "more than 10,000" if k is None else str(k)
+
+    return (
+        f"Power (the sd of the paired primary difference over these seeds, {power['std']:.3f}, taken as the true one; "
+        f"it is itself uncertain at n={power['n']}): the 95% interval's expected half-width is "
+        f"{power['half_width']:.3f}, and a true gain of {effect} (the paper's effect) would be claimed with probability "
+        f"{power['power']:.0%}; a true gain of {power['detectable']:+.3f} or more with probability "
+        f"{power['target']:.0%} or more. A half-width of at most {power['effect']:.3g} needs "
+        f"{seeds(power['seeds_for_half_width'])} seeds, a {power['target']:.0%} chance to claim the paper's gain "
+        f"{seeds(power['seeds_for_power'])}."
+    )
+
+
 def _comparison_tables(comparison: dict, languages: list[str], flags: dict) -> list[str]:
     lines = ["| language | baseline | aligned | aligned - baseline [95% CI] | rows |", "|---|---|---|---|---|"]
     for lang in languages:
@@ -1167,6 +1196,7 @@ def write_markdown(output_dir: str, transfer: dict, tasks: list[dict]) -> None:
     if flags["missing_runs"] or flags["too_few_seeds"]:
         lines += ["", f"Seeds: paired {flags['paired_seeds']}; missing: {flags['missing_runs'] or 'none'}"
                   + (f"; fewer than the {MIN_SEEDS} pre-registered seeds" if flags["too_few_seeds"] else "") + "."]  # fmt: skip
+    lines += ["", power_sentence(transfer["power"])]
     lines += ["", f"`{transfer['metric']}` per language and group:", ""]
     lines += _comparison_tables(transfer["scores"], transfer["eval_languages"], flags)
     losses = transfer["reference_loss"]
