@@ -484,8 +484,13 @@ def test_paired_power_matches_a_simulation_of_the_paired_t_interval():
     k = power["seeds_for_power"]
     assert outputs.paired_power(std, k, effect)["power"] >= 0.8 > outputs.paired_power(std, k - 1, effect)["power"]
     assert outputs.paired_power(std, 5, 0.2)["power"] > 0.99  # an effect far above the noise
-    for nothing in (outputs.paired_power(std, 1, effect), outputs.paired_power(0.0, 5, effect)):
+    assert outputs.paired_power(std, 5, 0.2, min_seeds=5)["seeds_for_power"] == 5  # never fewer than asked
+    assert outputs.paired_power(std, 2, effect, target=0.99)["detectable"] > 0  # bracketed beyond 20 sd
+    # No spread (equal differences in every seed, 0 up to rounding) and one seed: nothing to estimate
+    for nothing in (outputs.paired_power(std, 1, effect), outputs.paired_power(1e-17, 5, effect)):
         assert math.isnan(nothing["power"]) and nothing["seeds_for_power"] is None
+    with pytest.raises(ValueError, match="effect above 0"):
+        outputs.paired_power(std, 5, 0.0)
 
 
 def _write_report_inputs(tmp_path, runs: list[dict], seeds: int = 3, max_eval: int = 4, min_eval_rows: int = 4):
@@ -543,10 +548,14 @@ def test_report_pairs_the_arms_by_seed_with_intervals_and_the_primary_metric(tmp
     )
     half = transfer["power"]["half_width"]
     assert (
-        f"expected half-width is {half:.3f}" in markdown
+        f"half-width at this sd is {half:.3f}" in markdown
         and f"these seeds, {statistics.stdev(primary):.3f}, taken" in markdown
     )
     assert (tmp_path / "transfer.png").is_file()
+    # chrF is on a 0-100 scale: the paper's effect is 1.5 there
+    runs = [{**_task_run(arm, seed, v), "metric": "chrf"} for (arm, seed), v in scores.items()]
+    _write_report_inputs(tmp_path, runs)
+    assert driver.build_report(str(tmp_path))["power"]["effect"] == pytest.approx(100 * driver.PAPER_EFFECT)
 
 
 def test_english_gate_refuses_a_claim_when_the_task_was_not_learned(tmp_path):

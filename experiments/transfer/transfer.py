@@ -1034,7 +1034,9 @@ def build_report(output_dir: str) -> dict:
     flags = report_flags(settings, tasks, eval_languages, gate)
     metric = tasks[0]["metric"] if tasks else None
     primary = scores["groups"]["unseen (primary)"]["interval"]
-    power = paired_power(primary["std"], primary["n"], PAPER_EFFECT * (100 if metric == "chrf" else 1))
+    power = paired_power(
+        primary["std"], primary["n"], PAPER_EFFECT * (100 if metric == "chrf" else 1), min_seeds=MIN_SEEDS
+    )
 
     base = next((p for p in probes if p["arm"] == "base"), None)
     retrieval = {}
@@ -1137,12 +1139,12 @@ def power_sentence(power: dict) -> str:
 
     return (
         f"Power (the sd of the paired primary difference over these seeds, {power['std']:.3f}, taken as the true one; "
-        f"it is itself uncertain at n={power['n']}): the 95% interval's expected half-width is "
+        f"it is itself uncertain at n={power['n']}): the 95% interval's half-width at this sd is "
         f"{power['half_width']:.3f}, and a true gain of {effect} (the paper's effect) would be claimed with probability "
         f"{power['power']:.0%}; a true gain of {power['detectable']:+.3f} or more with probability "
         f"{power['target']:.0%} or more. A half-width of at most {power['effect']:.3g} needs "
-        f"{seeds(power['seeds_for_half_width'])} seeds, a {power['target']:.0%} chance to claim the paper's gain "
-        f"{seeds(power['seeds_for_power'])}."
+        f"{seeds(power['seeds_for_half_width'])} seeds, and a power of {power['target']:.0%} for the paper's gain "
+        f"needs {seeds(power['seeds_for_power'])} (at least the {MIN_SEEDS} pre-registered)."
     )
 
 

@@ -73,25 +73,30 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> d
     return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half, "p": p}
 
 
-def paired_power(std: float, n: int, effect: float, confidence: float = 0.95, target: float = 0.8) -> dict:
+def paired_power(
+    std: float, n: int, effect: float, confidence: float = 0.95, target: float = 0.8, min_seeds: int = 2
+) -> dict:
     """
     What `n` paired seeds with a per-seed difference of standard deviation `std` can resolve, for a true mean
-    difference `effect` (with `std` plugged in as if known; estimated from few seeds, it is itself uncertain):
+    difference `effect` > 0 (with `std` plugged in as if known; estimated from few seeds, it is itself uncertain):
 
-    - `half_width`: the expected half-width of the two-sided `confidence` t interval at `n` seeds;
+    - `half_width`: the half-width of the two-sided `confidence` t interval at `n` seeds and this sd;
     - `power`: the probability that the interval's lower end is above 0 (a gain is claimed) when the true mean is
       `effect` (non-central t with `n - 1` degrees of freedom);
     - `detectable`: the least true mean difference that `n` seeds claim as a gain with probability `target`;
-    - `seeds_for_half_width`: the fewest seeds whose half-width is at most `effect`;
-    - `seeds_for_power`: the fewest seeds with a `power` of at least `target`.
+    - `seeds_for_half_width`: the fewest seeds, at least `min_seeds`, whose half-width is at most `effect`;
+    - `seeds_for_power`: the fewest seeds, at least `min_seeds`, with a `power` of at least `target`.
 
-    NaN (and `None` seed counts) for `n < 2` or a `std` that is not a positive finite number.
+    NaN (and `None` seed counts) for `n < 2` or a `std` without a spread (not finite, or 0 up to rounding: equal
+    differences in every seed).
     """
     from scipy import optimize, stats
 
+    if not effect > 0 or not 0 < target < 1:
+        raise ValueError(f"paired_power needs an effect above 0 and a target in (0, 1), got {effect} and {target}.")
     nan = float("nan")
     result = {"std": std, "n": n, "effect": effect, "target": target}
-    if n < 2 or not math.isfinite(std) or std <= 0:
+    if n < 2 or not math.isfinite(std) or std <= 1e-12 * effect:
         return {**result, "half_width": nan, "power": nan, "detectable": nan, "seeds_for_half_width": None,
                 "seeds_for_power": None}  # fmt: skip
     level = 0.5 + confidence / 2
@@ -103,17 +108,24 @@ def paired_power(std: float, n: int, effect: float, confidence: float = 0.95, ta
         return float(stats.nct.sf(stats.t.ppf(level, k - 1), k - 1, true_mean * math.sqrt(k) / std))
 
     def fewest(ok) -> int | None:
-        for k in range(2, 10_001):
+        for k in range(max(2, min_seeds), 10_001):
             if ok(k):
                 return k
         return None
 
+    # The power rises with the true mean, from 1 - level at 0 towards 1: bracket `target` and solve.
+    if power(n, 0.0) >= target:
+        detectable = 0.0
+    else:
+        high = std
+        while power(n, high) < target:
+            high *= 2
+        detectable = float(optimize.brentq(lambda m: power(n, m) - target, 0.0, high))
     return {
         **result,
         "half_width": half_width(n),
         "power": power(n),
-        # power rises with the true mean from 1 - level at 0; at 20 standard deviations it is 1 for any n >= 2
-        "detectable": float(optimize.brentq(lambda m: power(n, m) - target, 0.0, 20 * std)),
+        "detectable": detectable,
         "seeds_for_half_width": fewest(lambda k: half_width(k) <= effect),
         "seeds_for_power": fewest(lambda k: power(k) >= target),
     }
