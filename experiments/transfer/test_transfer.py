@@ -485,7 +485,9 @@ def test_paired_power_matches_a_simulation_of_the_paired_t_interval():
     assert outputs.paired_power(std, k, effect)["power"] >= 0.8 > outputs.paired_power(std, k - 1, effect)["power"]
     assert outputs.paired_power(std, 5, 0.2)["power"] > 0.99  # an effect far above the noise
     assert outputs.paired_power(std, 5, 0.2, min_seeds=5)["seeds_for_power"] == 5  # never fewer than asked
-    assert outputs.paired_power(std, 2, effect, target=0.99)["detectable"] > 0  # bracketed beyond 20 sd
+    assert (
+        outputs.paired_power(std, 2, effect, target=0.99)["detectable"] > 0
+    )  # the bracket grows until it holds the target
     # No spread (equal differences in every seed, 0 up to rounding) and one seed: nothing to estimate
     for nothing in (outputs.paired_power(std, 1, effect), outputs.paired_power(1e-17, 5, effect)):
         assert math.isnan(nothing["power"]) and nothing["seeds_for_power"] is None

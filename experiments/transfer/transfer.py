@@ -1033,9 +1033,12 @@ def build_report(output_dir: str) -> dict:
     losses = paired_comparison(tasks, "reference_loss", eval_languages, groups)
     flags = report_flags(settings, tasks, eval_languages, gate)
     metric = tasks[0]["metric"] if tasks else None
-    primary = scores["groups"]["unseen (primary)"]["interval"]
+    primary = scores["groups"]["unseen (primary)"]
     power = paired_power(
-        primary["std"], primary["n"], PAPER_EFFECT * (100 if metric == "chrf" else 1), min_seeds=MIN_SEEDS
+        primary["interval"]["std"],
+        primary["interval"]["n"],
+        PAPER_EFFECT * (100 if metric == "chrf" else 1),
+        min_seeds=MIN_SEEDS,
     )
 
     base = next((p for p in probes if p["arm"] == "base"), None)
@@ -1070,7 +1073,7 @@ def build_report(output_dir: str) -> dict:
         "seeds": seeds,
         "gate": gate,
         "flags": flags,
-        "primary": scores["groups"]["unseen (primary)"],
+        "primary": primary,
         # what the primary metric's seeds can resolve, at the sd of its paired differences (paired_power)
         "power": power,
         "scores": scores,

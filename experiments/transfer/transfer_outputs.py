@@ -42,6 +42,13 @@ from trl_midalign.tasks.slot_filling import PROMPT, parse_slots
 ENGLISH = "en-US"
 
 
+def _t_half_width(std: float, n: int, confidence: float) -> float:
+    """Half-width of the two-sided `confidence` t interval of the mean of `n` values with sample sd `std`."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+
+
 def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
     """
     Mean, standard deviation and two-sided `confidence` t interval of paired differences (one per seed: aligned minus
@@ -68,7 +75,7 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> d
     if n < 2:
         return {"n": 1, "mean": mean, "std": nan, "low": nan, "high": nan, "p": nan}
     std = statistics.stdev(values)
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    half = _t_half_width(std, n, confidence)
     p = float(stats.ttest_1samp(values, 0.0).pvalue) if std > 0 else (1.0 if mean == 0 else 0.0)
     return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half, "p": p}
 
@@ -101,9 +108,6 @@ def paired_power(
                 "seeds_for_power": None}  # fmt: skip
     level = 0.5 + confidence / 2
 
-    def half_width(k: int) -> float:
-        return float(stats.t.ppf(level, k - 1)) * std / math.sqrt(k)
-
     def power(k: int, true_mean: float = effect) -> float:
         return float(stats.nct.sf(stats.t.ppf(level, k - 1), k - 1, true_mean * math.sqrt(k) / std))
 
@@ -123,10 +127,10 @@ def paired_power(
         detectable = float(optimize.brentq(lambda m: power(n, m) - target, 0.0, high))
     return {
         **result,
-        "half_width": half_width(n),
+        "half_width": _t_half_width(std, n, confidence),
         "power": power(n),
         "detectable": detectable,
-        "seeds_for_half_width": fewest(lambda k: half_width(k) <= effect),
+        "seeds_for_half_width": fewest(lambda k: _t_half_width(std, k, confidence) <= effect),
         "seeds_for_power": fewest(lambda k: power(k) >= target),
     }
 
