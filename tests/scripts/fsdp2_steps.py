@@ -26,6 +26,7 @@ from torch.distributed.fsdp import fully_shard
 
 from trl_midalign import AlignmentTrainer
 from trl_midalign.schedules import is_alignment_step
+from trl_midalign.scripts import end_processes
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -116,8 +117,8 @@ def main(output_dir: str, schedule: str, variant: str) -> None:
               "sharded": all(hasattr(p, "full_tensor") for p in sharded.parameters())}  # fmt: skip
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    # As the recipes end: a barrier, the group destroyed, a pause (a rank ending right after a collective can abort)
+    end_processes(trainer)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from testing_utils import PAIRS, build_model, build_tokenizer
 
 from trl_midalign import DataCollatorForAlignment, contrastive_alignment_loss, layer_hidden_states
 from trl_midalign.losses import masked_mean_pool
+from trl_midalign.scripts import end_processes
 
 
 LAYER = 2
@@ -111,8 +112,7 @@ def main(output_dir):
     ]
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world_size": world_size, "cases": cases}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_processes()  # a barrier, the group destroyed, a pause: a rank ending right after a collective can abort at exit
 
 
 if __name__ == "__main__":
