@@ -867,6 +867,37 @@ def test_baseline_from_copies_the_baseline_runs_only_when_data_and_settings_matc
         driver.reuse_baseline(str(tmp_path / "missing"), str(new), settings, data)
 
 
+def test_baseline_from_compares_every_split_of_a_dataset_folder_but_not_the_alignment_pairs(tmp_path):
+    """Classification and translation keep their rows as a folder of splits (train, dev, test, pairs, probe pairs)."""
+    driver = _benchmark("transfer")
+    settings = {key: 1 for key in driver.BASELINE_SETTINGS}
+    for name in ("old", "new"):
+        folder = tmp_path / name / "data" / "classification"
+        folder.mkdir(parents=True)
+        (tmp_path / name / "settings.json").write_text(json.dumps(settings))
+        for file in ("train.jsonl", "dev.jsonl", "test.jsonl", "pairs.jsonl", "probe_pairs.jsonl"):
+            (folder / file).write_text('{"a": 1}\n')
+    old, new = tmp_path / "old", tmp_path / "new"
+    (old / "runs.jsonl").write_text(json.dumps({"kind": "task", "arm": "baseline", "seed": 0, "scores": {}}) + "\n")
+    folder = new / "data" / "classification"
+    data = {
+        "dataset": str(folder),
+        "pairs": str(folder / "pairs.jsonl"),
+        "probe_pairs": str(folder / "probe_pairs.jsonl"),
+    }
+    (old / "data" / "classification" / "pairs.jsonl").write_text('{"other": "pairs"}\n')  # not the baseline's concern
+    driver.reuse_baseline(str(old), str(new), settings, data)
+    assert [r["arm"] for r in driver.read_runs(str(new))] == ["baseline"]
+    for file in ("train.jsonl", "dev.jsonl", "test.jsonl", "probe_pairs.jsonl"):
+        (old / "data" / "classification" / file).write_text('{"a": 2}\n')
+        with pytest.raises(ValueError, match=f"classification/{file} differs"):
+            driver.reuse_baseline(str(old), str(new), settings, data)
+        (old / "data" / "classification" / file).write_text('{"a": 1}\n')
+    (old / "data" / "classification" / "dev.jsonl").unlink()
+    with pytest.raises(ValueError, match="dev.jsonl differs from \\(or lacks\\)"):
+        driver.reuse_baseline(str(old), str(new), settings, data)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

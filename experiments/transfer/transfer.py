@@ -806,7 +806,13 @@ def reuse_baseline(source_dir: str, output_dir: str, settings: dict, data: dict)
                 f"--baseline_from {source_dir}: its baseline ran with {key}={source.get(key)!r}, this run asks for "
                 f"{key}={settings.get(key)!r}; pass the same value or drop --baseline_from."
             )
-    for path in (data["dataset"], data["probe_pairs"]):
+    # The rows the baseline trains, is scored and probed on: the dataset (one file, or a folder of splits, whose
+    # alignment pairs the baseline does not read) and the probe's pairs
+    paths = [data["dataset"]]
+    if os.path.isdir(data["dataset"]):
+        paths = [os.path.join(data["dataset"], name) for name in sorted(os.listdir(data["dataset"]))]
+        paths = [path for path in paths if path != data.get("pairs")]
+    for path in dict.fromkeys([*paths, data["probe_pairs"]]):
         theirs = os.path.join(source_dir, os.path.relpath(path, output_dir))
         with open(path, "rb") as f:
             ours = f.read()
