@@ -495,7 +495,9 @@ def test_paired_power_matches_a_simulation_of_the_paired_t_interval():
         outputs.paired_power(std, 5, 0.0)
 
 
-def _write_report_inputs(tmp_path, runs: list[dict], seeds: int = 3, max_eval: int = 4, min_eval_rows: int = 4):
+def _write_report_inputs(
+    tmp_path, runs: list[dict], seeds: int = 3, max_eval: int = 4, min_eval_rows: int = 4, **more_settings
+):
     (tmp_path / "data").mkdir(exist_ok=True)
     languages = {"en": "en", "ja": "ja", "fr": "fr", "de": "de"}
     data = {"eval_languages": ["en", "ja", "fr", "de"], "train_languages": ["en"], "alignment_languages": ["ja"],
@@ -503,7 +505,7 @@ def _write_report_inputs(tmp_path, runs: list[dict], seeds: int = 3, max_eval: i
     (tmp_path / "data" / "data.json").write_text(json.dumps(data))
     settings = {"task": "classification", "model_name": "m", "align_layer": "2", "alignment_languages": ["ja"],
                 "train_languages": ["en"], "seeds": seeds, "max_eval": max_eval, "min_eval_rows": min_eval_rows,
-                "plateau_tolerance": 0.02, "plateau_window": 0.2}  # fmt: skip
+                "plateau_tolerance": 0.02, "plateau_window": 0.2, **more_settings}  # fmt: skip
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
 
@@ -604,6 +606,38 @@ def test_report_names_a_missing_seed_and_a_short_language_next_to_the_number(tmp
     assert "missing: seed 2: no aligned run" in headline and "seeds [1, 2] left out of the mean" in headline
     assert "de (3 test rows (fewer than the 4 asked))" in headline
     assert "| 3 test rows (fewer than the 4 asked) |" in markdown  # in the table, next to the number
+
+
+def test_report_says_when_the_kept_checkpoint_had_not_yet_learned_the_alignment(tmp_path):
+    """The layer-9 arm's kept checkpoints (best English dev loss, step 128 of 256) had an alignment loss of 3.40 with
+    chance at ln 32 = 3.47: the report names such seeds, next to each aligned run's loss at its kept checkpoint."""
+    driver = _benchmark("transfer")
+    chance = math.log(4)  # 4 pairs per alignment step
+    flat = [0.99 * chance] * 10  # one loss per optimizer step, never below 95% of chance
+    falling = [chance - 0.15 * step for step in range(10)]
+    runs = [_task_run(arm, seed, [0.5, 0.3, 0.4, 0.3]) for seed in range(2) for arm in ("baseline", "aligned")]
+    for run, losses in zip((r for r in runs if r["arm"] == "aligned"), (flat, falling)):
+        run.update(alignment_losses=losses, best_step=6)
+    _write_report_inputs(tmp_path, runs, seeds=2, align_batch_size=4)
+    transfer = driver.build_report(str(tmp_path))
+    kept = transfer["flags"]["alignment_at_kept"]
+    assert [k["seed"] for k in kept] == [0, 1] and all(k["step"] == 6 for k in kept)
+    assert kept[0]["at_kept"] == pytest.approx(0.99 * chance) and kept[0]["at_chance"]
+    assert kept[1]["at_kept"] == pytest.approx(statistics.fmean(falling[:6])) and not kept[1]["at_chance"]
+    assert kept[1]["first"] == pytest.approx(statistics.fmean(falling[:8]))
+    assert kept[1]["last"] == pytest.approx(statistics.fmean(falling[2:]))
+    assert transfer["flags"]["unaligned_seeds"] == [0]
+    markdown = (tmp_path / "transfer.md").read_text()
+    assert "aligned seeds [0]: alignment loss still at chance at the kept checkpoint" in markdown.splitlines()[2]
+    assert f"is {chance:.3f}): seed 0 {0.99 * chance:.3f} -> {0.99 * chance:.3f} at step 6" in markdown
+    assert "**The alignment had not learned at the kept checkpoint in aligned seeds [0]**" in markdown
+    # A log without one alignment loss per step cannot be placed at the kept step: left out, not guessed
+    runs[1]["alignment_losses"] = flat[:5]
+    _write_report_inputs(tmp_path, runs, seeds=2, align_batch_size=4)
+    transfer = driver.build_report(str(tmp_path))
+    flags = transfer["flags"]
+    assert [k["seed"] for k in flags["alignment_at_kept"]] == [1] and not flags["unaligned_seeds"]
+    assert "had not learned" not in (tmp_path / "transfer.md").read_text()
 
 
 def test_run_order_starts_the_aligned_arms_of_a_block_of_seeds_together():

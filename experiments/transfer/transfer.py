@@ -74,6 +74,10 @@ MAX_NEW_TOKENS = {"classification": 1, "slot_filling": 48, "translation": 96, "s
 RUNS_FILE, JSON_FILE, MD_FILE, PLOT_FILE = "runs.jsonl", "transfer.json", "transfer.md", "transfer.png"
 MIN_SEEDS = 5  # pre-registered: the primary metric is not claimed with fewer seeds
 PAPER_EFFECT = 0.015  # the paper's gain, about 1.5 points (0.015 of accuracy or F1; 1.5 of chrF's 0-100 scale)
+# An aligned run's alignment loss at its kept checkpoint within 5% of chance (ln of the pairs per step) has not yet
+# moved the representations: at start it is 99% of chance, 0.2-0.4 of it at layer 12's kept checkpoints (2026-12-07)
+AT_CHANCE = 0.95
+KEPT_WINDOW = 8  # logged steps up to the kept checkpoint averaged for its alignment loss (one per step: logging 1)
 
 
 def parse_args(argv=None):
@@ -971,8 +975,36 @@ def paired_comparison(tasks: list[dict], key: str, languages: list[str], groups:
     return {"seeds": seeds, "languages": per_language, "groups": per_group}
 
 
+def alignment_at_kept(run: dict, align_batch_size: int) -> dict | None:
+    """
+    An aligned run's alignment loss at the checkpoint the report evaluates (the best by English dev loss), against
+    chance: with in-batch negatives each of `align_batch_size` pairs picks its translation among that many, so a loss
+    of ln(align_batch_size) means the alignment has not yet learned. The loss is the mean of the `KEPT_WINDOW` steps
+    up to the kept one (one value per optimizer step: the driver logs every step); `None` for a baseline or a run
+    whose log does not have one alignment loss per step.
+    """
+    losses = run.get("alignment_losses") or []
+    if run["arm"] != "aligned" or len(losses) != run["global_step"] or align_batch_size < 2:
+        return None
+    kept = run.get("best_step") or run["global_step"]
+    chance = math.log(align_batch_size)
+    loss = statistics.fmean(losses[max(0, kept - KEPT_WINDOW) : kept])
+    return {
+        "seed": run["seed"],
+        "step": kept,
+        "first": statistics.fmean(losses[:KEPT_WINDOW]),
+        "at_kept": loss,
+        "last": statistics.fmean(losses[-KEPT_WINDOW:]),
+        "chance": chance,
+        "at_chance": loss >= AT_CHANCE * chance,
+    }
+
+
 def report_flags(settings: dict, tasks: list[dict], languages: list[str], gate: dict) -> dict:
-    """What the report must say next to its numbers: the gate, missing seeds or arms, too few seeds or rows."""
+    """
+    What the report must say next to its numbers: the gate, missing seeds or arms, too few seeds or rows, and aligned
+    runs whose kept checkpoint had not yet learned the alignment (`alignment_at_kept`).
+    """
     asked = list(range(settings["seeds"]))
     present = {arm: {r["seed"] for r in tasks if r["arm"] == arm} for arm in ("baseline", "aligned")}
     missing = [f"seed {s}: no {arm} run" for s in asked for arm in ("baseline", "aligned") if s not in present[arm]]
@@ -989,12 +1021,16 @@ def report_flags(settings: dict, tasks: list[dict], languages: list[str], gate: 
             short[lang] = f"{min(counts)} test rows (fewer than the {settings['min_eval_rows']} asked)"
         elif counts and min(counts) < wanted:
             short[lang] = f"{min(counts)} test rows (fewer than --max_eval {settings['max_eval']})"
+    kept = [alignment_at_kept(r, settings.get("align_batch_size") or 0) for r in tasks]
+    kept = sorted((k for k in kept if k), key=lambda k: k["seed"])
     return {
         "gate": gate["reasons"],
         "missing_runs": missing,
         "too_few_seeds": len(paired) < MIN_SEEDS,
         "paired_seeds": paired,
         "short_languages": short,
+        "alignment_at_kept": kept,
+        "unaligned_seeds": [k["seed"] for k in kept if k["at_chance"]],
     }
 
 
@@ -1127,6 +1163,10 @@ def headline(transfer: dict) -> str:
         notes.append("missing: " + ", ".join(flags["missing_runs"]))
     if primary["incomplete_seeds"]:
         notes.append(f"seeds {primary['incomplete_seeds']} left out of the mean (a language or arm missing)")
+    if flags.get("unaligned_seeds"):
+        notes.append(
+            f"aligned seeds {flags['unaligned_seeds']}: alignment loss still at chance at the kept checkpoint"
+        )
     short = [lang for lang in primary["languages"] if lang in flags["short_languages"]]
     if short:
         notes.append("short languages: " + ", ".join(f"{x} ({flags['short_languages'][x]})" for x in short))
@@ -1207,6 +1247,16 @@ def write_markdown(output_dir: str, transfer: dict, tasks: list[dict]) -> None:
     if flags["missing_runs"] or flags["too_few_seeds"]:
         lines += ["", f"Seeds: paired {flags['paired_seeds']}; missing: {flags['missing_runs'] or 'none'}"
                   + (f"; fewer than the {MIN_SEEDS} pre-registered seeds" if flags["too_few_seeds"] else "") + "."]  # fmt: skip
+    kept = flags.get("alignment_at_kept") or []
+    if kept:
+        lines += ["", f"Alignment loss at the kept checkpoints (mean of the {KEPT_WINDOW} steps up to it; chance, each "
+                  f"pair among {transfer['settings']['align_batch_size']}, is {kept[0]['chance']:.3f}): "
+                  + "; ".join(f"seed {k['seed']} {k['first']:.3f} -> {k['at_kept']:.3f} at step {k['step']} -> "
+                              f"{k['last']:.3f} at the end" for k in kept) + "."]  # fmt: skip
+    if flags.get("unaligned_seeds"):
+        lines += ["", f"**The alignment had not learned at the kept checkpoint in aligned seeds {flags['unaligned_seeds']}** "
+                  f"(its loss at least {AT_CHANCE:.0%} of chance): there the aligned arm is the task trained beside an "
+                  "alignment loss that had not yet moved the representations, not an aligned model."]  # fmt: skip
     lines += ["", power_sentence(transfer["power"])]
     lines += ["", f"`{transfer['metric']}` per language and group:", ""]
     lines += _comparison_tables(transfer["scores"], transfer["eval_languages"], flags)
