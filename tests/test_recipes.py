@@ -253,10 +253,20 @@ def test_slot_filling_runs_with_only_a_model_and_local_data(work, tmp_path):
 @pytest.mark.parametrize("name", ["translation", "structured_generation"])
 def test_recipe_main_in_process(work, tmp_path, name):
     output_dir = str(tmp_path / name)
-    results = run_main(name, fast_run(work, name, output_dir))
+    # translation: chrF and BLEU of the first 2 rows per direction, the reference loss of all 4
+    limit = ["--max_generate_samples", "2"] if name == "translation" else []
+    results = run_main(name, [*fast_run(work, name, output_dir), *limit])
     if name == "translation":
         assert list(results["languages"]) == ["de-en", "en-de"] and results["alignment_languages"] == ["de"]
         assert {"bleu", "chrf"} <= set(results["languages"]["en-de"])
+        for scores in results["languages"].values():
+            assert scores["num_examples"] == 4 and scores["num_generated"] == 2
+        with open(os.path.join(output_dir, "eval_predictions.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        assert [r["prediction"] is None for r in rows] == [False, False, True, True] * 2
+        recorded, regenerated = reload_predictions(work["model"], output_dir)
+        assert [r for r in recorded if r is not None] == [g for r, g in zip(recorded, regenerated) if r is not None]
+        return
     else:
         assert list(results["languages"]) == ["en", "de", "fr"] and results["alignment_languages"] == ["de", "fr"]
         assert {"entity_f1", "valid_json_rate"} <= set(results["languages"]["fr"])

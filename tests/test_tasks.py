@@ -11,8 +11,10 @@ import torch
 from seqeval.metrics import f1_score, precision_score, recall_score
 from testing_utils import build_model
 
+from trl_midalign.tasks.arguments import RecipeArguments
 from trl_midalign.tasks.metrics import exact_match, span_f1
 from trl_midalign.tasks.report import (
+    evaluate_examples,
     generate_completions,
     load_results,
     plot_results,
@@ -212,6 +214,44 @@ def test_reference_losses_match_a_plain_torch_computation(tokenizer, kind):
     fallback = reference_losses(model, tokenizer, prompts, references, batch_size=3, disable_progress=True)
     assert [n for _, n in fallback] == [n for _, n in batched]
     assert [nll for nll, _ in fallback] == pytest.approx([nll for nll, _ in batched], rel=1e-5)
+
+
+def test_max_generate_scores_the_first_rows_and_takes_the_reference_loss_of_all(tokenizer, tmp_path):
+    """`max_generate`: only each language's first rows are generated and scored by the task metric; the reference
+    loss is the same as without the limit; the results and the table say how many rows were generated."""
+    model = build_model("llama", len(tokenizer), seed=3).eval()
+    examples = [
+        {"language": lang, "prompt": f"{text} ({lang})", "reference": ref}
+        for lang in ("de", "fr")
+        for text, ref in (("Turn off the light", "light"), ("Set a timer", "timer"), ("Play jazz", "music"))
+    ]
+    scored = []
+
+    def score(predictions, references, lang):
+        scored.append((lang, list(predictions), list(references)))
+        return {"matches": float(sum(p == r for p, r in zip(predictions, references)))}
+
+    settings = dict(task="t", run="baseline", main_metric="matches", max_new_tokens=4, batch_size=2,
+                    language_groups={"transfer": ["de", "fr"]})  # fmt: skip
+    full = evaluate_examples(model, tokenizer, examples, score, output_dir=str(tmp_path / "full"), **settings)
+    scored.clear()
+    limited = evaluate_examples(
+        model, tokenizer, examples, score, output_dir=str(tmp_path / "limited"), max_generate=2, **settings
+    )
+    first = [examples[i] for i in (0, 1, 3, 4)]
+    expected = generate_completions(model, tokenizer, [e["prompt"] for e in first], max_new_tokens=4,
+                                    disable_progress=True)  # fmt: skip
+    assert scored == [("de", expected[:2], ["light", "timer"]), ("fr", expected[2:], ["light", "timer"])]
+    for lang in ("de", "fr"):
+        assert limited["languages"][lang]["num_examples"] == 3 and limited["languages"][lang]["num_generated"] == 2
+        assert limited["languages"][lang]["reference_loss"] == pytest.approx(full["languages"][lang]["reference_loss"])
+        assert "num_generated" not in full["languages"][lang]
+    assert "num_generated" not in limited["groups"]["transfer"]  # a count, not a metric averaged over languages
+    rows = [json.loads(line) for line in (tmp_path / "limited" / "eval_predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] is None for r in rows] == [False, False, True] * 2
+    assert "| 3 (2 generated) |" in (tmp_path / "limited" / "eval_results.md").read_text()
+    with pytest.raises(ValueError, match="max_generate_samples must be >= 1"):
+        RecipeArguments(dataset_name="d", max_generate_samples=0)
 
 
 def _results(run, scores):

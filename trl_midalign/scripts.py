@@ -379,6 +379,7 @@ def evaluate_run(
             "alignment_languages": list(alignment_languages),
         },
         labels=labels,
+        max_generate=script_args.max_generate_samples,
     )
 
 

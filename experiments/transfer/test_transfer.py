@@ -556,6 +556,16 @@ def test_report_pairs_the_arms_by_seed_with_intervals_and_the_primary_metric(tmp
         and f"these seeds, {statistics.stdev(primary):.3f}, taken" in markdown
     )
     assert (tmp_path / "transfer.png").is_file()
+    assert "`accuracy` per language and group:" in markdown  # every row generated (or none: classification)
+    # With --max_generate the metric's rows are fewer than the reference loss's: said above the metric's table
+    runs = [{**_task_run(arm, seed, v), "num_generated": dict.fromkeys(["en", "ja", "fr", "de"], 2)}
+            for (arm, seed), v in scores.items()]  # fmt: skip
+    _write_report_inputs(tmp_path, runs)
+    driver.build_report(str(tmp_path))
+    assert (
+        "`accuracy` per language and group (from at most 2 generated answers per language; the reference loss uses "
+        "all rows):" in (tmp_path / "transfer.md").read_text()
+    )
     # chrF is on a 0-100 scale: the paper's effect is 1.5 there
     runs = [{**_task_run(arm, seed, v), "metric": "chrf"} for (arm, seed), v in scores.items()]
     _write_report_inputs(tmp_path, runs)
@@ -784,6 +794,10 @@ def test_regime_and_aligned_arm_variants_reach_the_recipe_command():
     assert flag(aligned, "--eval_steps") == flag(aligned, "--save_steps") == "6"  # the same task progress
     assert flag(aligned, "--align_batch_size") == "32" and flag(aligned, "--align_layer") == "12"
     assert not any(f.startswith("--align_") for f in baseline)
+    assert "--max_generate_samples" not in baseline  # every test row is generated unless --max_generate says so
+    args = driver.parse_args(["--task", "translation", "--output_dir", "o", "--model", "m", "--max_generate", "64"])
+    for arm in ("baseline", "aligned"):
+        assert flag(driver.recipe_command(args, data, arm, 0, "run"), "--max_generate_samples") == "64"
     args = driver.parse_args(["--task", "classification", "--output_dir", "o", "--model", "m", "--device", "cuda",
                               "--bf16", "--align_weight", "0.1", "--align_schedule", "joint", "--align_stop_gradient",
                               "target", "--align_layer", "9", "--gradient_accumulation_steps", "1",
@@ -945,6 +959,7 @@ def test_baseline_from_compares_every_split_of_a_dataset_folder_but_not_the_alig
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
         (["--train_rows", "0"], "--train_rows must be at least 1, got 0"),
         (["--eval_steps", "0"], "--eval_steps must be at least 1, got 0"),
+        (["--max_generate", "0"], "--max_generate must be at least 1, got 0"),
         (["--warmup_ratio", "1.5"], "--warmup_ratio must be below 1"),
         (["--weight_decay", "-1"], "--weight_decay must be 0 or more, got -1.0"),
         (["--batch_size", "16", "--align_batch_size", "24"], "--align_batch_size 24 must be a multiple of"),

@@ -77,6 +77,11 @@ class RecipeArguments:
             Keep at most this many task rows per training language.
         max_eval_samples (`int`, *optional*):
             Evaluate at most this many rows per language.
+        max_generate_samples (`int`, *optional*):
+            Generate answers, and compute the task's metrics from them, for at most this many of each language's
+            evaluation rows (the first ones); `reference_loss` still uses every evaluated row. Generation is the slow
+            part of an evaluation: e.g. chrF on 64 rows and the reference loss on 256. A classification task, which
+            scores every row by label likelihood, generates nothing and ignores it.
         max_new_tokens (`int`, *optional*, defaults to `64`):
             Maximum generated tokens per evaluation example.
         eval_only (`bool`, *optional*, defaults to `False`):
@@ -152,6 +157,13 @@ class RecipeArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate at most this many rows per language."}
     )
+    max_generate_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Generate answers (and the task's metrics) for at most this many evaluation rows per language, "
+            "the first ones; reference_loss uses every evaluated row. Unset: all."
+        },
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "Maximum generated tokens per evaluation example."})
     eval_only: bool = field(
         default=False, metadata={"help": "Skip training and evaluate the adapter at adapter_path."}
@@ -169,7 +181,9 @@ class RecipeArguments:
             setattr(self, name, _split_list(getattr(self, name)))
         if not self.dataset_name:
             raise ValueError("dataset_name is required: a Hub dataset id or a local file/folder.")
-        for name in ("max_alignment_pairs", "max_train_samples", "max_eval_samples", "max_dev_samples"):
+        for name in (
+            "max_alignment_pairs", "max_train_samples", "max_eval_samples", "max_dev_samples", "max_generate_samples"
+        ):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset for all rows), got {value}.")

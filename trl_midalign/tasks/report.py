@@ -36,6 +36,7 @@ RESULTS_FILE = "eval_results.json"
 TABLE_FILE = "eval_results.md"
 PLOT_FILE = "eval_results.png"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
+COUNTS = ("num_examples", "num_generated")  # per-language row counts in the results, not metrics
 PROBE_PLOTS = ("probe_curve.png", "probe_heatmap.png")
 CARD_SECTION_NAME = "run and evaluation"
 CARD_SECTION_MARKER = section_marker(CARD_SECTION_NAME)
@@ -511,6 +512,7 @@ def evaluate_examples(
     compare_with: str | None = None,
     extra: dict | None = None,
     labels: Sequence[str] | None = None,
+    max_generate: int | None = None,
 ) -> dict | None:
     """
     Generate an answer for every example (split over the processes), score each language, and write the results,
@@ -548,6 +550,10 @@ def evaluate_examples(
             A label set (classification): instead of generating, each example's prediction is the label of least
             completion NLL ([`label_log_likelihoods`]) and its `reference_loss` is that of its reference label; the
             label NLLs go into the predictions file.
+        max_generate (`int`, *optional*):
+            Generate only for the first `max_generate` examples of each language: the task's metrics come from those,
+            `reference_loss` from all; the other rows' `prediction` is `None`, and a language with fewer generated
+            than evaluated rows records `num_generated`. Not used with `labels`, which generate nothing.
 
     Returns:
         `dict | None`: the results on the main process, `None` on the others.
@@ -557,6 +563,12 @@ def evaluate_examples(
 
     state = PartialState()
     indexed = [dict(example, index=i) for i, example in enumerate(examples)]
+    seen: dict[str, int] = {}
+    generated = set()  # the indices of the examples answered by generation
+    for example in indexed:
+        seen[example["language"]] = seen.get(example["language"], 0) + 1
+        if max_generate is None or seen[example["language"]] <= max_generate:
+            generated.add(example["index"])
     with state.split_between_processes(indexed, apply_padding=True) as shard:
         prompts = [example["prompt"] for example in shard]
         if labels is not None:  # classification: the label of least NLL, no generation
@@ -581,16 +593,20 @@ def evaluate_examples(
                          label_nlls=nlls)
                 )  # fmt: skip
         else:
-            predictions = generate_completions(
+            answered = [k for k, example in enumerate(shard) if example["index"] in generated]
+            predictions = [None] * len(shard)
+            completions = generate_completions(
                 model,
                 tokenizer,
-                prompts,
+                [prompts[k] for k in answered],
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
                 synced_gpus=zero3 and state.num_processes > 1,
                 desc=f"Evaluating {task} (process {state.process_index})",
                 disable_progress=not state.is_local_main_process,
             )
+            for k, completion in zip(answered, completions):
+                predictions[k] = completion
             losses = reference_losses(
                 model,
                 tokenizer,
@@ -615,10 +631,13 @@ def evaluate_examples(
     languages: dict[str, dict] = {}
     for lang in dict.fromkeys(r["language"] for r in records):
         subset = [r for r in records if r["language"] == lang]
-        scores = score([r["prediction"] for r in subset], [r["reference"] for r in subset], lang)
+        answered = subset if labels is not None else [r for r in subset if r["index"] in generated]
+        scores = score([r["prediction"] for r in answered], [r["reference"] for r in answered], lang)
         # Token-weighted, as the training loss: summed NLL of all reference tokens over their number
         loss = sum(r["reference_nll"] for r in subset) / max(1, sum(r["reference_tokens"] for r in subset))
         languages[lang] = {**scores, "reference_loss": loss, "num_examples": len(subset)}
+        if len(answered) < len(subset):
+            languages[lang]["num_generated"] = len(answered)
     results = {"task": task, "run": run, "main_metric": main_metric, "languages": languages, **(extra or {})}
     results["language_groups"] = {k: [lang for lang in v if lang in languages] for k, v in language_groups.items()}
     results["groups"] = summarize_groups(results, {**results["language_groups"], "all": list(languages)})
@@ -661,7 +680,7 @@ def summarize_groups(results: dict, groups: dict[str, Sequence[str]]) -> dict[st
         present = [results["languages"][lang] for lang in languages if lang in results["languages"]]
         if not present:
             continue
-        metrics = [m for m in present[0] if m != "num_examples"]
+        metrics = [m for m in present[0] if m not in COUNTS]
         summary[name] = {m: sum(scores[m] for scores in present) / len(present) for m in metrics}
         summary[name]["num_languages"] = len(present)
     return summary
@@ -687,7 +706,7 @@ def results_table(results: dict) -> str:
     languages = results["languages"]
     if not languages:
         return "_no languages evaluated_\n"
-    metrics = [m for m in next(iter(languages.values())) if m != "num_examples"]
+    metrics = [m for m in next(iter(languages.values())) if m not in COUNTS]
     groups = results.get("language_groups", {})
     group_of = {lang: name for name, langs in groups.items() for lang in langs}
     lines = [
@@ -696,7 +715,10 @@ def results_table(results: dict) -> str:
     ]
     for lang, scores in languages.items():
         cells = " | ".join(_cell(scores[m], m) for m in metrics)
-        lines.append(f"| {lang} | {group_of.get(lang, '')} | {cells} | {scores.get('num_examples', '')} |")
+        count = scores.get("num_examples", "")
+        if "num_generated" in scores:
+            count = f"{count} ({scores['num_generated']} generated)"
+        lines.append(f"| {lang} | {group_of.get(lang, '')} | {cells} | {count} |")
     for name, scores in results.get("groups", {}).items():
         cells = " | ".join(_cell(scores[m], m) for m in metrics)
         lines.append(f"| **mean: {name}** | | {cells} | {scores['num_languages']} languages |")
