@@ -618,6 +618,26 @@ def test_two_process_launch(work, tmp_path, name, backend):
 
 
 @pytest.mark.slow
+def test_zero3_generates_in_step_when_only_some_rows_are_generated(work, tmp_path):
+    """Under ZeRO-3 every process must generate as many batches (each forward gathers the parameters). With
+    `--max_generate_samples 1` on one direction's 4 rows, rank 0 holds the one generated row and rank 1 none: rank 1
+    still generates in step (answers dropped), so the launch ends, and only the first row has a prediction."""
+    output_dir = str(tmp_path / "zero3-limited")
+    args = [*fast_run(work, "translation", output_dir), "--eval_languages", "de-en", "--max_generate_samples", "1"]
+    done = launch_recipe("translation", BACKENDS["zero3"], args, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    results = json.load(open(os.path.join(output_dir, "eval_results.json")))
+    assert list(results["languages"]) == ["de-en"]
+    assert results["languages"]["de-en"]["num_examples"] == 4 and results["languages"]["de-en"]["num_generated"] == 1
+    assert 0 < results["languages"]["de-en"]["reference_loss"] < 50
+    with open(os.path.join(output_dir, "eval_predictions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["prediction"] is None for r in rows] == [False, True, True, True]
+    recorded, regenerated = reload_predictions(work["model"], output_dir)
+    assert recorded[0] == regenerated[0]  # the answer generated under ZeRO-3 is the saved adapter's
+
+
+@pytest.mark.slow
 def test_zero3_launches_refuse_a_model_zero3_would_not_partition(work, tmp_path):
     # The partitioning check of the launches above can fail: with a persistence threshold above every tensor's size,
     # ZeRO-3 keeps every parameter whole on every process, and the launch stops before training.

@@ -553,7 +553,8 @@ def evaluate_examples(
         max_generate (`int`, *optional*):
             Generate only for the first `max_generate` examples of each language: the task's metrics come from those,
             `reference_loss` from all; the other rows' `prediction` is `None`, and a language with fewer generated
-            than evaluated rows records `num_generated`. Not used with `labels`, which generate nothing.
+            than evaluated rows records `num_generated`. Not used with `labels`, which generate nothing. Under ZeRO-3
+            a process with fewer rows to generate generates extra ones in step with the others and drops them.
 
     Returns:
         `dict | None`: the results on the main process, `None` on the others.
@@ -594,18 +595,23 @@ def evaluate_examples(
                 )  # fmt: skip
         else:
             answered = [k for k, example in enumerate(shard) if example["index"] in generated]
+            asked = answered
+            if zero3 and state.num_processes > 1:  # in step: every process generates as many batches (the extra
+                # rows' answers are dropped)
+                most = max(gather_object([len(answered)]))
+                asked = answered + [k for k in range(len(shard)) if k not in set(answered)][: most - len(answered)]
             predictions = [None] * len(shard)
             completions = generate_completions(
                 model,
                 tokenizer,
-                [prompts[k] for k in answered],
+                [prompts[k] for k in asked],
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
                 synced_gpus=zero3 and state.num_processes > 1,
                 desc=f"Evaluating {task} (process {state.process_index})",
                 disable_progress=not state.is_local_main_process,
             )
-            for k, completion in zip(answered, completions):
+            for k, completion in zip(answered, completions):  # `asked` starts with `answered`
                 predictions[k] = completion
             losses = reference_losses(
                 model,
