@@ -572,6 +572,38 @@ def test_report_pairs_the_arms_by_seed_with_intervals_and_the_primary_metric(tmp
     assert driver.build_report(str(tmp_path))["power"]["effect"] == pytest.approx(100 * driver.PAPER_EFFECT)
 
 
+def test_translation_primary_is_the_reference_loss_with_its_power_for_a_1_percent_reduction(tmp_path):
+    """Translation's pre-registered primary is the teacher-forced reference loss of the unseen languages (chrF, from
+    the first --max_generate rows, is reported beside it); a gain is a lower loss."""
+    driver, outputs = _benchmark("transfer"), _benchmark("transfer_outputs")
+    scores = {("baseline", 0): [0.5, 0.3, 0.4, 0.3], ("aligned", 0): [0.6, 0.4, 0.45, 0.35],
+              ("baseline", 1): [0.6, 0.2, 0.3, 0.3], ("aligned", 1): [0.6, 0.3, 0.38, 0.3],
+              ("baseline", 2): [0.55, 0.3, 0.3, 0.4], ("aligned", 2): [0.5, 0.2, 0.36, 0.39]}  # fmt: skip
+    runs = [{**_task_run(arm, seed, v), "metric": "chrf"} for (arm, seed), v in scores.items()]
+    _write_report_inputs(tmp_path, runs)
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    (tmp_path / "settings.json").write_text(json.dumps({**settings, "task": "translation"}))
+    transfer = driver.build_report(str(tmp_path))
+    # reference loss = 2 - score in _task_run: the loss differences are minus the score differences
+    loss = {key: [2.0 - x for x in v] for key, v in scores.items()}
+    primary = [
+        statistics.fmean(loss["aligned", s][i] for i in (2, 3))
+        - statistics.fmean(loss["baseline", s][i] for i in (2, 3))
+        for s in range(3)
+    ]
+    assert transfer["primary"]["measure"] == "reference_loss"
+    assert transfer["primary"]["differences"] == pytest.approx(primary) and max(primary) < 0  # lower: a gain
+    baseline = statistics.fmean(statistics.fmean(loss["baseline", s][i] for i in (2, 3)) for s in range(3))
+    expected = outputs.paired_power(statistics.stdev(primary), 3, 0.01 * baseline, min_seeds=driver.MIN_SEEDS)
+    assert transfer["power"] == pytest.approx(expected, nan_ok=True)
+    markdown = (tmp_path / "transfer.md").read_text()
+    assert "Primary metric (teacher-forced loss per reference token, nats, lower is better" in markdown
+    assert f"a true reduction of {0.01 * baseline:.3g} nats (1% of the baseline's loss" in markdown
+    # classification keeps its metric as the primary
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    assert driver.build_report(str(tmp_path))["primary"]["measure"] == "scores"
+
+
 def test_english_gate_refuses_a_claim_when_the_task_was_not_learned(tmp_path):
     driver = _benchmark("transfer")
     falling = ((2, 1.0), (4, 0.9), (6, 0.8), (8, 0.7), (10, 0.6))  # still 14% down over the last fifth
