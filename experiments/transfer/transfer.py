@@ -1093,9 +1093,8 @@ def build_report(output_dir: str) -> dict:
     metric = tasks[0]["metric"] if tasks else None
     measure = PRIMARY_MEASURE.get(settings["task"], "scores")
     primary = {**(losses if measure == "reference_loss" else scores)["groups"]["unseen (primary)"], "measure": measure}
-    if (
-        measure == "reference_loss"
-    ):  # a gain is a lower loss: the power of a reduction of LOSS_EFFECT of the baseline's
+    # A gain is a lower loss: its power is stated for a reduction of LOSS_EFFECT of the baseline's loss
+    if measure == "reference_loss":
         baseline_loss = statistics.fmean(primary["baseline"]) if primary["baseline"] else float("nan")
         effect = LOSS_EFFECT * baseline_loss if math.isfinite(baseline_loss) and baseline_loss > 0 else LOSS_EFFECT
     else:
