@@ -599,7 +599,8 @@ def evaluate_examples(
             if zero3 and state.num_processes > 1:  # in step: every process generates as many batches (the extra
                 # rows' answers are dropped)
                 most = max(gather_object([len(answered)]))
-                asked = answered + [k for k in range(len(shard)) if k not in set(answered)][: most - len(answered)]
+                rest = [k for k, example in enumerate(shard) if example["index"] not in generated]
+                asked = answered + rest[: most - len(answered)]
             predictions = [None] * len(shard)
             completions = generate_completions(
                 model,
