@@ -636,6 +636,7 @@ def test_report_names_a_missing_seed_and_a_short_language_next_to_the_number(tmp
     runs = [r for r in runs if (r["arm"], r["seed"]) != ("aligned", 2)]  # seed 2's aligned run is missing
     runs[0]["num_examples"]["de"] = 3  # de has fewer test rows than asked in one run
     del runs[2]["scores"]["fr"]  # and fr has no score in seed 1's baseline
+    runs[4]["scores"]["ja"] = 0.9  # seed 2's baseline, whose aligned run is missing, scores ja higher
     _write_report_inputs(tmp_path, runs, seeds=3, max_eval=4, min_eval_rows=4)
     transfer = driver.build_report(str(tmp_path))
     assert transfer["flags"]["missing_runs"] == ["seed 2: no aligned run"]
@@ -648,6 +649,9 @@ def test_report_names_a_missing_seed_and_a_short_language_next_to_the_number(tmp
     assert "missing: seed 2: no aligned run" in headline and "seeds [1, 2] left out of the mean" in headline
     assert "de (3 test rows (fewer than the 4 asked))" in headline
     assert "| 3 test rows (fewer than the 4 asked) |" in markdown  # in the table, next to the number
+    # A row's arm means are over its paired seeds only (seed 2's ja baseline, 0.9, is not averaged in), the others named
+    assert "| ja | 0.300 ± 0.000 | 0.300 ± 0.000 | " in markdown and "| ok | [2] |" in markdown
+    assert "| fr | 0.400 ± 0.000 | 0.400 ± 0.000 | " in markdown and "| ok | [1, 2] |" in markdown
 
 
 def test_report_says_when_the_kept_checkpoint_had_not_yet_learned_the_alignment(tmp_path):

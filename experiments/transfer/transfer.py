@@ -1232,13 +1232,18 @@ def power_sentence(power: dict, measure: str = "scores") -> str:
 
 
 def _comparison_tables(comparison: dict, languages: list[str], flags: dict) -> list[str]:
-    lines = ["| language | baseline | aligned | aligned - baseline [95% CI] | rows |", "|---|---|---|---|---|"]
+    # Each row's arm means are over its paired seeds, the seeds of its difference; the others are named, not averaged.
+    lines = ["| language | baseline | aligned | aligned - baseline [95% CI] | rows | seeds left out |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for lang in languages:
         entry = comparison["languages"][lang]
+        paired = [i for i, seed in enumerate(comparison["seeds"]) if seed in entry["paired_seeds"]]
+        means = {arm: _fmt(*_mean_std([entry[arm][i] for i in paired])) for arm in ("baseline", "aligned")}
+        left_out = [seed for seed in comparison["seeds"] if seed not in entry["paired_seeds"]]
         note = flags["short_languages"].get(lang, "")
         lines.append(
-            f"| {lang} | {_fmt(*_mean_std(entry['baseline']))} | {_fmt(*_mean_std(entry['aligned']))} | "
-            f"{_interval(entry['interval'])} | {note or 'ok'} |"
+            f"| {lang} | {means['baseline']} | {means['aligned']} | {_interval(entry['interval'])} | {note or 'ok'} | "
+            f"{left_out or '-'} |"
         )
     lines += ["", "| group | languages | baseline | aligned | aligned - baseline [95% CI] | seeds left out |",
               "|---|---|---|---|---|---|"]  # fmt: skip
